@@ -1,0 +1,195 @@
+//! Framing: `[u32 big-endian length][postcard body]`, with a maximum frame size.
+//!
+//! The parent uses [`FrameCodec`] through tokio-util's `Framed`; the worker,
+//! which is plain blocking code, uses [`read_frame`] and [`write_frame`] with
+//! the same layout.
+
+use std::io::{self, Read, Write};
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::Serialize;
+use tokio_util::codec::{Decoder, Encoder};
+
+const HEADER: usize = 4;
+
+/// The default maximum frame size: 256 MiB (a 64 MiB payload fits with room).
+pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
+
+/// A failure to read or write a frame.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum CodecError {
+    /// The underlying channel failed.
+    #[error("channel i/o failed: {0}")]
+    Io(#[from] io::Error),
+    /// A frame exceeds the maximum size.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// A message could not be serialized.
+    #[error("cannot encode message: {0}")]
+    Encode(#[source] postcard::Error),
+}
+
+/// Length-delimited postcard frames with a size limit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameCodec {
+    max: usize,
+}
+
+impl FrameCodec {
+    pub(crate) fn new(max: usize) -> Self {
+        FrameCodec { max }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, CodecError> {
+        if src.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(src[..HEADER].try_into().expect("4 bytes")) as usize;
+        if len > self.max {
+            return Err(CodecError::TooLarge { len, max: self.max });
+        }
+        if src.len() < HEADER + len {
+            src.reserve(HEADER + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER);
+        Ok(Some(src.split_to(len)))
+    }
+}
+
+impl<T: Serialize> Encoder<&T> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        postcard::to_io(item, dst.writer()).map_err(CodecError::Encode)?;
+        let len = dst.len() - start - HEADER;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(CodecError::TooLarge { len, max: self.max });
+        }
+        dst[start..start + HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+/// Reads one frame into `buf` (blocking). `Ok(false)` on a clean EOF before a frame.
+pub(crate) fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> Result<bool, CodecError> {
+    let mut header = [0u8; HEADER];
+    let mut got = 0;
+    while got < HEADER {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf)?;
+    Ok(true)
+}
+
+/// Serializes `msg` into one frame and writes it (blocking).
+pub(crate) fn write_frame<T: Serialize>(
+    w: &mut impl Write,
+    msg: &T,
+    scratch: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), CodecError> {
+    scratch.clear();
+    scratch.extend_from_slice(&[0; HEADER]);
+    postcard::to_io(msg, &mut *scratch).map_err(CodecError::Encode)?;
+    let len = scratch.len() - HEADER;
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
+    }
+    scratch[..HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    w.write_all(scratch)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{FromWorker, Outcome, ToWorker};
+
+    #[test]
+    fn round_trip_between_blocking_and_tokio_sides() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::new();
+        let payload = [7u8; 100];
+        codec.encode(&ToWorker::Run { id: 9, name: "echo", payload: &payload }, &mut buf).unwrap();
+        let mut frame = Vec::new();
+        assert!(read_frame(&mut &buf[..], &mut frame, 1024).unwrap());
+        match postcard::from_bytes::<ToWorker<'_>>(&frame).unwrap() {
+            ToWorker::Run { id, name, payload: p } => {
+                assert_eq!((id, name, p), (9, "echo", &payload[..]));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let mut wire = Vec::new();
+        let mut scratch = Vec::new();
+        let msg = FromWorker::Done { id: 3, outcome: Outcome::Ok(b"xyz") };
+        write_frame(&mut wire, &msg, &mut scratch, 1024).unwrap();
+        let mut src = BytesMut::from(&wire[..]);
+        let frame = codec.decode(&mut src).unwrap().unwrap();
+        assert!(src.is_empty());
+        match postcard::from_bytes::<FromWorker<'_>>(&frame).unwrap() {
+            FromWorker::Done { id: 3, outcome: Outcome::Ok(b) } => assert_eq!(b, b"xyz"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more_bytes() {
+        let mut codec = FrameCodec::new(1024);
+        let mut src = BytesMut::from(&[0u8, 0, 0, 5, 1, 2][..]);
+        assert!(codec.decode(&mut src).unwrap().is_none());
+        src.extend_from_slice(&[3, 4, 5]);
+        assert_eq!(&codec.decode(&mut src).unwrap().unwrap()[..], &[1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn oversized_frames_are_rejected_on_both_sides() {
+        let mut codec = FrameCodec::new(16);
+        let mut src = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            codec.decode(&mut src),
+            Err(CodecError::TooLarge { len: 0x7fff_ffff, max: 16 })
+        ));
+        let big = [0u8; 64];
+        let mut dst = BytesMut::new();
+        let err = codec.encode(&ToWorker::Run { id: 1, name: "x", payload: &big }, &mut dst);
+        assert!(matches!(err, Err(CodecError::TooLarge { max: 16, .. })));
+        assert!(dst.is_empty(), "a refused frame leaves nothing behind");
+        let mut frame = Vec::new();
+        let err = read_frame(&mut &[0u8, 0, 1, 0][..], &mut frame, 16);
+        assert!(matches!(err, Err(CodecError::TooLarge { len: 256, max: 16 })));
+        let mut scratch = Vec::new();
+        let err = write_frame(&mut Vec::new(), &FromWorker::Done { id: 1, outcome: Outcome::Ok(&big) }, &mut scratch, 16);
+        assert!(matches!(err, Err(CodecError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error_not_a_clean_eof() {
+        let mut frame = Vec::new();
+        assert!(!read_frame(&mut &[][..], &mut frame, 16).unwrap());
+        assert!(read_frame(&mut &[0u8, 0][..], &mut frame, 16).is_err());
+        assert!(read_frame(&mut &[0u8, 0, 0, 4, 1][..], &mut frame, 16).is_err());
+    }
+}

@@ -1,0 +1,444 @@
+//! The per-worker state machine: start and handshake, run one task under a
+//! deadline, classify the outcome, kill, recycle and keep a warm spare.
+//!
+//! Generic over [`Launcher`] so it is unit-tested with a fake child
+//! (`tests` below) and used with real processes by [`PopenWorker`] and
+//! [`PopenPool`].
+//!
+//! [`PopenWorker`]: crate::PopenWorker
+//! [`PopenPool`]: crate::PopenPool
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::child::{Child, Launcher};
+use crate::config::WorkerOptions;
+use crate::error::{ExitInfo, PoolError};
+use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
+use crate::task::ErasedTask;
+
+/// Counters of a pool or worker; see [`PoolStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) spawned: AtomicU64,
+    pub(crate) recycled: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) crashes: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) queued: AtomicU64,
+    pub(crate) running: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> PoolStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PoolStats {
+            spawned: get(&self.spawned),
+            recycled: get(&self.recycled),
+            timeouts: get(&self.timeouts),
+            crashes: get(&self.crashes),
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            cancelled: get(&self.cancelled),
+            queued: get(&self.queued),
+            running: get(&self.running),
+        }
+    }
+}
+
+/// A snapshot of a pool's (or a worker's) counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Worker processes started.
+    pub spawned: u64,
+    /// Worker processes retired by `maximum_process_uses` or the RSS limit.
+    pub recycled: u64,
+    /// Tasks that hit their time limit.
+    pub timeouts: u64,
+    /// Worker processes that died under a task (crash, abort, exit) or broke the protocol.
+    pub crashes: u64,
+    /// Tasks that returned a value.
+    pub completed: u64,
+    /// Tasks that returned an error or panicked (the worker survived).
+    pub failed: u64,
+    /// Tasks aborted through their handle.
+    pub cancelled: u64,
+    /// Tasks waiting in the queue now.
+    pub queued: u64,
+    /// Tasks running now.
+    pub running: u64,
+}
+
+/// What every core of one pool shares.
+#[derive(Debug)]
+pub(crate) struct CoreShared<L> {
+    pub(crate) launcher: L,
+    pub(crate) opts: Arc<WorkerOptions>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A started, handshaken (and initialized) worker.
+#[derive(Debug)]
+struct Live<C> {
+    child: C,
+    uses: u32,
+    tasks: Arc<[String]>,
+}
+
+/// One worker slot: at most one live process, plus maybe a spare starting.
+#[derive(Debug)]
+pub(crate) struct WorkerCore<L: Launcher> {
+    shared: Arc<CoreShared<L>>,
+    live: Option<Live<L::Child>>,
+    spare: Option<JoinHandle<Result<Live<L::Child>, PoolError>>>,
+    retiring: Option<JoinHandle<ExitInfo>>,
+    next_id: u64,
+}
+
+enum Event<T> {
+    Done(T),
+    Timeout(Duration),
+    Cancelled,
+}
+
+async fn wait_cancelled(cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_limit(limit: Option<Duration>) {
+    match limit {
+        Some(l) => tokio::time::sleep(l).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Result of one request/response with a worker.
+struct Exchange {
+    result: Result<Bytes, PoolError>,
+    /// The worker ran the task (a `Done` came back).
+    ran: bool,
+    /// The worker process is gone (killed or died) and was reaped.
+    lost: bool,
+}
+
+impl Exchange {
+    fn kept(result: Result<Bytes, PoolError>, ran: bool) -> Self {
+        Exchange { result, ran, lost: false }
+    }
+    fn lost(err: PoolError) -> Self {
+        Exchange { result: Err(err), ran: false, lost: true }
+    }
+}
+
+async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchange {
+    let frame = match child.recv().await {
+        Ok(Some(frame)) => frame.freeze(),
+        Ok(None) => {
+            let exit = child.reap().await;
+            return Exchange::lost(PoolError::WorkerDied { exit });
+        }
+        Err(e) => {
+            child.kill().await;
+            return Exchange::lost(e);
+        }
+    };
+    let outcome = match postcard::from_bytes::<FromWorker<'_>>(&frame) {
+        Ok(FromWorker::Done { id: got, outcome }) if got == id => outcome,
+        Ok(other) => {
+            let message = format!("expected the result of task {id}, got {other:?}");
+            child.kill().await;
+            return Exchange::lost(PoolError::protocol(message));
+        }
+        Err(e) => {
+            child.kill().await;
+            return Exchange::lost(PoolError::protocol(format!("undecodable frame: {e}")));
+        }
+    };
+    let result = match outcome {
+        Outcome::Ok(out) => Ok(frame.slice_ref(out)),
+        Outcome::Failed { kind, message } => Err(PoolError::Task { kind, message }),
+        Outcome::Panicked { message } => Err(PoolError::Task { kind: "panic".into(), message }),
+        Outcome::UnknownTask { name } => Err(PoolError::UnknownTask { name, known: known.to_vec() }),
+        Outcome::TooLarge { len, max } => {
+            Err(PoolError::FrameTooLarge { len: len as usize, max: max as usize })
+        }
+    };
+    Exchange::kept(result, true)
+}
+
+/// Sends one task and waits for its outcome, its deadline or its cancellation.
+async fn exchange<C: Child>(
+    live: &mut Live<C>,
+    id: u64,
+    task: &ErasedTask,
+    limit: Option<Duration>,
+    cancel: Option<&CancellationToken>,
+) -> Exchange {
+    if !live.tasks.iter().any(|t| t == task.name) {
+        let err = PoolError::UnknownTask { name: task.name.to_owned(), known: live.tasks.to_vec() };
+        return Exchange::kept(Err(err), false);
+    }
+    let msg = ToWorker::Run { id, name: task.name, payload: &task.payload };
+    match live.child.send(&msg).await {
+        Ok(()) => {}
+        // Refused by the encoder before anything was written: the worker is fine.
+        Err(e @ PoolError::FrameTooLarge { .. }) => return Exchange::kept(Err(e), false),
+        Err(_) => {
+            let exit = live.child.reap().await;
+            return Exchange::lost(PoolError::WorkerDied { exit });
+        }
+    }
+    let event = tokio::select! {
+        biased;
+        ex = recv_done(&mut live.child, id, &live.tasks) => Event::Done(ex),
+        () = wait_limit(limit) => Event::Timeout(limit.unwrap_or_default()),
+        () = wait_cancelled(cancel) => Event::Cancelled,
+    };
+    match event {
+        Event::Done(ex) => ex,
+        Event::Timeout(limit) => {
+            live.child.kill().await;
+            Exchange::lost(PoolError::Timeout { limit })
+        }
+        Event::Cancelled => {
+            live.child.kill().await;
+            Exchange::lost(PoolError::Cancelled)
+        }
+    }
+}
+
+/// Starts a worker, checks its handshake and runs the initializer.
+async fn start_child<L: Launcher>(shared: Arc<CoreShared<L>>) -> Result<Live<L::Child>, PoolError> {
+    let opts = Arc::clone(&shared.opts);
+    let start = async {
+        let mut child = shared.launcher.launch().await?;
+        bump(&shared.counters.spawned);
+        let tasks = match child.recv().await {
+            Ok(Some(frame)) => match postcard::from_bytes::<FromWorker<'_>>(&frame) {
+                Ok(FromWorker::Hello { version, tasks, .. }) if version == PROTOCOL_VERSION => tasks,
+                Ok(FromWorker::Hello { version, .. }) => {
+                    child.kill().await;
+                    return Err(PoolError::spawn(format!(
+                        "worker speaks protocol version {version}, this parent speaks {PROTOCOL_VERSION}"
+                    )));
+                }
+                _ => {
+                    child.kill().await;
+                    return Err(PoolError::spawn("worker did not start with a handshake"));
+                }
+            },
+            Ok(None) => {
+                let exit = child.reap().await;
+                return Err(PoolError::spawn(format!(
+                    "worker program exited before its handshake ({exit}); does its main call \
+                     popen_pool::serve_if_worker (or serve) first?"
+                )));
+            }
+            Err(e) => {
+                child.kill().await;
+                return Err(PoolError::spawn(format!("handshake failed: {e}")));
+            }
+        };
+        let mut live = Live { child, uses: 0, tasks: tasks.into() };
+        if let Some(Ok(init)) = &opts.initializer {
+            let ex = exchange(&mut live, 0, init, Some(opts.start_timeout), None).await;
+            if let Err(e) = ex.result {
+                if !ex.lost {
+                    live.child.kill().await;
+                }
+                return Err(PoolError::Initializer { source: Box::new(e) });
+            }
+        }
+        Ok(live)
+    };
+    match tokio::time::timeout(opts.start_timeout, start).await {
+        Ok(r) => r,
+        Err(_) => Err(PoolError::spawn(format!(
+            "worker did not complete its handshake within {:?}",
+            opts.start_timeout
+        ))),
+    }
+}
+
+impl<L: Launcher> WorkerCore<L> {
+    pub(crate) fn new(shared: Arc<CoreShared<L>>) -> Self {
+        WorkerCore { shared, live: None, spare: None, retiring: None, next_id: 1 }
+    }
+
+    /// The pid of the live worker process, if one is running.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.live.as_ref().map(|l| l.child.pid())
+    }
+
+    fn start_spare(&mut self) {
+        if self.spare.is_none() {
+            self.spare = Some(tokio::spawn(start_child(Arc::clone(&self.shared))));
+        }
+    }
+
+    /// Starts a worker process now if there is none (and none starting).
+    pub(crate) fn prestart(&mut self) {
+        if self.live.is_none() {
+            self.start_spare();
+        }
+    }
+
+    async fn join_retiring(&mut self) {
+        if let Some(h) = self.retiring.take() {
+            let _ = h.await;
+        }
+    }
+
+    async fn take_live(
+        &mut self,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Live<L::Child>, PoolError> {
+        if let Some(live) = self.live.take() {
+            return Ok(live);
+        }
+        self.start_spare();
+        let spare = self.spare.as_mut().expect("spare was just started");
+        let event = tokio::select! {
+            r = spare => Event::Done(r),
+            () = wait_cancelled(cancel) => Event::Cancelled,
+        };
+        match event {
+            Event::Done(r) => {
+                self.spare = None;
+                match r {
+                    Ok(r) => r,
+                    Err(e) => Err(PoolError::spawn(format!("worker start task failed: {e}"))),
+                }
+            }
+            // The spare keeps starting; the next task will use it.
+            _ => Err(PoolError::Cancelled),
+        }
+    }
+
+    /// Starts (if needed) and returns once the worker is ready.
+    pub(crate) async fn ensure_started(&mut self) -> Result<u32, PoolError> {
+        let live = self.take_live(None).await?;
+        let pid = live.child.pid();
+        self.live = Some(live);
+        Ok(pid)
+    }
+
+    /// Runs one task. Dropping the returned future kills the worker (its
+    /// process is owned by the future while the task runs).
+    pub(crate) async fn run(
+        &mut self,
+        task: &ErasedTask,
+        limit: Option<Duration>,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Bytes, PoolError> {
+        let opts = Arc::clone(&self.shared.opts);
+        let counters = Arc::clone(&self.shared.counters);
+        if task.payload.len() > opts.max_frame_bytes {
+            return Err(PoolError::FrameTooLarge {
+                len: task.payload.len(),
+                max: opts.max_frame_bytes,
+            });
+        }
+        self.join_retiring().await;
+        let mut live = match self.take_live(cancel).await {
+            Ok(live) => live,
+            Err(e) => {
+                if matches!(e, PoolError::Cancelled) {
+                    bump(&counters.cancelled);
+                }
+                return Err(e);
+            }
+        };
+        let last_use = opts.maximum_process_uses.is_some_and(|max| live.uses + 1 >= max);
+        if last_use && opts.warm_spare {
+            self.start_spare();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let ex = exchange(&mut live, id, task, limit, cancel).await;
+        match &ex.result {
+            Ok(_) => bump(&counters.completed),
+            Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
+            Err(PoolError::Cancelled) => bump(&counters.cancelled),
+            Err(PoolError::WorkerDied { .. } | PoolError::Protocol { .. }) => bump(&counters.crashes),
+            Err(_) => bump(&counters.failed),
+        }
+        if ex.lost {
+            if opts.warm_spare {
+                self.start_spare();
+            }
+            return ex.result;
+        }
+        if ex.ran {
+            live.uses += 1;
+        }
+        let over_uses = opts.maximum_process_uses.is_some_and(|max| live.uses >= max);
+        let over_rss = opts
+            .max_rss_bytes
+            .is_some_and(|limit| live.child.rss_bytes().is_some_and(|rss| rss > limit));
+        if over_uses || over_rss {
+            bump(&counters.recycled);
+            let grace = opts.kill_grace;
+            self.retiring = Some(tokio::spawn(async move { live.child.shutdown(grace).await }));
+            if opts.warm_spare {
+                self.start_spare();
+            }
+        } else {
+            self.live = Some(live);
+        }
+        ex.result
+    }
+
+    async fn stop_spare(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            spare.abort();
+            if let Ok(Ok(mut live)) = spare.await {
+                live.child.kill().await;
+            }
+        }
+    }
+
+    /// Kills the worker process group (and any spare) now and reaps it.
+    pub(crate) async fn kill(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            live.child.kill().await;
+        }
+        self.stop_spare().await;
+        self.join_retiring().await;
+    }
+
+    /// Asks the worker to exit, waits up to the grace period, then kills.
+    pub(crate) async fn shutdown(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            live.child.shutdown(self.shared.opts.kill_grace).await;
+        }
+        self.stop_spare().await;
+        self.join_retiring().await;
+    }
+}
+
+impl<L: Launcher> Drop for WorkerCore<L> {
+    fn drop(&mut self) {
+        // The live child's own Drop kills its group; a starting spare is
+        // aborted, which drops (and so kills) whatever it had started.
+        if let Some(spare) = &self.spare {
+            spare.abort();
+        }
+    }
+}
+

@@ -1,0 +1,496 @@
+//! `PopenPool`: N workers behind a queue.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{self, Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::child::{Launcher, ProcessLauncher};
+use crate::config::{WorkerOptions, WorkerProgram, worker_option_setters};
+use crate::core::{CoreShared, Counters, PoolStats, WorkerCore};
+use crate::error::PoolError;
+use crate::task::{ErasedTask, Task};
+
+type Reply = oneshot::Sender<Result<Bytes, PoolError>>;
+
+struct Job {
+    id: u64,
+    task: ErasedTask,
+    limit: Option<Duration>,
+    reply: Reply,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct PoolShared {
+    queue: Mutex<Queue>,
+    /// A job was queued, or the queue closed.
+    work: Notify,
+    /// A job left the queue (room for `submit_wait`).
+    space: Notify,
+    /// Cancelled by `kill` and `Drop`; every job's token is a child of it.
+    kill: CancellationToken,
+    counters: Arc<Counters>,
+    next_id: AtomicU64,
+    max_queue: Option<usize>,
+}
+
+impl PoolShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn next_job(&self) -> Option<Job> {
+        loop {
+            let notified = self.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut q = self.lock();
+                if let Some(job) = q.jobs.pop_front() {
+                    self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                    drop(q);
+                    self.space.notify_one();
+                    return Some(job);
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the queue; with `fail_queued`, every queued job fails with `Shutdown`.
+    fn close(&self, fail_queued: bool) {
+        let drained: Vec<Job> = {
+            let mut q = self.lock();
+            q.closed = true;
+            if fail_queued { q.jobs.drain(..).collect() } else { Vec::new() }
+        };
+        self.counters.queued.fetch_sub(drained.len() as u64, Ordering::Relaxed);
+        for job in drained {
+            let _ = job.reply.send(Err(PoolError::Shutdown));
+        }
+        self.work.notify_waiters();
+        self.space.notify_waiters();
+    }
+
+    fn remove_queued(&self, id: u64) -> bool {
+        let job = {
+            let mut q = self.lock();
+            let pos = q.jobs.iter().position(|j| j.id == id);
+            pos.and_then(|p| q.jobs.remove(p))
+        };
+        match job {
+            Some(job) => {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.space.notify_one();
+                let _ = job.reply.send(Err(PoolError::Cancelled));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A future of one task's result; it can also abort the task.
+///
+/// Dropping the handle detaches it: the task still runs and its result is
+/// discarded. [`abort`](TaskHandle::abort) removes a queued task, or kills the
+/// worker of a running one (the pool replaces it); the handle then resolves to
+/// [`PoolError::Cancelled`].
+#[must_use = "a TaskHandle does nothing unless awaited or aborted"]
+pub struct TaskHandle<O> {
+    id: u64,
+    rx: oneshot::Receiver<Result<Bytes, PoolError>>,
+    cancel: CancellationToken,
+    pool: Weak<PoolShared>,
+    _out: PhantomData<fn() -> O>,
+}
+
+impl<O> std::fmt::Debug for TaskHandle<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl<O> TaskHandle<O> {
+    fn failed(err: PoolError) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(err));
+        TaskHandle {
+            id: 0,
+            rx,
+            cancel: CancellationToken::new(),
+            pool: Weak::new(),
+            _out: PhantomData,
+        }
+    }
+
+    /// The task's id within its pool.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Aborts the task: a queued task is removed; a running one has its
+    /// worker killed. Does nothing if the task already finished.
+    pub fn abort(&self) {
+        self.cancel.cancel();
+        if let Some(pool) = self.pool.upgrade() {
+            pool.remove_queued(self.id);
+        }
+    }
+}
+
+impl<O: DeserializeOwned> Future for TaskHandle<O> {
+    type Output = Result<O, PoolError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        Poll::Ready(match ready!(Pin::new(&mut this.rx).poll(cx)) {
+            Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(PoolError::codec),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PoolError::Shutdown),
+        })
+    }
+}
+
+/// A pool of worker processes behind a queue.
+///
+/// Each task runs in one of `max_workers` worker processes under the pool's
+/// (or its own) time limit. A timeout, crash or abort fails that task alone:
+/// the worker's process group is killed and a fresh worker takes its place.
+/// Dropping the pool kills every worker.
+///
+/// # Examples
+///
+/// ```no_run
+/// # use popen_pool::{PopenPool, WorkerProgram, Task, TaskFailure, WorkerContext};
+/// # use serde::{Deserialize, Serialize};
+/// # use futures::StreamExt;
+/// # #[derive(Serialize, Deserialize)] struct Square(u64);
+/// # impl Task for Square {
+/// #     const NAME: &'static str = "square"; type Output = u64;
+/// #     fn run(self, _: &mut WorkerContext) -> Result<u64, TaskFailure> { Ok(self.0 * self.0) }
+/// # }
+/// # async fn demo() -> Result<(), popen_pool::PoolError> {
+/// let pool = PopenPool::builder(WorkerProgram::current_exe()?)
+///     .max_workers(2)
+///     .timeout(Some(std::time::Duration::from_secs(10)))
+///     .build()?;
+/// assert_eq!(pool.submit(Square(3)).await?, 9);
+/// let squares: Vec<_> = pool.map_with_error_catching((0..10).map(Square)).collect().await;
+/// assert_eq!(squares[4], Ok(16));
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct PopenPool {
+    shared: Arc<PoolShared>,
+    cores: Arc<CoreShared<ProcessLauncher>>,
+    drivers: Mutex<Vec<JoinHandle<()>>>,
+    default_timeout: Option<Duration>,
+    max_workers: usize,
+}
+
+impl std::fmt::Debug for PopenPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PopenPool")
+            .field("max_workers", &self.max_workers)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PopenPool`].
+#[derive(Debug)]
+pub struct PoolBuilder {
+    program: WorkerProgram,
+    opts: WorkerOptions,
+    max_workers: Option<usize>,
+    max_queue: Option<usize>,
+    prestart: bool,
+}
+
+impl PoolBuilder {
+    worker_option_setters!();
+
+    /// Number of worker processes (default: the available parallelism).
+    #[must_use]
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = Some(n);
+        self
+    }
+
+    /// Bound the queue of waiting tasks: `submit` then fails with
+    /// [`PoolError::QueueFull`] and `submit_wait` waits for room. Default: unbounded.
+    #[must_use]
+    pub fn max_queue(mut self, capacity: Option<usize>) -> Self {
+        self.max_queue = capacity;
+        self
+    }
+
+    /// Start every worker process when the pool is built rather than on
+    /// first use (default: on).
+    #[must_use]
+    pub fn prestart(mut self, on: bool) -> Self {
+        self.prestart = on;
+        self
+    }
+
+    /// Builds the pool and starts its workers. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Config`] for invalid options or when no tokio runtime is
+    /// running; [`PoolError::Codec`] if the initializer cannot be serialized.
+    pub fn build(self) -> Result<PopenPool, PoolError> {
+        self.opts.validate()?;
+        let max_workers = self
+            .max_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if max_workers == 0 {
+            return Err(PoolError::Config { message: "max_workers must be >= 1".into() });
+        }
+        if self.max_queue == Some(0) {
+            return Err(PoolError::Config { message: "max_queue must be >= 1".into() });
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(PoolError::Config {
+                message: "a PopenPool must be built inside a tokio runtime".into(),
+            });
+        }
+        let default_timeout = self.opts.timeout;
+        let opts = Arc::new(self.opts);
+        let counters = Arc::new(Counters::default());
+        let cores = Arc::new(CoreShared {
+            launcher: ProcessLauncher::new(self.program, Arc::clone(&opts)),
+            opts,
+            counters: Arc::clone(&counters),
+        });
+        let shared = Arc::new(PoolShared {
+            queue: Mutex::default(),
+            work: Notify::new(),
+            space: Notify::new(),
+            kill: CancellationToken::new(),
+            counters,
+            next_id: AtomicU64::new(1),
+            max_queue: self.max_queue,
+        });
+        let drivers = (0..max_workers)
+            .map(|slot| {
+                let core = WorkerCore::new(Arc::clone(&cores));
+                tokio::spawn(drive(Arc::clone(&shared), core, slot, self.prestart))
+            })
+            .collect();
+        Ok(PopenPool { shared, cores, drivers: Mutex::new(drivers), default_timeout, max_workers })
+    }
+}
+
+/// One worker slot's loop: take a job, run it, reply.
+async fn drive(
+    shared: Arc<PoolShared>,
+    mut core: WorkerCore<ProcessLauncher>,
+    slot: usize,
+    prestart: bool,
+) {
+    if prestart {
+        core.prestart();
+    }
+    loop {
+        let job = tokio::select! {
+            biased;
+            () = shared.kill.cancelled() => None,
+            job = shared.next_job() => job,
+        };
+        let Some(job) = job else { break };
+        if job.cancel.is_cancelled() {
+            let err =
+                if shared.kill.is_cancelled() { PoolError::Shutdown } else { PoolError::Cancelled };
+            let _ = job.reply.send(Err(err));
+            continue;
+        }
+        shared.counters.running.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("popen_pool.task", task = job.task.name(), id = job.id, slot);
+        let mut result = core.run(&job.task, job.limit, Some(&job.cancel)).instrument(span).await;
+        shared.counters.running.fetch_sub(1, Ordering::Relaxed);
+        if matches!(result, Err(PoolError::Cancelled)) && shared.kill.is_cancelled() {
+            result = Err(PoolError::Shutdown);
+        }
+        let _ = job.reply.send(result);
+    }
+    if shared.kill.is_cancelled() {
+        core.kill().await;
+    } else {
+        core.shutdown().await;
+    }
+}
+
+impl PopenPool {
+    /// A builder for a pool running `program`.
+    pub fn builder(program: WorkerProgram) -> PoolBuilder {
+        PoolBuilder {
+            program,
+            opts: WorkerOptions::default(),
+            max_workers: None,
+            max_queue: None,
+            prestart: true,
+        }
+    }
+
+    /// Queues `task` with the pool's default time limit.
+    ///
+    /// Errors (queue full, pool shut down, serialization) come out of the
+    /// handle, like the task's own outcome.
+    pub fn submit<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
+        self.submit_with_timeout(task, self.default_timeout)
+    }
+
+    /// Queues `task` with its own time limit (`None`: no limit).
+    pub fn submit_with_timeout<T: Task>(
+        &self,
+        task: T,
+        limit: Option<Duration>,
+    ) -> TaskHandle<T::Output> {
+        match ErasedTask::new(&task) {
+            Ok(erased) => self.enqueue(erased, limit).unwrap_or_else(|(e, _)| TaskHandle::failed(e)),
+            Err(e) => TaskHandle::failed(e),
+        }
+    }
+
+    /// Queues `task`, waiting for room if the queue is bounded and full.
+    pub async fn submit_wait<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
+        let mut erased = match ErasedTask::new(&task) {
+            Ok(erased) => erased,
+            Err(e) => return TaskHandle::failed(e),
+        };
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.enqueue(erased, self.default_timeout) {
+                Ok(handle) => return handle,
+                Err((PoolError::QueueFull { .. }, back)) => erased = back,
+                Err((e, _)) => return TaskHandle::failed(e),
+            }
+            notified.await;
+        }
+    }
+
+    fn enqueue<O>(
+        &self,
+        task: ErasedTask,
+        limit: Option<Duration>,
+    ) -> Result<TaskHandle<O>, (PoolError, ErasedTask)> {
+        let shared = &self.shared;
+        let (reply, rx) = oneshot::channel();
+        let cancel = shared.kill.child_token();
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut q = shared.lock();
+            if q.closed {
+                return Err((PoolError::Shutdown, task));
+            }
+            if let Some(capacity) = shared.max_queue {
+                if q.jobs.len() >= capacity {
+                    return Err((PoolError::QueueFull { capacity }, task));
+                }
+            }
+            q.jobs.push_back(Job { id, task, limit, reply, cancel: cancel.clone() });
+        }
+        shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+        shared.work.notify_one();
+        Ok(TaskHandle { id, rx, cancel, pool: Arc::downgrade(shared), _out: PhantomData })
+    }
+
+    /// Runs `tasks` and yields one result per task, in input order.
+    ///
+    /// With an unbounded queue every task is queued at once; with a bounded
+    /// one, tasks are queued as room frees up while the stream is polled.
+    pub fn map_with_error_catching<T, I>(
+        &self,
+        tasks: I,
+    ) -> impl Stream<Item = Result<T::Output, PoolError>> + Send + '_
+    where
+        T: Task,
+        I: IntoIterator<Item = T>,
+        I::IntoIter: Send + 'static,
+    {
+        match self.shared.max_queue {
+            None => {
+                let handles: Vec<_> = tasks.into_iter().map(|t| self.submit(t)).collect();
+                stream::iter(handles).then(|h| h).left_stream()
+            }
+            Some(capacity) => stream::iter(tasks)
+                .map(move |t| async move { self.submit_wait(t).await.await })
+                .buffered(capacity)
+                .right_stream(),
+        }
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The number of worker slots.
+    pub fn max_workers(&self) -> usize {
+        self.max_workers
+    }
+
+    /// Pids of the worker processes alive now (spares included).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.cores.launcher.live_pids()
+    }
+
+    async fn join_drivers(&self) {
+        let drivers = std::mem::take(&mut *self.drivers.lock().unwrap_or_else(|e| e.into_inner()));
+        for d in drivers {
+            let _ = d.await;
+        }
+    }
+
+    /// Stops taking tasks, finishes every queued and running task, then stops
+    /// the workers gracefully (grace period, then SIGKILL) and reaps them.
+    pub async fn shutdown(self) {
+        self.shared.close(false);
+        self.join_drivers().await;
+    }
+
+    /// Stops now: queued tasks fail with [`PoolError::Shutdown`], running
+    /// tasks' workers are killed (their tasks fail with `Shutdown` too), and
+    /// every worker is reaped before this returns.
+    pub async fn kill(&self) {
+        self.shared.close(true);
+        self.shared.kill.cancel();
+        self.join_drivers().await;
+    }
+}
+
+impl Drop for PopenPool {
+    fn drop(&mut self) {
+        self.shared.close(true);
+        self.shared.kill.cancel();
+        // Synchronously, in case the runtime is going away too; the drivers
+        // reap what this kills.
+        self.cores.launcher.kill_all();
+    }
+}

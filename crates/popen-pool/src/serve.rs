@@ -1,0 +1,156 @@
+//! The worker side: the loop a worker process runs.
+
+use std::cell::RefCell;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+
+use crate::codec::{CodecError, DEFAULT_MAX_FRAME, read_frame, write_frame};
+use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
+use crate::task::{Registry, WorkerContext};
+use crate::unix::{self, CHANNEL_FD};
+
+/// Set in a worker's environment to the parent's pid.
+pub(crate) const ENV_MARKER: &str = "POPEN_POOL_WORKER_PARENT";
+/// Set in a worker's environment to the maximum frame size.
+pub(crate) const ENV_MAX_FRAME: &str = "POPEN_POOL_MAX_FRAME";
+
+/// True when this process was started by a popen-pool parent as a worker.
+///
+/// The parent's pid must match too, so a task that starts the same program
+/// again (a grandchild) does not mistake itself for a worker.
+pub fn is_worker() -> bool {
+    std::env::var(ENV_MARKER).is_ok_and(|v| v.parse::<i32>().ok() == Some(unix::parent_pid()))
+}
+
+/// If this process is a worker, serves `registry` and exits; otherwise returns
+/// at once. Call it first thing in `main` of a program that re-executes itself
+/// as a worker ([`WorkerProgram::current_exe`](crate::WorkerProgram::current_exe)).
+///
+/// # Examples
+///
+/// ```no_run
+/// # use popen_pool::{Registry, serve_if_worker};
+/// fn main() {
+///     serve_if_worker(Registry::new() /* .register::<MyTask>() */);
+///     // ... the normal program, which builds a pool of itself ...
+/// }
+/// ```
+pub fn serve_if_worker(registry: Registry) {
+    if is_worker() {
+        serve(registry);
+    }
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Serves `registry` on the channel set up by the parent and exits the process
+/// when the parent says so or goes away. The `main` of a dedicated worker binary
+/// ([`WorkerProgram::binary`](crate::WorkerProgram::binary)) calls it.
+///
+/// Run outside a popen-pool parent, it prints an explanation and exits with code 2.
+pub fn serve(registry: Registry) -> ! {
+    if !is_worker() {
+        eprintln!(
+            "popen-pool: this program is a worker and must be started by a popen-pool parent"
+        );
+        std::process::exit(2);
+    }
+    let code = match serve_channel(&registry) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("popen-pool worker {}: {e}", std::process::id());
+            3
+        }
+    };
+    std::process::exit(code);
+}
+
+fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
+    let max = std::env::var(ENV_MAX_FRAME)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_FRAME);
+    // Tasks may spawn programs of their own: they must not inherit the channel.
+    unix::set_cloexec(CHANNEL_FD)?;
+    // SAFETY: the parent placed our end of the socketpair at CHANNEL_FD, and
+    // nothing else in this process owns that fd.
+    let channel = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+    let mut reader = BufReader::with_capacity(64 * 1024, channel.try_clone()?);
+    let mut writer = BufWriter::with_capacity(64 * 1024, channel);
+
+    panic::set_hook(Box::new(|info| {
+        let msg = match info.payload().downcast_ref::<&str>() {
+            Some(s) => (*s).to_owned(),
+            None => info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        };
+        let msg = match info.location() {
+            Some(loc) => format!("{msg} (at {}:{})", loc.file(), loc.line()),
+            None => msg,
+        };
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
+    }));
+
+    let mut scratch = Vec::new();
+    let hello = FromWorker::Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        tasks: registry.names().into_iter().map(str::to_owned).collect(),
+    };
+    write_frame(&mut writer, &hello, &mut scratch, max)?;
+    writer.flush()?;
+
+    let mut ctx = WorkerContext::default();
+    let mut frame = Vec::new();
+    loop {
+        if !read_frame(&mut reader, &mut frame, max)? {
+            return Ok(()); // parent closed the channel
+        }
+        let msg: ToWorker<'_> = postcard::from_bytes(&frame).map_err(|e| {
+            CodecError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })?;
+        let (id, name, payload) = match msg {
+            ToWorker::Exit => return Ok(()),
+            ToWorker::Run { id, name, payload } => (id, name, payload),
+        };
+        let result: Result<Vec<u8>, Outcome<'static>> = match registry.get(name) {
+            None => Err(Outcome::UnknownTask { name: name.to_owned() }),
+            Some(handler) => {
+                match panic::catch_unwind(AssertUnwindSafe(|| handler(payload, &mut ctx))) {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(f)) => Err(Outcome::Failed { kind: f.kind, message: f.message }),
+                    Err(_) => {
+                        let message = LAST_PANIC
+                            .with(|p| p.borrow_mut().take())
+                            .unwrap_or_else(|| "panic".to_owned());
+                        Err(Outcome::Panicked { message })
+                    }
+                }
+            }
+        };
+        ctx.count_task();
+        let output;
+        let outcome = match result {
+            Ok(out) => {
+                output = out;
+                Outcome::Ok(&output)
+            }
+            Err(failure) => failure,
+        };
+        match write_frame(&mut writer, &FromWorker::Done { id, outcome }, &mut scratch, max) {
+            Err(CodecError::TooLarge { len, max: m }) => {
+                let outcome = Outcome::TooLarge { len: len as u64, max: m as u64 };
+                write_frame(&mut writer, &FromWorker::Done { id, outcome }, &mut scratch, max)?;
+            }
+            other => other?,
+        }
+        writer.flush()?;
+    }
+}

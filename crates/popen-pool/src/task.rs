@@ -1,0 +1,217 @@
+//! Task types, the per-worker state they share, and the registry a worker
+//! program serves.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::TaskFailure;
+
+/// A unit of work that runs in a worker process.
+///
+/// Rust cannot send closures to another process, so code reaches the worker by
+/// name: the parent serializes the task value, the worker program looks its
+/// [`NAME`](Task::NAME) up in its [`Registry`] and calls [`run`](Task::run).
+///
+/// # Examples
+///
+/// ```
+/// use popen_pool::{Task, TaskFailure, WorkerContext};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Square(u64);
+///
+/// impl Task for Square {
+///     const NAME: &'static str = "square";
+///     type Output = u64;
+///     fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+///         self.0.checked_mul(self.0).ok_or_else(|| TaskFailure::msg("overflow"))
+///     }
+/// }
+/// ```
+pub trait Task: Serialize + DeserializeOwned + Send + 'static {
+    /// The name the worker program registers this type under; unique per program.
+    const NAME: &'static str;
+    /// What the task returns to the parent.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+    /// Runs in the worker process. A panic is caught and reported as a
+    /// [`PoolError::Task`](crate::PoolError::Task) of kind `"panic"`.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the task reports; it reaches the parent as
+    /// [`PoolError::Task`](crate::PoolError::Task).
+    fn run(self, ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure>;
+}
+
+/// State that lives in one worker process across tasks.
+///
+/// A type map: an initializer stores a value, later tasks read or change it
+/// (loaded modules, buffers, caches). It dies with the worker process.
+#[derive(Default)]
+pub struct WorkerContext {
+    values: HashMap<TypeId, Box<dyn Any + Send>>,
+    tasks_run: u64,
+}
+
+impl fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("values", &self.values.len())
+            .field("tasks_run", &self.tasks_run)
+            .finish()
+    }
+}
+
+impl WorkerContext {
+    /// Stores a value, returning the previous value of the same type.
+    pub fn insert<T: Any + Send>(&mut self, value: T) -> Option<T> {
+        self.values
+            .insert(TypeId::of::<T>(), Box::new(value))
+            .and_then(|old| old.downcast().ok().map(|b| *b))
+    }
+
+    /// The stored value of type `T`, if any.
+    pub fn get<T: Any + Send>(&self) -> Option<&T> {
+        self.values.get(&TypeId::of::<T>()).and_then(|b| b.downcast_ref())
+    }
+
+    /// The stored value of type `T`, mutably.
+    pub fn get_mut<T: Any + Send>(&mut self) -> Option<&mut T> {
+        self.values.get_mut(&TypeId::of::<T>()).and_then(|b| b.downcast_mut())
+    }
+
+    /// The stored value of type `T`, inserting `T::default()` first if absent.
+    pub fn get_or_default<T: Any + Send + Default>(&mut self) -> &mut T {
+        self.values
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(T::default()))
+            .downcast_mut()
+            .expect("type map entry has the type of its key")
+    }
+
+    /// Removes and returns the stored value of type `T`.
+    pub fn remove<T: Any + Send>(&mut self) -> Option<T> {
+        self.values.remove(&TypeId::of::<T>()).and_then(|b| b.downcast().ok().map(|b| *b))
+    }
+
+    /// How many tasks this worker process has run before the current one
+    /// (the initializer included).
+    pub fn tasks_run(&self) -> u64 {
+        self.tasks_run
+    }
+
+    pub(crate) fn count_task(&mut self) {
+        self.tasks_run += 1;
+    }
+}
+
+pub(crate) type Handler = fn(&[u8], &mut WorkerContext) -> Result<Vec<u8>, TaskFailure>;
+
+/// The task types a worker program serves, by name.
+///
+/// # Examples
+///
+/// ```
+/// # use popen_pool::{Task, TaskFailure, WorkerContext, Registry};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct Square(u64);
+/// # impl Task for Square {
+/// #     const NAME: &'static str = "square"; type Output = u64;
+/// #     fn run(self, _: &mut WorkerContext) -> Result<u64, TaskFailure> { Ok(self.0 * self.0) }
+/// # }
+/// let registry = Registry::new().register::<Square>();
+/// assert_eq!(registry.names(), vec!["square"]);
+/// ```
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<&'static str, (TypeId, Handler)>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").field("tasks", &self.names()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers task type `T` under [`T::NAME`](Task::NAME).
+    ///
+    /// # Panics
+    ///
+    /// If another type is already registered under the same name: that is a
+    /// programming error in the worker program.
+    #[must_use]
+    pub fn register<T: Task>(mut self) -> Self {
+        let previous = self.handlers.insert(T::NAME, (TypeId::of::<T>(), handle::<T>));
+        assert!(
+            previous.is_none_or(|(ty, _)| ty == TypeId::of::<T>()),
+            "two task types are registered under the name {:?}",
+            T::NAME
+        );
+        self
+    }
+
+    /// The registered task names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.handlers.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Handler> {
+        self.handlers.get(name).map(|&(_, h)| h)
+    }
+}
+
+fn handle<T: Task>(payload: &[u8], ctx: &mut WorkerContext) -> Result<Vec<u8>, TaskFailure> {
+    let task: T = postcard::from_bytes(payload).map_err(|e| {
+        TaskFailure::new("decode", format!("cannot decode task {:?}: {e}", T::NAME))
+    })?;
+    let output = task.run(ctx)?;
+    postcard::to_stdvec(&output).map_err(|e| {
+        TaskFailure::new("encode", format!("cannot encode output of {:?}: {e}", T::NAME))
+    })
+}
+
+/// A task already serialized, with its name: what travels to the worker.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ErasedTask {
+    pub(crate) name: &'static str,
+    pub(crate) payload: bytes::Bytes,
+}
+
+impl fmt::Debug for ErasedTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ErasedTask")
+            .field("name", &self.name)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl ErasedTask {
+    /// Serializes a task.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Codec`](crate::PoolError::Codec) if the value cannot be serialized.
+    pub fn new<T: Task>(task: &T) -> Result<Self, crate::PoolError> {
+        let payload = postcard::to_stdvec(task).map_err(crate::PoolError::codec)?;
+        Ok(ErasedTask { name: T::NAME, payload: payload.into() })
+    }
+
+    /// The task's registered name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}

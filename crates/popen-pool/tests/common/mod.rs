@@ -1,0 +1,206 @@
+//! Task types and helpers shared by the popen-pool integration tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use popen_pool::{Registry, Task, TaskFailure, WorkerContext};
+use serde::{Deserialize, Serialize};
+
+macro_rules! task {
+    ($ty:ident, $name:literal, $out:ty, |$self_:ident, $ctx:ident| $body:expr) => {
+        impl Task for $ty {
+            const NAME: &'static str = $name;
+            type Output = $out;
+            fn run($self_, $ctx: &mut WorkerContext) -> Result<$out, TaskFailure> {
+                $body
+            }
+        }
+    };
+}
+
+/// Returns its value.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct Identity(pub(crate) serde_json::Value);
+task!(Identity, "identity", serde_json::Value, |self, _ctx| Ok(self.0));
+
+/// Returns its integer.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Int(pub(crate) i64);
+task!(Int, "int", i64, |self, _ctx| Ok(self.0));
+
+/// Sleeps, then returns the number of milliseconds slept.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Sleep(pub(crate) u64);
+task!(Sleep, "sleep", u64, |self, _ctx| {
+    std::thread::sleep(Duration::from_millis(self.0));
+    Ok(self.0)
+});
+
+/// Exits the worker process with a code.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct ExitSelf(pub(crate) i32);
+task!(ExitSelf, "exit_self", (), |self, _ctx| std::process::exit(self.0));
+
+/// Aborts the worker process (SIGABRT).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Abort;
+task!(Abort, "abort", (), |self, _ctx| std::process::abort());
+
+/// Dereferences a null pointer (SIGSEGV).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Segfault;
+task!(Segfault, "segfault", (), |self, _ctx| {
+    // SAFETY: not safe at all; the point is to crash the worker with SIGSEGV.
+    unsafe {
+        let p: *mut u8 = std::ptr::null_mut();
+        std::ptr::write_volatile(p, 1);
+    }
+    Ok(())
+});
+
+/// Panics with a message.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Panic(pub(crate) String);
+task!(Panic, "panic", (), |self, _ctx| panic!("{}", self.0));
+
+/// Returns a task error.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Fail(pub(crate) String);
+task!(Fail, "fail", (), |self, _ctx| Err(TaskFailure::new("custom", self.0)));
+
+/// Prints to stdout and stderr, then returns its value.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Noisy(pub(crate) i64);
+task!(Noisy, "noisy", i64, |self, _ctx| {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    for _ in 0..100 {
+        writeln!(out, "noise \0\0\0\x05 {} garbage that looks like a frame header", self.0).ok();
+    }
+    out.flush().ok();
+    eprintln!("noise on stderr");
+    Ok(self.0)
+});
+
+/// The worker's pid.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Pid;
+task!(Pid, "pid", u32, |self, _ctx| Ok(std::process::id()));
+
+/// Starts `sleep 1000` as a child of the worker, returns its pid, then sleeps.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct SpawnSleeper {
+    /// How long the task itself sleeps after spawning, in ms.
+    pub(crate) then_sleep_ms: u64,
+}
+task!(SpawnSleeper, "spawn_sleeper", u32, |self, _ctx| {
+    let child = std::process::Command::new("sleep").arg("1000").spawn()?;
+    let pid = child.id();
+    std::fs::write(std::env::var("SLEEPER_PID_FILE").unwrap_or_default(), pid.to_string()).ok();
+    std::mem::forget(child);
+    std::thread::sleep(Duration::from_millis(self.then_sleep_ms));
+    Ok(pid)
+});
+
+/// Initializer: stores a value in the worker context and counts init runs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Init(pub(crate) String);
+
+/// What `Init` stores.
+#[derive(Debug, Default)]
+pub(crate) struct InitState {
+    pub(crate) value: String,
+    pub(crate) pid: u32,
+}
+task!(Init, "init", (), |self, ctx| {
+    ctx.insert(InitState { value: self.0, pid: std::process::id() });
+    Ok(())
+});
+
+/// Reads what the initializer stored: (value, pid of the init, tasks run before).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct ReadInit;
+task!(ReadInit, "read_init", Option<(String, u32, u64)>, |self, ctx| {
+    let run = ctx.tasks_run();
+    Ok(ctx.get::<InitState>().map(|s| (s.value.clone(), s.pid, run)))
+});
+
+/// Returns `len` bytes of a pattern.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct MakeBytes(pub(crate) usize);
+task!(MakeBytes, "make_bytes", serde_bytes::ByteBuf, |self, _ctx| {
+    Ok(serde_bytes::ByteBuf::from((0..self.0).map(|i| (i % 251) as u8).collect::<Vec<u8>>()))
+});
+
+/// Returns the bytes' length and a checksum.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Checksum(#[serde(with = "serde_bytes")] pub(crate) Vec<u8>);
+task!(Checksum, "checksum", (usize, u64), |self, _ctx| {
+    Ok((self.0.len(), self.0.iter().map(|&b| u64::from(b)).sum()))
+});
+
+/// A task type the worker program does not register.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Unregistered;
+task!(Unregistered, "unregistered", (), |self, _ctx| Ok(()));
+
+/// Every task type the test worker serves.
+pub(crate) fn registry() -> Registry {
+    Registry::new()
+        .register::<Identity>()
+        .register::<Int>()
+        .register::<Sleep>()
+        .register::<ExitSelf>()
+        .register::<Abort>()
+        .register::<Segfault>()
+        .register::<Panic>()
+        .register::<Fail>()
+        .register::<Noisy>()
+        .register::<Pid>()
+        .register::<SpawnSleeper>()
+        .register::<Init>()
+        .register::<ReadInit>()
+        .register::<MakeBytes>()
+        .register::<Checksum>()
+}
+
+/// True while a process with this pid exists (zombies included).
+pub(crate) fn pid_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Pids of this process's direct children (zombies included).
+pub(crate) fn child_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name (which is in parentheses).
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == me {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Number of open fds of this process.
+pub(crate) fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Waits (polling /proc, bounded) until `pid` is gone; true if it went.
+pub(crate) async fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while pid_exists(pid) {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
