@@ -1,16 +1,13 @@
-//! popen-pool end-to-end tests: real worker processes, re-run from this test
-//! binary through `test_support!`.
-
-mod common;
+//! The behaviours of TVM's own popen-pool tests, and the API around them.
 
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use popen_pool::{ExitInfo, PoolError, PopenPool, PopenWorker};
 use serde_json::json;
 
-popen_pool::test_support!(common::registry());
+use crate::common::*;
+use crate::test_worker_program;
 
 const SIGKILL: i32 = 9;
 const SIGABRT: i32 = 6;

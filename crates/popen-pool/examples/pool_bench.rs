@@ -1,0 +1,142 @@
+//! Pool benchmark: prints one JSON line with the keys of `bench/pool_tvm.py`,
+//! measuring the same workloads as TVM's `PopenPoolExecutor` there.
+//!
+//! `cargo run --release -p popen-pool --example pool_bench`
+//!
+//! Each figure is the median of several repetitions:
+//! - `cold_start_s`: build a 2-worker pool until the first identity task returns;
+//! - `submit_tasks_per_s`: 2 warm workers, N identity tasks submitted one by one;
+//! - `map_tasks_per_s`: 2 warm workers, `map_with_error_catching` over N items;
+//! - `timeout_50ms_observed_s`: 1 worker, 50 ms limit, a task sleeping 10 s,
+//!   from submit to the timeout error;
+//! - `respawn_after_timeout_s`: right after that, the next identity task;
+//! - `recycle_every_task_s_per_task`: 2 workers with `maximum_process_uses = 1`,
+//!   M identity tasks, time per task.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use popen_pool::{PoolError, PopenPool, Registry, Task, TaskFailure, WorkerContext, WorkerProgram};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Identity(u64);
+
+impl Task for Identity {
+    const NAME: &'static str = "identity";
+    type Output = u64;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        Ok(self.0)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SleepSecs(f64);
+
+impl Task for SleepSecs {
+    const NAME: &'static str = "sleep";
+    type Output = ();
+    fn run(self, _ctx: &mut WorkerContext) -> Result<(), TaskFailure> {
+        std::thread::sleep(Duration::from_secs_f64(self.0));
+        Ok(())
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new().register::<Identity>().register::<SleepSecs>()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn program() -> WorkerProgram {
+    WorkerProgram::current_exe().expect("current exe")
+}
+
+async fn throughput(pool: &PopenPool, n: u64, map: bool) -> f64 {
+    let start = Instant::now();
+    if map {
+        let mut stream = pool.map_with_error_catching((0..n).map(Identity));
+        let mut i = 0;
+        while let Some(r) = stream.next().await {
+            assert_eq!(r.expect("identity"), i);
+            i += 1;
+        }
+        assert_eq!(i, n);
+    } else {
+        let handles: Vec<_> = (0..n).map(|i| pool.submit(Identity(i))).collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.await.expect("identity"), i as u64);
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    popen_pool::serve_if_worker(registry());
+    let reps = 7;
+    let n: u64 = std::env::var("POOL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+
+    let mut cold = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        let pool = PopenPool::builder(program()).max_workers(2).build()?;
+        pool.submit(Identity(1)).await?;
+        cold.push(start.elapsed().as_secs_f64());
+        pool.shutdown().await;
+    }
+
+    let pool = PopenPool::builder(program()).max_workers(2).build()?;
+    throughput(&pool, 1000, false).await;
+    let mut submit = Vec::new();
+    let mut map = Vec::new();
+    for _ in 0..reps {
+        submit.push(throughput(&pool, n, false).await);
+        map.push(throughput(&pool, n, true).await);
+    }
+    pool.shutdown().await;
+
+    let pool = PopenPool::builder(program())
+        .max_workers(1)
+        .timeout(Some(Duration::from_millis(50)))
+        .build()?;
+    let mut observed = Vec::new();
+    let mut respawn = Vec::new();
+    for _ in 0..reps {
+        pool.submit(Identity(0)).await?;
+        let start = Instant::now();
+        let err = pool.submit(SleepSecs(10.0)).await.expect_err("must time out");
+        observed.push(start.elapsed().as_secs_f64());
+        assert!(matches!(err, PoolError::Timeout { .. }), "{err}");
+        let start = Instant::now();
+        pool.submit(Identity(1)).await?;
+        respawn.push(start.elapsed().as_secs_f64());
+    }
+    pool.shutdown().await;
+
+    let m = 200;
+    let pool = PopenPool::builder(program()).max_workers(2).maximum_process_uses(Some(1)).build()?;
+    throughput(&pool, 10, false).await;
+    let mut recycle = Vec::new();
+    for _ in 0..reps {
+        let per_s = throughput(&pool, m, false).await;
+        recycle.push(1.0 / per_s);
+    }
+    let stats = pool.stats();
+    pool.shutdown().await;
+    assert!(stats.recycled >= m * reps as u64, "recycled {} workers", stats.recycled);
+
+    let out = serde_json::json!({
+        "cold_start_s": median(cold),
+        "submit_tasks_per_s": median(submit),
+        "map_tasks_per_s": median(map),
+        "timeout_50ms_observed_s": median(observed),
+        "respawn_after_timeout_s": median(respawn),
+        "recycle_every_task_s_per_task": median(recycle),
+    });
+    println!("{out}");
+    Ok(())
+}

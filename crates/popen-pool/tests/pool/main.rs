@@ -1,0 +1,7 @@
+//! popen-pool end-to-end tests: real worker processes, re-run from this test
+//! binary through `test_support!` (one test binary; modules by theme).
+
+mod basics;
+mod common;
+
+popen_pool::test_support!(common::registry());
