@@ -18,10 +18,28 @@ macro_rules! task {
     };
 }
 
+/// A value of a few shapes (postcard is not self-describing, so no `serde_json::Value`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) enum Val {
+    Int(i64),
+    Text(String),
+    List(Vec<i64>),
+}
+
 /// Returns its value.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct Identity(pub(crate) serde_json::Value);
-task!(Identity, "identity", serde_json::Value, |self, _ctx| Ok(self.0));
+pub(crate) struct Identity(pub(crate) Val);
+task!(Identity, "identity", Val, |self, _ctx| Ok(self.0));
+
+/// Allocates and keeps (leaks) this many MiB, touching every page; returns the pid.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Hog(pub(crate) usize);
+task!(Hog, "hog", u32, |self, _ctx| {
+    let block = vec![1u8; self.0 << 20];
+    std::hint::black_box(&block);
+    std::mem::forget(block);
+    Ok(std::process::id())
+});
 
 /// Returns its integer.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
@@ -149,6 +167,7 @@ pub(crate) fn registry() -> Registry {
     Registry::new()
         .register::<Identity>()
         .register::<Int>()
+        .register::<Hog>()
         .register::<Sleep>()
         .register::<ExitSelf>()
         .register::<Abort>()
