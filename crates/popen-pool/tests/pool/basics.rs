@@ -293,3 +293,79 @@ fn building_a_pool_outside_a_runtime_is_an_error() {
     let err = PopenPool::builder(test_worker_program()).build().unwrap_err();
     assert!(err.to_string().contains("tokio runtime"), "{err}");
 }
+
+/// The `dedicated_worker` example binary (cargo builds examples for tests).
+fn dedicated_worker_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = profile_dir.join("examples").join("dedicated_worker");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p popen-pool --example dedicated_worker`",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn dedicated_worker_binary_serves_its_tasks() {
+    use popen_pool::{Task, TaskFailure, WorkerContext, WorkerProgram};
+    use serde::{Deserialize, Serialize};
+
+    // The parent's view of the example's task types: same names, same layout.
+    #[derive(Serialize, Deserialize)]
+    struct Square(u64);
+    impl Task for Square {
+        const NAME: &'static str = "square";
+        type Output = u64;
+        fn run(self, _: &mut WorkerContext) -> Result<u64, TaskFailure> {
+            unreachable!("runs in the dedicated worker")
+        }
+    }
+    #[derive(Serialize, Deserialize)]
+    struct WhoAmI;
+    impl Task for WhoAmI {
+        const NAME: &'static str = "whoami";
+        type Output = String;
+        fn run(self, _: &mut WorkerContext) -> Result<String, TaskFailure> {
+            unreachable!("runs in the dedicated worker")
+        }
+    }
+
+    let program = WorkerProgram::binary(dedicated_worker_path());
+    let pool = PopenPool::builder(program).max_workers(2).build().unwrap();
+    assert_eq!(pool.submit(WhoAmI).await.unwrap(), "dedicated_worker");
+    assert_eq!(pool.submit(Square(12)).await, Ok(144));
+    let err = pool.submit(Square(u64::MAX)).await.unwrap_err();
+    assert_eq!(err, PoolError::Task { kind: "overflow".into(), message: "square overflows u64".into() });
+    // The dedicated worker does not serve this test binary's task types.
+    match pool.submit(Int(1)).await.unwrap_err() {
+        PoolError::UnknownTask { name, known } => {
+            assert_eq!(name, "int");
+            assert_eq!(known, vec!["square".to_owned(), "whoami".to_owned()]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    pool.shutdown().await;
+
+    // Run by hand (not by a parent), it refuses clearly.
+    let out = std::process::Command::new(dedicated_worker_path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("popen-pool parent"));
+}
+
+#[tokio::test]
+async fn a_program_that_is_not_a_worker_fails_to_spawn_clearly() {
+    let pool = PopenPool::builder(popen_pool::WorkerProgram::binary("/bin/true"))
+        .max_workers(1)
+        .build()
+        .unwrap();
+    match pool.submit(Int(1)).await.unwrap_err() {
+        PoolError::Spawn { message } => {
+            assert!(message.contains("exited before its handshake"), "{message}");
+            assert!(message.contains("serve_if_worker"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    pool.shutdown().await;
+}
