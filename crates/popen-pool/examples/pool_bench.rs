@@ -1,7 +1,9 @@
 //! Pool benchmark: prints one JSON line with the keys of `bench/pool_tvm.py`,
 //! measuring the same workloads as TVM's `PopenPoolExecutor` there.
 //!
-//! `cargo run --release -p popen-pool --example pool_bench`
+//! `cargo run --release -p popen-pool --example pool_bench [-- --quick]`
+//! (`--quick`: fewer repetitions and tasks, for CI smoke runs; env
+//! `POOL_BENCH_N` sets the task count of the throughput runs).
 //!
 //! Each figure is the median of several repetitions:
 //! - `cold_start_s`: build a 2-worker pool until the first identity task returns;
@@ -77,8 +79,11 @@ async fn throughput(pool: &PopenPool, n: u64, map: bool) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     popen_pool::serve_if_worker(registry());
-    let reps = 7;
-    let n: u64 = std::env::var("POOL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 3 } else { 7 };
+    let default_n = if quick { 5_000 } else { 50_000 };
+    let n: u64 =
+        std::env::var("POOL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(default_n);
 
     let mut cold = Vec::new();
     for _ in 0..reps {
@@ -117,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     }
     pool.shutdown().await;
 
-    let m = 200;
+    let m = if quick { 50 } else { 200 };
     let pool = PopenPool::builder(program()).max_workers(2).maximum_process_uses(Some(1)).build()?;
     throughput(&pool, 10, false).await;
     let mut recycle = Vec::new();
