@@ -323,8 +323,12 @@ async fn drive(
         };
         let Some(job) = job else { break };
         if job.cancel.is_cancelled() {
-            let err =
-                if shared.kill.is_cancelled() { PoolError::Shutdown } else { PoolError::Cancelled };
+            let err = if shared.kill.is_cancelled() {
+                PoolError::Shutdown
+            } else {
+                shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                PoolError::Cancelled
+            };
             let _ = job.reply.send(Err(err));
             continue;
         }
