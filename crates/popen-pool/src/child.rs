@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -130,9 +129,10 @@ impl Launcher for ProcessLauncher {
             .stdout(stdio(self.opts.stdout))
             .stderr(stdio(self.opts.stderr))
             .kill_on_drop(true);
-        unix::prepare_command(&mut cmd, child_end.as_raw_fd(), std::process::id() as i32);
+        unix::prepare_command(&mut cmd, child_end.into(), std::process::id() as i32);
+        // The spawner drops `cmd`, closing our copy of the child's end, right
+        // after the fork: from then on EOF on our end means the worker is gone.
         let child = spawner::spawn(cmd).await.map_err(|e| fail("cannot start", e))?;
-        drop(child_end);
         let pid = child.id().ok_or_else(|| PoolError::spawn("worker exited during spawn"))?;
         self.live.add(pid);
         let mut proc = ProcessChild {

@@ -102,9 +102,16 @@ struct Live<C> {
 pub(crate) struct WorkerCore<L: Launcher> {
     shared: Arc<CoreShared<L>>,
     live: Option<Live<L::Child>>,
-    spare: Option<JoinHandle<Result<Live<L::Child>, PoolError>>>,
+    spare: Option<Spare<L::Child>>,
     retiring: Option<JoinHandle<ExitInfo>>,
     next_id: u64,
+}
+
+/// A worker being started in the background, and the token that stops it.
+#[derive(Debug)]
+struct Spare<C> {
+    handle: JoinHandle<Result<Live<C>, PoolError>>,
+    stop: CancellationToken,
 }
 
 enum Event<T> {
@@ -183,95 +190,111 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
 
 /// Sends one task and waits for its outcome, its deadline or its cancellation.
 async fn exchange<C: Child>(
-    live: &mut Live<C>,
+    child: &mut C,
+    tasks: &[String],
     id: u64,
     task: &ErasedTask,
     limit: Option<Duration>,
     cancel: Option<&CancellationToken>,
 ) -> Exchange {
-    if !live.tasks.iter().any(|t| t == task.name) {
-        let err = PoolError::UnknownTask { name: task.name.to_owned(), known: live.tasks.to_vec() };
+    if !tasks.iter().any(|t| t == task.name) {
+        let err = PoolError::UnknownTask { name: task.name.to_owned(), known: tasks.to_vec() };
         return Exchange::kept(Err(err), false);
     }
     let msg = ToWorker::Run { id, name: task.name, payload: &task.payload };
-    match live.child.send(&msg).await {
+    match child.send(&msg).await {
         Ok(()) => {}
         // Refused by the encoder before anything was written: the worker is fine.
         Err(e @ PoolError::FrameTooLarge { .. }) => return Exchange::kept(Err(e), false),
         Err(_) => {
-            let exit = live.child.reap().await;
+            let exit = child.reap().await;
             return Exchange::lost(PoolError::WorkerDied { exit });
         }
     }
     let event = tokio::select! {
         biased;
-        ex = recv_done(&mut live.child, id, &live.tasks) => Event::Done(ex),
+        ex = recv_done(child, id, tasks) => Event::Done(ex),
         () = wait_limit(limit) => Event::Timeout(limit.unwrap_or_default()),
         () = wait_cancelled(cancel) => Event::Cancelled,
     };
     match event {
         Event::Done(ex) => ex,
         Event::Timeout(limit) => {
-            live.child.kill().await;
+            child.kill().await;
             Exchange::lost(PoolError::Timeout { limit })
         }
         Event::Cancelled => {
-            live.child.kill().await;
+            child.kill().await;
             Exchange::lost(PoolError::Cancelled)
         }
     }
 }
 
-/// Starts a worker, checks its handshake and runs the initializer.
-async fn start_child<L: Launcher>(shared: Arc<CoreShared<L>>) -> Result<Live<L::Child>, PoolError> {
-    let opts = Arc::clone(&shared.opts);
-    let start = async {
-        let mut child = shared.launcher.launch().await?;
-        bump(&shared.counters.spawned);
-        let tasks = match child.recv().await {
-            Ok(Some(frame)) => match postcard::from_bytes::<FromWorker<'_>>(&frame) {
-                Ok(FromWorker::Hello { version, tasks, .. }) if version == PROTOCOL_VERSION => tasks,
-                Ok(FromWorker::Hello { version, .. }) => {
-                    child.kill().await;
-                    return Err(PoolError::spawn(format!(
-                        "worker speaks protocol version {version}, this parent speaks {PROTOCOL_VERSION}"
-                    )));
-                }
-                _ => {
-                    child.kill().await;
-                    return Err(PoolError::spawn("worker did not start with a handshake"));
-                }
-            },
-            Ok(None) => {
-                let exit = child.reap().await;
-                return Err(PoolError::spawn(format!(
-                    "worker program exited before its handshake ({exit}); does its main call \
-                     popen_pool::serve_if_worker (or serve) first?"
-                )));
-            }
-            Err(e) => {
-                child.kill().await;
-                return Err(PoolError::spawn(format!("handshake failed: {e}")));
-            }
-        };
-        let mut live = Live { child, uses: 0, tasks: tasks.into() };
-        if let Some(Ok(init)) = &opts.initializer {
-            let ex = exchange(&mut live, 0, init, Some(opts.start_timeout), None).await;
-            if let Err(e) = ex.result {
-                if !ex.lost {
-                    live.child.kill().await;
-                }
-                return Err(PoolError::Initializer { source: Box::new(e) });
-            }
+/// Waits for the worker's `Hello` and returns the task names it serves.
+async fn handshake<C: Child>(child: &mut C) -> Result<Arc<[String]>, PoolError> {
+    let frame = match child.recv().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) => {
+            let exit = child.reap().await;
+            return Err(PoolError::spawn(format!(
+                "worker program exited before its handshake ({exit}); does its main call \
+                 popen_pool::serve_if_worker (or serve) first?"
+            )));
         }
-        Ok(live)
+        Err(e) => return Err(PoolError::spawn(format!("handshake failed: {e}"))),
     };
-    match tokio::time::timeout(opts.start_timeout, start).await {
-        Ok(r) => r,
-        Err(_) => Err(PoolError::spawn(format!(
-            "worker did not complete its handshake within {:?}",
-            opts.start_timeout
+    match postcard::from_bytes::<FromWorker<'_>>(&frame) {
+        Ok(FromWorker::Hello { version, tasks, .. }) if version == PROTOCOL_VERSION => {
+            Ok(tasks.into())
+        }
+        Ok(FromWorker::Hello { version, .. }) => Err(PoolError::spawn(format!(
+            "worker speaks protocol version {version}, this parent speaks {PROTOCOL_VERSION}"
         ))),
+        _ => Err(PoolError::spawn("worker did not start with a handshake")),
+    }
+}
+
+/// Handshake, then the initializer (if any), within the start timeout.
+async fn prepare<C: Child>(child: &mut C, opts: &WorkerOptions) -> Result<Arc<[String]>, PoolError> {
+    let tasks = handshake(child).await?;
+    if let Some(Ok(init)) = &opts.initializer {
+        let ex = exchange(child, &tasks, 0, init, None, None).await;
+        if let Err(e) = ex.result {
+            return Err(PoolError::Initializer { source: Box::new(e) });
+        }
+    }
+    Ok(tasks)
+}
+
+/// Starts a worker, checks its handshake and runs the initializer. On any
+/// failure, or when `stop` is cancelled, the process is killed and reaped
+/// before this returns.
+async fn start_child<L: Launcher>(
+    shared: Arc<CoreShared<L>>,
+    stop: CancellationToken,
+) -> Result<Live<L::Child>, PoolError> {
+    let opts = &shared.opts;
+    // Launching is a fork+exec on the spawner thread: short, and not
+    // interrupted, so a started process is never dropped unreaped.
+    let mut child = shared.launcher.launch().await?;
+    bump(&shared.counters.spawned);
+    let prepared = tokio::select! {
+        biased;
+        () = stop.cancelled() => Err(PoolError::Cancelled),
+        r = tokio::time::timeout(opts.start_timeout, prepare(&mut child, opts)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(PoolError::spawn(format!(
+                "worker did not complete its handshake and initializer within {:?}",
+                opts.start_timeout
+            ))),
+        },
+    };
+    match prepared {
+        Ok(tasks) => Ok(Live { child, uses: 0, tasks }),
+        Err(e) => {
+            child.kill().await;
+            Err(e)
+        }
     }
 }
 
@@ -287,7 +310,9 @@ impl<L: Launcher> WorkerCore<L> {
 
     fn start_spare(&mut self) {
         if self.spare.is_none() {
-            self.spare = Some(tokio::spawn(start_child(Arc::clone(&self.shared))));
+            let stop = CancellationToken::new();
+            let handle = tokio::spawn(start_child(Arc::clone(&self.shared), stop.clone()));
+            self.spare = Some(Spare { handle, stop });
         }
     }
 
@@ -314,7 +339,7 @@ impl<L: Launcher> WorkerCore<L> {
         self.start_spare();
         let spare = self.spare.as_mut().expect("spare was just started");
         let event = tokio::select! {
-            r = spare => Event::Done(r),
+            r = &mut spare.handle => Event::Done(r),
             () = wait_cancelled(cancel) => Event::Cancelled,
         };
         match event {
@@ -370,7 +395,7 @@ impl<L: Launcher> WorkerCore<L> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let ex = exchange(&mut live, id, task, limit, cancel).await;
+        let ex = exchange(&mut live.child, &live.tasks, id, task, limit, cancel).await;
         match &ex.result {
             Ok(_) => bump(&counters.completed),
             Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
@@ -404,10 +429,11 @@ impl<L: Launcher> WorkerCore<L> {
         ex.result
     }
 
+    /// Stops a starting worker: it kills and reaps its process itself.
     async fn stop_spare(&mut self) {
         if let Some(spare) = self.spare.take() {
-            spare.abort();
-            if let Ok(Ok(mut live)) = spare.await {
+            spare.stop.cancel();
+            if let Ok(Ok(mut live)) = spare.handle.await {
                 live.child.kill().await;
             }
         }
@@ -437,7 +463,8 @@ impl<L: Launcher> Drop for WorkerCore<L> {
         // The live child's own Drop kills its group; a starting spare is
         // aborted, which drops (and so kills) whatever it had started.
         if let Some(spare) = &self.spare {
-            spare.abort();
+            spare.stop.cancel();
+            spare.handle.abort();
         }
     }
 }

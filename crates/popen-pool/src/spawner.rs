@@ -29,8 +29,15 @@ fn spawner() -> io::Result<&'static mpsc::Sender<Request>> {
     let (tx, rx) = mpsc::channel::<Request>();
     std::thread::Builder::new().name("popen-pool-spawner".into()).spawn(move || {
         for mut req in rx {
+            if req.reply.is_closed() {
+                continue; // the caller gave up: start nothing it cannot reap
+            }
             let _guard = req.handle.enter();
-            let _ = req.reply.send(req.cmd.spawn());
+            // This thread must outlive every worker (PDEATHSIG): never let a
+            // panic in a spawn take it down.
+            let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| req.cmd.spawn()))
+                .unwrap_or_else(|_| Err(io::Error::other("spawning the worker panicked")));
+            let _ = req.reply.send(spawned);
         }
     })?;
     // A racing caller may have installed its own sender; its thread serves it.

@@ -2,7 +2,7 @@
 //! channel fd, group kills and RSS.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// The fd number at which a worker finds its channel.
 pub(crate) const CHANNEL_FD: RawFd = 3;
@@ -10,12 +10,18 @@ pub(crate) const CHANNEL_FD: RawFd = 3;
 /// Makes `cmd` start its child as the leader of a new process group, with the
 /// channel at fd 3, and (on Linux) SIGKILLed when the spawning thread's
 /// process goes away.
-pub(crate) fn prepare_command(cmd: &mut tokio::process::Command, child_fd: RawFd, parent_pid: i32) {
+///
+/// `cmd` takes ownership of the child's end of the channel: it stays open
+/// exactly as long as the command (through the fork), so its fd number cannot
+/// be reused by something else before the child has duplicated it.
+pub(crate) fn prepare_command(cmd: &mut tokio::process::Command, child_end: OwnedFd, parent_pid: i32) {
     cmd.process_group(0);
+    let child_fd = child_end.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only calls
     // async-signal-safe functions (prctl, getppid, dup2, fcntl, _exit).
     unsafe {
         cmd.pre_exec(move || {
+            let _keep_open = &child_end;
             #[cfg(target_os = "linux")]
             {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {

@@ -2,6 +2,8 @@
 //! binary through `test_support!` (one test binary; modules by theme).
 
 mod basics;
+mod chaos;
 mod common;
+mod hygiene;
 
 popen_pool::test_support!(common::registry());

@@ -1,0 +1,789 @@
+//! Process hygiene: no stray processes, zombies or fds; a killed parent leaves
+//! no workers; output, aborts, unknown tasks, frame limits, spawn failures.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use popen_pool::{OutputMode, PoolError, PopenPool, WorkerProgram};
+
+use crate::chaos::Case;
+use crate::common::*;
+use crate::test_worker_program;
+
+/// Generous bound for anything that should happen "soon" (reaping, exits).
+const SOON: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Helpers shared with `chaos`.
+
+/// Polls `cond` every few ms until it holds or `limit` passes; true if it held.
+pub(crate) async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Blocking [`eventually`], for tests without a runtime.
+fn eventually_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Fields of /proc/PID/stat after the command name: (state, ppid).
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// True while `pid` runs: it exists and is not a zombie. (An orphaned
+/// grandchild is reaped by init, which in a container may be slow or never
+/// do it; a zombie is dead for our purposes.)
+pub(crate) fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+fn ppid_of(pid: u32) -> Option<u32> {
+    proc_stat(pid).map(|(_, ppid)| ppid)
+}
+
+fn comm_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// This process's open fds, as `fd -> target`.
+fn fd_table() -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return out };
+    for e in dir.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let target =
+            std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+        out.insert(fd, target);
+    }
+    out
+}
+
+/// What this process holds when no pool is around: no children and these fds.
+pub(crate) struct Baseline {
+    fds: BTreeMap<u32, String>,
+}
+
+/// Has every slot of `pool` run one more task at the same time, so that no
+/// worker is still starting (a prestarted one, or the spare that replaces a
+/// lost worker): a stable state for a baseline.
+pub(crate) async fn settle(pool: &PopenPool) {
+    let n = pool.max_workers();
+    let handles = (0..n).map(|_| pool.submit_with_timeout(Sleep(200), None));
+    for got in futures::future::join_all(handles).await {
+        assert_eq!(got, Ok(200));
+    }
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), n, "one live worker per slot and no spare: {pids:?}");
+}
+
+/// Runs a throwaway pool first, so that whatever tokio and popen-pool create
+/// lazily once per process (SIGCHLD pipe, spawner thread) is in the baseline.
+pub(crate) async fn warm_up() -> Baseline {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(2).build().unwrap();
+    assert_eq!(pool.submit(Int(1)).await, Ok(1));
+    settle(&pool).await;
+    pool.shutdown().await;
+    assert!(
+        eventually(SOON, || child_pids().is_empty()).await,
+        "warm-up pool left children: {:?}",
+        child_pids()
+    );
+    Baseline { fds: fd_table() }
+}
+
+impl Baseline {
+    /// Waits (bounded) until this process has no child and exactly the
+    /// baseline's number of fds; panics describing what is left otherwise.
+    pub(crate) async fn assert_clean(&self, after: &str) {
+        let clean =
+            eventually(SOON, || child_pids().is_empty() && open_fds() == self.fds.len()).await;
+        if clean {
+            return;
+        }
+        let children: Vec<String> = child_pids()
+            .into_iter()
+            .map(|p| format!("{p} ({}, state {:?})", comm_of(p), proc_stat(p).map(|s| s.0)))
+            .collect();
+        let now = fd_table();
+        let added: Vec<_> = now.iter().filter(|(fd, t)| self.fds.get(fd) != Some(t)).collect();
+        let removed: Vec<_> = self.fds.iter().filter(|(fd, t)| now.get(fd) != Some(t)).collect();
+        panic!(
+            "not clean after {after}: children {children:?}; fds {} now vs {} before; \
+             new {added:?}; gone {removed:?}",
+            now.len(),
+            self.fds.len()
+        );
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("popen-pool-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (bounded) for a pid written to `file` by `SpawnSleeper`.
+async fn read_pid_file(file: &Path) -> u32 {
+    let mut pid = None;
+    let found = eventually(SOON, || {
+        pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok());
+        pid.is_some()
+    })
+    .await;
+    assert!(found, "the task never wrote the sleeper's pid to {}", file.display());
+    pid.unwrap()
+}
+
+/// Fifty tasks of every outcome: values, errors, panics, one timeout and
+/// three crashes.
+fn mixed_cases() -> Vec<Case> {
+    (0..50)
+        .map(|i| match i {
+            7 => Case::Timeout,
+            13 => Case::Exit(42),
+            21 => Case::Segfault,
+            33 => Case::Abort,
+            i if i % 5 == 0 => Case::Panic(format!("mixed panic {i}")),
+            i if i % 7 == 0 => Case::Fail(format!("mixed failure {i}")),
+            i => Case::Value(Val::Text(format!("mixed value {i}"))),
+        })
+        .collect()
+}
+
+/// Runs `cases` on `pool` and checks every outcome.
+async fn run_and_check(pool: &PopenPool, cases: &[Case]) {
+    let results = futures::future::join_all(cases.iter().map(|c| c.submit(pool))).await;
+    for (i, (case, got)) in cases.iter().zip(&results).enumerate() {
+        if let Err(why) = case.check(got) {
+            panic!("task {i} ({case:?}): {why}");
+        }
+    }
+}
+
+async fn wait_running(pool: &PopenPool, n: u64) {
+    assert!(
+        eventually(SOON, || pool.stats().running == n).await,
+        "expected {n} running tasks: {:?}",
+        pool.stats()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 1. A timed-out task's own children die with its worker.
+
+#[tokio::test]
+async fn timeout_kills_the_tasks_own_children() {
+    let dir = TempDir::new("sleeper");
+    let file = dir.path().join("sleeper.pid");
+    let program = test_worker_program().env("SLEEPER_PID_FILE", &file);
+    let pool = PopenPool::builder(program).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+
+    let limit = Duration::from_secs(2);
+    let handle = pool.submit_with_timeout(SpawnSleeper { then_sleep_ms: 600_000 }, Some(limit));
+    let sleeper = read_pid_file(&file).await;
+    assert!(alive(sleeper), "sleeper {sleeper} runs while the task does");
+    assert_eq!(comm_of(sleeper), "sleep");
+    assert_eq!(ppid_of(sleeper), Some(worker), "the sleeper is the worker's child");
+
+    assert_eq!(handle.await, Err(PoolError::Timeout { limit }));
+    assert!(!pid_exists(worker), "the timed-out worker {worker} was killed and reaped");
+    let gone = eventually(SOON, || !alive(sleeper)).await;
+    assert!(
+        gone,
+        "`sleep` {sleeper} survived its worker's timeout (state {:?})",
+        proc_stat(sleeper)
+    );
+    assert_eq!(pool.stats().timeouts, 1);
+
+    // The pool still works, in a new worker.
+    let next = pool.submit(Pid).await.unwrap();
+    assert_ne!(next, worker);
+    pool.shutdown().await;
+    let clean = eventually(SOON, || child_pids().is_empty()).await;
+    assert!(clean, "children left after shutdown: {:?}", child_pids());
+}
+
+// ---------------------------------------------------------------------------
+// 2. A SIGKILLed parent leaves no workers (PR_SET_PDEATHSIG).
+
+const PARENT_ENV: &str = "POPEN_POOL_TEST_PARENT";
+
+/// Not a test of its own: when this binary is re-run with `POPEN_POOL_TEST_PARENT=1`
+/// it plays the parent program of `killed_parent_leaves_no_workers`. Otherwise
+/// it returns at once.
+#[test]
+fn parent_program_entry() {
+    if std::env::var_os(PARENT_ENV).is_none_or(|v| v != "1") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let pool = PopenPool::builder(test_worker_program()).max_workers(2).build().unwrap();
+        // Two slow tasks at once: one runs in each worker, so both are up.
+        let (a, b) = futures::join!(pool.submit(Sleep(200)), pool.submit(Sleep(200)));
+        assert_eq!((a, b), (Ok(200), Ok(200)));
+        let pids = pool.worker_pids();
+        assert_eq!(pids.len(), 2, "two workers: {pids:?}");
+        let line: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "PIDS {}", line.join(" ")).unwrap();
+        out.flush().unwrap();
+        drop(out);
+        // Wait to be killed; give up if the test that started us is gone.
+        let test = std::os::unix::process::parent_id();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while std::os::unix::process::parent_id() == test && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::process::exit(1);
+    });
+}
+
+#[test]
+fn killed_parent_leaves_no_workers() {
+    let module = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
+    let entry = format!("{module}::parent_program_entry");
+    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([entry.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(PARENT_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = parent.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let pids: Vec<u32> = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(line)) => {
+                if let Some(rest) = line.strip_prefix("PIDS ") {
+                    break rest.split_whitespace().map(|p| p.parse().unwrap()).collect();
+                }
+                seen.push(line);
+            }
+            other => {
+                let _ = parent.kill();
+                let _ = parent.wait();
+                panic!("the parent program printed no PIDS line ({other:?}); output: {seen:?}");
+            }
+        }
+    };
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for &pid in &pids {
+        assert!(alive(pid), "worker {pid} runs before the parent dies");
+        assert_eq!(ppid_of(pid), Some(parent.id()), "worker {pid} is the parent program's child");
+    }
+
+    parent.kill().unwrap();
+    let status = parent.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{status:?}");
+    let gone = eventually_blocking(Duration::from_secs(1), || pids.iter().all(|&p| !alive(p)));
+    let left: Vec<_> = pids.iter().filter(|&&p| alive(p)).map(|&p| (p, comm_of(p))).collect();
+    assert!(gone, "workers outlived their SIGKILLed parent by 1 s: {left:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Tasks printing to stdout do not disturb the channel, in every output mode.
+
+async fn noisy_tasks_return_their_values(pool: PopenPool) {
+    for i in 0..5 {
+        assert_eq!(pool.submit(Noisy(i)).await, Ok(i));
+        assert_eq!(pool.submit(Int(100 + i)).await, Ok(100 + i));
+    }
+    assert_eq!(pool.stats().crashes, 0);
+    assert_eq!(pool.stats().spawned, 1, "one worker served all the noisy tasks");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn noisy_task_with_inherited_stdout() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    noisy_tasks_return_their_values(pool).await;
+}
+
+#[tokio::test]
+async fn noisy_task_with_null_stdout() {
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(1)
+        .stdout(OutputMode::Null)
+        .stderr(OutputMode::Null)
+        .build()
+        .unwrap();
+    noisy_tasks_return_their_values(pool).await;
+}
+
+/// Records the `popen_pool::worker` events: (stream, message).
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<(String, String)>>>);
+
+#[derive(Default)]
+struct LineFields {
+    stream: String,
+    message: String,
+}
+
+impl tracing::field::Visit for LineFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "stream" => self.stream = value.to_owned(),
+            "message" => self.message = value.to_owned(),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "stream" => self.stream = format!("{value:?}"),
+            "message" => self.message = format!("{value:?}"),
+            _ => {}
+        }
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target() == "popen_pool::worker" {
+            let mut fields = LineFields::default();
+            event.record(&mut fields);
+            self.0.lock().unwrap().push((fields.stream, fields.message));
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn noisy_task_with_tracing_output() {
+    let capture = Capture::default();
+    // The test runtime is single-threaded: the line forwarders run on this thread.
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(1)
+        .stdout(OutputMode::Tracing)
+        .stderr(OutputMode::Tracing)
+        .build()
+        .unwrap();
+    noisy_tasks_return_their_values(pool).await;
+
+    let count = |stream: &str, needle: &str| {
+        let lines = capture.0.lock().unwrap();
+        lines.iter().filter(|(s, m)| s == stream && m.contains(needle)).count()
+    };
+    let all_there = eventually(SOON, || {
+        count("stdout", "garbage that looks like a frame header") >= 500
+            && count("stderr", "noise on stderr") >= 5
+    })
+    .await;
+    let lines = capture.0.lock().unwrap().clone();
+    assert!(
+        all_there,
+        "missing forwarded lines; got {} events: {:?}",
+        lines.len(),
+        &lines[..lines.len().min(5)]
+    );
+    for i in 0..5 {
+        let line = format!("noise \0\0\0\x05 {i} garbage that looks like a frame header");
+        assert_eq!(count("stdout", &line), 100, "stdout lines of task {i}");
+    }
+    assert_eq!(count("stderr", "noise on stderr"), 5);
+}
+
+// ---------------------------------------------------------------------------
+// 4. No fds or children outlive a pool: shutdown, kill, drop.
+
+#[tokio::test]
+async fn no_leaks_after_shutdown() {
+    let baseline = warm_up().await;
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(2)
+        .timeout(Some(Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    run_and_check(&pool, &mixed_cases()).await;
+    // No settling: a spare may still be starting after the last crash, and
+    // shutdown must reap it too.
+    let stats = pool.stats();
+    assert_eq!((stats.timeouts, stats.crashes), (1, 3), "{stats:?}");
+    let pids = pool.worker_pids();
+    pool.shutdown().await;
+    for pid in pids {
+        assert!(!pid_exists(pid), "worker {pid} not reaped by shutdown");
+    }
+    baseline.assert_clean("shutdown").await;
+}
+
+#[tokio::test]
+async fn no_leaks_after_kill() {
+    let baseline = warm_up().await;
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(2)
+        .timeout(Some(Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    run_and_check(&pool, &mixed_cases()).await;
+    settle(&pool).await;
+    // Killed with two tasks running and more queued.
+    let running: Vec<_> = (0..2).map(|_| pool.submit(Sleep(600_000))).collect();
+    wait_running(&pool, 2).await;
+    let queued: Vec<_> = (0..5).map(|i| pool.submit(Int(i))).collect();
+    let pids = pool.worker_pids();
+    pool.kill().await;
+    for pid in pids {
+        assert!(!pid_exists(pid), "worker {pid} not reaped by kill");
+    }
+    for h in running {
+        assert_eq!(h.await, Err(PoolError::Shutdown));
+    }
+    for h in queued {
+        assert_eq!(h.await, Err(PoolError::Shutdown));
+    }
+    drop(pool);
+    baseline.assert_clean("kill").await;
+}
+
+#[tokio::test]
+async fn no_leaks_after_drop() {
+    let baseline = warm_up().await;
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(2)
+        .timeout(Some(Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    run_and_check(&pool, &mixed_cases()).await;
+    settle(&pool).await;
+    let running: Vec<_> = (0..2).map(|_| pool.submit(Sleep(600_000))).collect();
+    wait_running(&pool, 2).await;
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    drop(pool);
+    for h in running {
+        let got = tokio::time::timeout(SOON, h).await.expect("a dropped pool's task resolves");
+        assert_eq!(got, Err(PoolError::Shutdown));
+    }
+    let gone = eventually(SOON, || pids.iter().all(|&p| !pid_exists(p))).await;
+    assert!(
+        gone,
+        "workers of a dropped pool still exist: {:?}",
+        pids.iter().filter(|&&p| pid_exists(p)).collect::<Vec<_>>()
+    );
+    baseline.assert_clean("drop").await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Abort: a running task's worker is killed; a queued task never runs.
+
+#[tokio::test]
+async fn abort_of_a_running_task_kills_its_worker() {
+    let dir = TempDir::new("abort");
+    let file = dir.path().join("sleeper.pid");
+    let program = test_worker_program().env("SLEEPER_PID_FILE", &file);
+    let pool = PopenPool::builder(program).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+
+    let handle = pool.submit(SpawnSleeper { then_sleep_ms: 600_000 });
+    let sleeper = read_pid_file(&file).await; // the task is running now
+    assert!(pid_exists(worker));
+    handle.abort();
+    let got = tokio::time::timeout(SOON, handle).await.expect("an aborted task resolves");
+    assert_eq!(got, Err(PoolError::Cancelled));
+    assert!(wait_gone(worker, SOON).await, "worker {worker} of the aborted task still exists");
+    assert!(
+        eventually(SOON, || !alive(sleeper)).await,
+        "the aborted task's child {sleeper} survived"
+    );
+
+    let stats = pool.stats();
+    assert_eq!((stats.cancelled, stats.running, stats.completed), (1, 0, 1), "{stats:?}");
+    let next = pool.submit(Pid).await.unwrap();
+    assert_ne!(next, worker, "a new worker serves the next task");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn abort_of_a_queued_task_removes_it() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    let busy = pool.submit(Sleep(1500));
+    wait_running(&pool, 1).await;
+    // If this task ever ran, the worker would die with code 5.
+    let queued = pool.submit(ExitSelf(5));
+    assert_eq!(pool.stats().queued, 1);
+    queued.abort();
+    let stats = pool.stats();
+    assert_eq!((stats.queued, stats.cancelled), (0, 1), "{stats:?}");
+    assert_eq!(queued.await, Err(PoolError::Cancelled));
+    let stats = pool.stats();
+    assert_eq!((stats.running, stats.completed), (1, 1), "the busy task still runs: {stats:?}");
+
+    assert_eq!(busy.await, Ok(1500));
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "the same worker serves on: nothing killed it");
+    let stats = pool.stats();
+    assert_eq!((stats.crashes, stats.completed, stats.spawned), (0, 3, 1), "{stats:?}");
+    pool.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 6. Unknown tasks and frame limits fail one task; the worker serves on.
+
+#[tokio::test]
+async fn unknown_task_is_a_clear_error_and_the_worker_serves_on() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    match pool.submit(Unregistered).await {
+        Err(PoolError::UnknownTask { name, known }) => {
+            assert_eq!(name, "unregistered");
+            assert!(known.iter().any(|k| k == "identity"), "{known:?}");
+            assert!(!known.iter().any(|k| k == "unregistered"), "{known:?}");
+        }
+        other => panic!("expected UnknownTask, got {other:?}"),
+    }
+    let msg = pool.submit(Unregistered).await.unwrap_err().to_string();
+    assert!(msg.contains("unregistered") && msg.contains("identity"), "{msg}");
+    assert_eq!(pool.submit(Identity(Val::Int(7))).await, Ok(Val::Int(7)));
+    assert_eq!(pool.submit(Pid).await, Ok(worker));
+    assert_eq!(pool.stats().spawned, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_fail_the_task_and_the_worker_serves_on() {
+    let max = 1 << 20;
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(1)
+        .max_frame_bytes(max)
+        .build()
+        .unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+
+    match pool.submit(Checksum(vec![1; 2 << 20])).await {
+        Err(PoolError::FrameTooLarge { len, max: m }) => {
+            assert_eq!(m, max);
+            assert!(len >= 2 << 20, "{len}");
+        }
+        other => panic!("an oversized input: expected FrameTooLarge, got {other:?}"),
+    }
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "the worker serves on after a large input");
+
+    match pool.submit(MakeBytes(2 << 20)).await {
+        Err(PoolError::FrameTooLarge { len, max: m }) => {
+            assert_eq!(m, max);
+            assert!(len >= 2 << 20, "{len}");
+        }
+        other => panic!("an oversized output: expected FrameTooLarge, got {other:?}"),
+    }
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "the worker serves on after a large output");
+
+    // Just under the limit still fits both ways.
+    let data: Vec<u8> = (0..(max - 1024)).map(|i| (i % 7) as u8).collect();
+    let sum = data.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(pool.submit(Checksum(data)).await, Ok((max - 1024, sum)));
+    let out = pool.submit(MakeBytes(max - 1024)).await.unwrap();
+    assert_eq!(out.len(), max - 1024);
+    assert_eq!(pool.stats().spawned, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn payloads_of_64_mib_round_trip_with_the_default_limit() {
+    let len = 64 << 20;
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(1)
+        .timeout(Some(Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(pool.submit(Checksum(data.clone())).await, Ok((len, sum)));
+    let out = pool.submit(MakeBytes(len)).await.unwrap();
+    assert!(out.as_slice() == data.as_slice(), "64 MiB output differs");
+    assert_eq!(pool.stats().spawned, 1);
+    pool.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. A missing worker program fails each task with `Spawn`, without hanging.
+
+#[tokio::test]
+async fn missing_worker_program_fails_every_task_with_spawn() {
+    let path = "/nonexistent/popen-pool-no-such-worker";
+    let pool = PopenPool::builder(WorkerProgram::binary(path)).max_workers(2).build().unwrap();
+    let handles: Vec<_> = (0..6).map(|i| pool.submit(Int(i))).collect();
+    let results = tokio::time::timeout(SOON, futures::future::join_all(handles))
+        .await
+        .expect("tasks on a missing program resolve promptly");
+    for r in results {
+        match r {
+            Err(PoolError::Spawn { message }) => assert!(message.contains(path), "{message}"),
+            other => panic!("expected Spawn, got {other:?}"),
+        }
+    }
+    assert_eq!(pool.stats().spawned, 0);
+    tokio::time::timeout(SOON, pool.shutdown()).await.expect("shutdown does not hang");
+    assert!(child_pids().is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Regressions: two library bugs these tests found (both fixed).
+
+/// `ProcessLauncher::launch` gives the spawner thread a `Command` whose
+/// pre_exec `dup2`s the *raw fd number* of the socketpair's child end onto
+/// fd 3, while the end itself stays owned by the launch future. When that
+/// future is dropped before the spawner thread forks (a starting worker
+/// aborted by `kill`, `shutdown` or `Drop` through `WorkerCore::stop_spare`),
+/// the fd is closed and its number reused, e.g. by the CLOEXEC error pipe
+/// std's `Command::spawn` creates next. The new worker then writes its
+/// handshake into that pipe, std panics on the spawner thread ("Validation on
+/// the CLOEXEC pipe failed"), and the thread dies: every later spawn in the
+/// process fails with `Spawn("the popen-pool spawner thread is gone")`, the
+/// forked child is never reaped, and PR_SET_PDEATHSIG (tied to that thread)
+/// SIGKILLs every live worker of every pool.
+///
+/// Fixed: the command owns the child's end until after the fork, the spawner
+/// skips requests whose caller is gone, and it survives a panicking spawn.
+#[tokio::test]
+async fn cancelled_worker_starts_never_break_the_spawner_thread() {
+    let bystander = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let bystander_pid = bystander.submit(Pid).await.unwrap();
+    for round in 0..400 {
+        // Kill a pool whose workers are all still starting: their launches
+        // are cancelled, some while queued on the spawner thread.
+        let doomed = PopenPool::builder(test_worker_program()).max_workers(6).build().unwrap();
+        tokio::task::yield_now().await;
+        doomed.kill().await;
+        drop(doomed);
+
+        let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+        let got = pool.submit(Int(round)).await;
+        pool.shutdown().await;
+        if got != Ok(round) {
+            let bystander_now = bystander.submit(Pid).await;
+            panic!(
+                "round {round}: a fresh pool cannot run a task: {got:?}; the bystander worker \
+                 {bystander_pid} now gives {bystander_now:?}; children {:?}",
+                child_pids()
+            );
+        }
+    }
+    assert_eq!(bystander.submit(Pid).await, Ok(bystander_pid));
+    bystander.shutdown().await;
+    assert!(
+        eventually(SOON, || child_pids().is_empty()).await,
+        "children left: {:?}",
+        child_pids()
+    );
+}
+
+/// `kill` documents "every worker is reaped before this returns" and
+/// `shutdown` that it "reaps" the workers, but a worker that is still starting
+/// (here the warm spare replacing a crashed worker) is only aborted by
+/// `WorkerCore::stop_spare`: dropping its `ProcessChild` sends SIGKILL and
+/// leaves the reaping to tokio in the background. Right after `kill().await`
+/// or `shutdown().await` the process still exists (running or a zombie).
+///
+/// Fixed: a starting worker is stopped through a token, and kills and reaps
+/// its own process before `stop_spare` returns.
+#[tokio::test]
+async fn stop_reaps_a_worker_that_is_still_starting() {
+    let mut late = Vec::new();
+    for round in 0..30 {
+        let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+        assert!(matches!(pool.submit(ExitSelf(1)).await, Err(PoolError::WorkerDied { .. })));
+        // The spare replacing the crashed worker has a pid before it has
+        // finished its handshake; catch it in between.
+        let mut spare = Vec::new();
+        let deadline = Instant::now() + SOON;
+        while spare.is_empty() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            spare = pool.worker_pids();
+        }
+        assert_eq!(spare.len(), 1, "round {round}: no spare appeared");
+        let kill = round % 2 == 0;
+        if kill {
+            pool.kill().await;
+        } else {
+            pool.shutdown().await;
+        }
+        let pid = spare[0];
+        if pid_exists(pid) {
+            let how = if kill { "kill" } else { "shutdown" };
+            late.push(format!(
+                "round {round}: {pid} after {how}: state {:?}",
+                proc_stat(pid).map(|s| s.0)
+            ));
+        }
+    }
+    let reaped_later = eventually(SOON, || child_pids().is_empty()).await;
+    assert!(
+        late.is_empty(),
+        "{} of 30 starting spares outlived kill/shutdown (all reaped within {SOON:?} later: \
+         {reaped_later}): {late:#?}",
+        late.len()
+    );
+}
