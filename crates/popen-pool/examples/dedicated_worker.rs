@@ -16,7 +16,9 @@ impl Task for Square {
     const NAME: &'static str = "square";
     type Output = u64;
     fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
-        self.0.checked_mul(self.0).ok_or_else(|| TaskFailure::new("overflow", "square overflows u64"))
+        self.0
+            .checked_mul(self.0)
+            .ok_or_else(|| TaskFailure::new("overflow", "square overflows u64"))
     }
 }
 

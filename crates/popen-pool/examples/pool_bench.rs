@@ -123,7 +123,8 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
 
     let m = if quick { 50 } else { 200 };
-    let pool = PopenPool::builder(program()).max_workers(2).maximum_process_uses(Some(1)).build()?;
+    let pool =
+        PopenPool::builder(program()).max_workers(2).maximum_process_uses(Some(1)).build()?;
     throughput(&pool, 10, false).await;
     let mut recycle = Vec::new();
     for _ in 0..reps {

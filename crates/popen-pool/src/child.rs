@@ -135,16 +135,11 @@ impl Launcher for ProcessLauncher {
         let child = spawner::spawn(cmd).await.map_err(|e| fail("cannot start", e))?;
         let pid = child.id().ok_or_else(|| PoolError::spawn("worker exited during spawn"))?;
         self.live.add(pid);
-        let mut proc = ProcessChild {
-            child,
-            pid,
-            io: None,
-            reaped: None,
-            live: Arc::clone(&self.live),
-        };
+        let mut proc =
+            ProcessChild { child, pid, io: None, reaped: None, live: Arc::clone(&self.live) };
         parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
-        let stream =
-            tokio::net::UnixStream::from_std(parent_end).map_err(|e| fail("cannot register channel", e))?;
+        let stream = tokio::net::UnixStream::from_std(parent_end)
+            .map_err(|e| fail("cannot register channel", e))?;
         proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
         forward_lines(proc.child.stdout.take(), pid, false);
         forward_lines(proc.child.stderr.take(), pid, true);

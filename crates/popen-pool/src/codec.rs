@@ -81,7 +81,11 @@ impl<T: Serialize> Encoder<&T> for FrameCodec {
 }
 
 /// Reads one frame into `buf` (blocking). `Ok(false)` on a clean EOF before a frame.
-pub(crate) fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> Result<bool, CodecError> {
+pub(crate) fn read_frame(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<bool, CodecError> {
     let mut header = [0u8; HEADER];
     let mut got = 0;
     while got < HEADER {
@@ -181,7 +185,12 @@ mod tests {
         let err = read_frame(&mut &[0u8, 0, 1, 0][..], &mut frame, 16);
         assert!(matches!(err, Err(CodecError::TooLarge { len: 256, max: 16 })));
         let mut scratch = Vec::new();
-        let err = write_frame(&mut Vec::new(), &FromWorker::Done { id: 1, outcome: Outcome::Ok(&big) }, &mut scratch, 16);
+        let err = write_frame(
+            &mut Vec::new(),
+            &FromWorker::Done { id: 1, outcome: Outcome::Ok(&big) },
+            &mut scratch,
+            16,
+        );
         assert!(matches!(err, Err(CodecError::TooLarge { .. })));
     }
 

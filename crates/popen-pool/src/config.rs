@@ -145,7 +145,10 @@ impl WorkerOptions {
         }
         if self.max_frame_bytes < 64 || self.max_frame_bytes > u32::MAX as usize {
             return Err(PoolError::Config {
-                message: format!("max_frame_bytes must be in 64..=4 GiB, got {}", self.max_frame_bytes),
+                message: format!(
+                    "max_frame_bytes must be in 64..=4 GiB, got {}",
+                    self.max_frame_bytes
+                ),
             });
         }
         Ok(())
@@ -235,4 +238,3 @@ macro_rules! worker_option_setters {
     };
 }
 pub(crate) use worker_option_setters;
-

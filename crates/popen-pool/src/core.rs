@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::child::{Child, Launcher};
 use crate::config::WorkerOptions;
-use crate::error::{ExitInfo, PoolError};
+use crate::error::PoolError;
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
 use crate::task::ErasedTask;
 
@@ -103,7 +103,7 @@ pub(crate) struct WorkerCore<L: Launcher> {
     shared: Arc<CoreShared<L>>,
     live: Option<Live<L::Child>>,
     spare: Option<Spare<L::Child>>,
-    retiring: Option<JoinHandle<ExitInfo>>,
+    retiring: Option<Retiring>,
     next_id: u64,
 }
 
@@ -112,6 +112,14 @@ pub(crate) struct WorkerCore<L: Launcher> {
 struct Spare<C> {
     handle: JoinHandle<Result<Live<C>, PoolError>>,
     stop: CancellationToken,
+}
+
+/// A recycled worker exiting gracefully in the background.
+#[derive(Debug)]
+struct Retiring {
+    handle: JoinHandle<()>,
+    /// Cancelled by `kill`: stop waiting for the graceful exit, kill now.
+    now: CancellationToken,
 }
 
 enum Event<T> {
@@ -161,7 +169,14 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
         }
         Err(e) => {
             child.kill().await;
-            return Exchange::lost(e);
+            let message = match e {
+                PoolError::FrameTooLarge { len, max } => {
+                    format!("worker sent a frame of {len} bytes, over the maximum of {max}")
+                }
+                PoolError::Protocol { message } => message,
+                other => other.to_string(),
+            };
+            return Exchange::lost(PoolError::protocol(message));
         }
     };
     let outcome = match postcard::from_bytes::<FromWorker<'_>>(&frame) {
@@ -180,7 +195,9 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
         Outcome::Ok(out) => Ok(frame.slice_ref(out)),
         Outcome::Failed { kind, message } => Err(PoolError::Task { kind, message }),
         Outcome::Panicked { message } => Err(PoolError::Task { kind: "panic".into(), message }),
-        Outcome::UnknownTask { name } => Err(PoolError::UnknownTask { name, known: known.to_vec() }),
+        Outcome::UnknownTask { name } => {
+            Err(PoolError::UnknownTask { name, known: known.to_vec() })
+        }
         Outcome::TooLarge { len, max } => {
             Err(PoolError::FrameTooLarge { len: len as usize, max: max as usize })
         }
@@ -200,6 +217,9 @@ async fn exchange<C: Child>(
     if !tasks.iter().any(|t| t == task.name) {
         let err = PoolError::UnknownTask { name: task.name.to_owned(), known: tasks.to_vec() };
         return Exchange::kept(Err(err), false);
+    }
+    if cancel.is_some_and(CancellationToken::is_cancelled) {
+        return Exchange::kept(Err(PoolError::Cancelled), false);
     }
     let msg = ToWorker::Run { id, name: task.name, payload: &task.payload };
     match child.send(&msg).await {
@@ -255,7 +275,10 @@ async fn handshake<C: Child>(child: &mut C) -> Result<Arc<[String]>, PoolError> 
 }
 
 /// Handshake, then the initializer (if any), within the start timeout.
-async fn prepare<C: Child>(child: &mut C, opts: &WorkerOptions) -> Result<Arc<[String]>, PoolError> {
+async fn prepare<C: Child>(
+    child: &mut C,
+    opts: &WorkerOptions,
+) -> Result<Arc<[String]>, PoolError> {
     let tasks = handshake(child).await?;
     if let Some(Ok(init)) = &opts.initializer {
         let ex = exchange(child, &tasks, 0, init, None, None).await;
@@ -323,10 +346,18 @@ impl<L: Launcher> WorkerCore<L> {
         }
     }
 
-    async fn join_retiring(&mut self) {
-        if let Some(h) = self.retiring.take() {
-            let _ = h.await;
+    /// Waits for a recycled worker to be gone (the handle stays tracked until
+    /// it is, even if this future is dropped). `Err` if `cancel` fired first.
+    async fn join_retiring(&mut self, cancel: Option<&CancellationToken>) -> Result<(), PoolError> {
+        if let Some(retiring) = self.retiring.as_mut() {
+            tokio::select! {
+                biased;
+                () = wait_cancelled(cancel) => return Err(PoolError::Cancelled),
+                _ = &mut retiring.handle => {}
+            }
+            self.retiring = None;
         }
+        Ok(())
     }
 
     async fn take_live(
@@ -339,8 +370,9 @@ impl<L: Launcher> WorkerCore<L> {
         self.start_spare();
         let spare = self.spare.as_mut().expect("spare was just started");
         let event = tokio::select! {
-            r = &mut spare.handle => Event::Done(r),
+            biased;
             () = wait_cancelled(cancel) => Event::Cancelled,
+            r = &mut spare.handle => Event::Done(r),
         };
         match event {
             Event::Done(r) => {
@@ -379,8 +411,11 @@ impl<L: Launcher> WorkerCore<L> {
                 max: opts.max_frame_bytes,
             });
         }
-        self.join_retiring().await;
-        let mut live = match self.take_live(cancel).await {
+        let ready = match self.join_retiring(cancel).await {
+            Ok(()) => self.take_live(cancel).await,
+            Err(e) => Err(e),
+        };
+        let mut live = match ready {
             Ok(live) => live,
             Err(e) => {
                 if matches!(e, PoolError::Cancelled) {
@@ -400,7 +435,7 @@ impl<L: Launcher> WorkerCore<L> {
             Ok(_) => bump(&counters.completed),
             Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
             Err(PoolError::Cancelled) => bump(&counters.cancelled),
-            Err(PoolError::WorkerDied { .. } | PoolError::Protocol { .. }) => bump(&counters.crashes),
+            Err(_) if ex.lost => bump(&counters.crashes),
             Err(_) => bump(&counters.failed),
         }
         if ex.lost {
@@ -419,7 +454,19 @@ impl<L: Launcher> WorkerCore<L> {
         if over_uses || over_rss {
             bump(&counters.recycled);
             let grace = opts.kill_grace;
-            self.retiring = Some(tokio::spawn(async move { live.child.shutdown(grace).await }));
+            let now = CancellationToken::new();
+            let stop = now.clone();
+            let handle = tokio::spawn(async move {
+                let graceful = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => false,
+                    _ = live.child.shutdown(grace) => true,
+                };
+                if !graceful {
+                    live.child.kill().await;
+                }
+            });
+            self.retiring = Some(Retiring { handle, now });
             if opts.warm_spare {
                 self.start_spare();
             }
@@ -445,7 +492,10 @@ impl<L: Launcher> WorkerCore<L> {
             live.child.kill().await;
         }
         self.stop_spare().await;
-        self.join_retiring().await;
+        if let Some(retiring) = &self.retiring {
+            retiring.now.cancel();
+        }
+        let _ = self.join_retiring(None).await;
     }
 
     /// Asks the worker to exit, waits up to the grace period, then kills.
@@ -454,7 +504,7 @@ impl<L: Launcher> WorkerCore<L> {
             live.child.shutdown(self.shared.opts.kill_grace).await;
         }
         self.stop_spare().await;
-        self.join_retiring().await;
+        let _ = self.join_retiring(None).await;
     }
 }
 
@@ -469,3 +519,6 @@ impl<L: Launcher> Drop for WorkerCore<L> {
     }
 }
 
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

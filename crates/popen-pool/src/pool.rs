@@ -333,7 +333,8 @@ async fn drive(
             continue;
         }
         shared.counters.running.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::debug_span!("popen_pool.task", task = job.task.name(), id = job.id, slot);
+        let span =
+            tracing::debug_span!("popen_pool.task", task = job.task.name(), id = job.id, slot);
         let mut result = core.run(&job.task, job.limit, Some(&job.cancel)).instrument(span).await;
         shared.counters.running.fetch_sub(1, Ordering::Relaxed);
         if matches!(result, Err(PoolError::Cancelled)) && shared.kill.is_cancelled() {
@@ -375,7 +376,9 @@ impl PopenPool {
         limit: Option<Duration>,
     ) -> TaskHandle<T::Output> {
         match ErasedTask::new(&task) {
-            Ok(erased) => self.enqueue(erased, limit).unwrap_or_else(|(e, _)| TaskHandle::failed(e)),
+            Ok(erased) => {
+                self.enqueue(erased, limit).unwrap_or_else(|(e, _)| TaskHandle::failed(e))
+            }
             Err(e) => TaskHandle::failed(e),
         }
     }

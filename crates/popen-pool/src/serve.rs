@@ -70,10 +70,8 @@ pub fn serve(registry: Registry) -> ! {
 }
 
 fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
-    let max = std::env::var(ENV_MAX_FRAME)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_MAX_FRAME);
+    let max =
+        std::env::var(ENV_MAX_FRAME).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_FRAME);
     // Tasks may spawn programs of their own: they must not inherit the channel.
     unix::set_cloexec(CHANNEL_FD)?;
     // SAFETY: the parent placed our end of the socketpair at CHANNEL_FD, and
@@ -113,9 +111,8 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
         if !read_frame(&mut reader, &mut frame, max)? {
             return Ok(()); // parent closed the channel
         }
-        let msg: ToWorker<'_> = postcard::from_bytes(&frame).map_err(|e| {
-            CodecError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
+        let msg: ToWorker<'_> = postcard::from_bytes(&frame)
+            .map_err(|e| CodecError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let (id, name, payload) = match msg {
             ToWorker::Exit => return Ok(()),
             ToWorker::Run { id, name, payload } => (id, name, payload),

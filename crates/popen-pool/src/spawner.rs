@@ -35,8 +35,9 @@ fn spawner() -> io::Result<&'static mpsc::Sender<Request>> {
             let _guard = req.handle.enter();
             // This thread must outlive every worker (PDEATHSIG): never let a
             // panic in a spawn take it down.
-            let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| req.cmd.spawn()))
-                .unwrap_or_else(|_| Err(io::Error::other("spawning the worker panicked")));
+            let spawned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| req.cmd.spawn()))
+                    .unwrap_or_else(|_| Err(io::Error::other("spawning the worker panicked")));
             let _ = req.reply.send(spawned);
         }
     })?;

@@ -14,7 +14,11 @@ pub(crate) const CHANNEL_FD: RawFd = 3;
 /// `cmd` takes ownership of the child's end of the channel: it stays open
 /// exactly as long as the command (through the fork), so its fd number cannot
 /// be reused by something else before the child has duplicated it.
-pub(crate) fn prepare_command(cmd: &mut tokio::process::Command, child_end: OwnedFd, parent_pid: i32) {
+pub(crate) fn prepare_command(
+    cmd: &mut tokio::process::Command,
+    child_end: OwnedFd,
+    parent_pid: i32,
+) {
     cmd.process_group(0);
     let child_fd = child_end.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only calls
@@ -36,7 +40,8 @@ pub(crate) fn prepare_command(cmd: &mut tokio::process::Command, child_end: Owne
             let _ = parent_pid;
             if child_fd == CHANNEL_FD {
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                if flags < 0
+                    || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
                 {
                     return Err(io::Error::last_os_error());
                 }

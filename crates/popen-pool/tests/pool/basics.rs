@@ -14,7 +14,8 @@ const SIGSEGV: i32 = 11;
 #[tokio::test]
 async fn worker_timeout_then_crash_then_normal_tasks() {
     let mut w = PopenWorker::builder(test_worker_program()).build().unwrap();
-    let err = w.run_with_timeout(Sleep(100_000), Some(Duration::from_millis(10))).await.unwrap_err();
+    let err =
+        w.run_with_timeout(Sleep(100_000), Some(Duration::from_millis(10))).await.unwrap_err();
     assert_eq!(err, PoolError::Timeout { limit: Duration::from_millis(10) });
     let err = w.run(ExitSelf(3)).await.unwrap_err();
     assert_eq!(err, PoolError::WorkerDied { exit: ExitInfo::Code(3) });
@@ -41,10 +42,8 @@ async fn worker_keeps_its_pid_without_a_use_limit() {
 
 #[tokio::test]
 async fn worker_recycles_after_maximum_process_uses() {
-    let mut w = PopenWorker::builder(test_worker_program())
-        .maximum_process_uses(Some(2))
-        .build()
-        .unwrap();
+    let mut w =
+        PopenWorker::builder(test_worker_program()).maximum_process_uses(Some(2)).build().unwrap();
     let a = w.run(Pid).await.unwrap();
     assert_eq!(w.run(Pid).await.unwrap(), a);
     let b = w.run(Pid).await.unwrap();
@@ -242,10 +241,8 @@ async fn shutdown_finishes_queued_work_and_kill_does_not() {
 
 #[tokio::test]
 async fn rss_growth_recycles_the_worker() {
-    let mut w = PopenWorker::builder(test_worker_program())
-        .max_rss_bytes(Some(200 << 20))
-        .build()
-        .unwrap();
+    let mut w =
+        PopenWorker::builder(test_worker_program()).max_rss_bytes(Some(200 << 20)).build().unwrap();
     let a = w.run(Hog(8)).await.unwrap();
     assert_eq!(w.run(Pid).await.unwrap(), a, "small growth keeps the worker");
     let b = w.run(Hog(300)).await.unwrap();
@@ -337,7 +334,10 @@ async fn dedicated_worker_binary_serves_its_tasks() {
     assert_eq!(pool.submit(WhoAmI).await.unwrap(), "dedicated_worker");
     assert_eq!(pool.submit(Square(12)).await, Ok(144));
     let err = pool.submit(Square(u64::MAX)).await.unwrap_err();
-    assert_eq!(err, PoolError::Task { kind: "overflow".into(), message: "square overflows u64".into() });
+    assert_eq!(
+        err,
+        PoolError::Task { kind: "overflow".into(), message: "square overflows u64".into() }
+    );
     // The dedicated worker does not serve this test binary's task types.
     match pool.submit(Int(1)).await.unwrap_err() {
         PoolError::UnknownTask { name, known } => {
