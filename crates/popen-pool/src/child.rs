@@ -129,6 +129,9 @@ impl Launcher for ProcessLauncher {
             .stdout(stdio(self.opts.stdout))
             .stderr(stdio(self.opts.stderr))
             .kill_on_drop(true);
+        if let Some(dir) = &self.program.current_dir {
+            cmd.current_dir(dir);
+        }
         unix::prepare_command(&mut cmd, child_end.into(), std::process::id() as i32);
         // The spawner drops `cmd`, closing our copy of the child's end, right
         // after the fork: from then on EOF on our end means the worker is gone.

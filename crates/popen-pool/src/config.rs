@@ -23,6 +23,7 @@ pub struct WorkerProgram {
     pub(crate) path: PathBuf,
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) current_dir: Option<PathBuf>,
 }
 
 impl WorkerProgram {
@@ -39,7 +40,7 @@ impl WorkerProgram {
 
     /// A dedicated worker binary at `path`.
     pub fn binary(path: impl Into<PathBuf>) -> Self {
-        WorkerProgram { path: path.into(), args: Vec::new(), env: Vec::new() }
+        WorkerProgram { path: path.into(), args: Vec::new(), env: Vec::new(), current_dir: None }
     }
 
     /// The current test binary, re-run so that only the test function
@@ -80,6 +81,13 @@ impl WorkerProgram {
     #[must_use]
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets the worker's working directory (default: the parent's).
+    #[must_use]
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.current_dir = Some(dir.into());
         self
     }
 

@@ -214,14 +214,14 @@ async fn exchange<C: Child>(
     limit: Option<Duration>,
     cancel: Option<&CancellationToken>,
 ) -> Exchange {
-    if !tasks.iter().any(|t| t == task.name) {
-        let err = PoolError::UnknownTask { name: task.name.to_owned(), known: tasks.to_vec() };
+    if !tasks.iter().any(|t| *t == task.name) {
+        let err = PoolError::UnknownTask { name: task.name.to_string(), known: tasks.to_vec() };
         return Exchange::kept(Err(err), false);
     }
     if cancel.is_some_and(CancellationToken::is_cancelled) {
         return Exchange::kept(Err(PoolError::Cancelled), false);
     }
-    let msg = ToWorker::Run { id, name: task.name, payload: &task.payload };
+    let msg = ToWorker::Run { id, name: &task.name, payload: &task.payload };
     match child.send(&msg).await {
         Ok(()) => {}
         // Refused by the encoder before anything was written: the worker is fine.

@@ -2,6 +2,7 @@
 //! program serves.
 
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -184,9 +185,13 @@ fn handle<T: Task>(payload: &[u8], ctx: &mut WorkerContext) -> Result<Vec<u8>, T
 }
 
 /// A task already serialized, with its name: what travels to the worker.
+///
+/// Built from a typed task with [`ErasedTask::new`], or from a name and
+/// postcard bytes received from elsewhere with [`ErasedTask::from_raw`] (a
+/// relay such as an RPC server that forwards calls it cannot type).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ErasedTask {
-    pub(crate) name: &'static str,
+    pub(crate) name: Cow<'static, str>,
     pub(crate) payload: bytes::Bytes,
 }
 
@@ -207,11 +212,21 @@ impl ErasedTask {
     /// [`PoolError::Codec`](crate::PoolError::Codec) if the value cannot be serialized.
     pub fn new<T: Task>(task: &T) -> Result<Self, crate::PoolError> {
         let payload = postcard::to_stdvec(task).map_err(crate::PoolError::codec)?;
-        Ok(ErasedTask { name: T::NAME, payload: payload.into() })
+        Ok(ErasedTask { name: Cow::Borrowed(T::NAME), payload: payload.into() })
+    }
+
+    /// A task named `name` whose postcard-encoded value is `payload`.
+    pub fn from_raw(name: impl Into<Cow<'static, str>>, payload: impl Into<bytes::Bytes>) -> Self {
+        ErasedTask { name: name.into(), payload: payload.into() }
     }
 
     /// The task's registered name.
-    pub fn name(&self) -> &'static str {
-        self.name
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The postcard-encoded task value.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
 }

@@ -114,6 +114,20 @@ impl PopenWorker {
         postcard::from_bytes(&bytes).map_err(PoolError::codec)
     }
 
+    /// Runs an already-serialized task and returns its postcard-encoded output
+    /// (for relays that forward tasks they cannot type).
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](PopenWorker::run).
+    pub async fn run_erased(
+        &mut self,
+        task: &ErasedTask,
+        limit: Option<Duration>,
+    ) -> Result<bytes::Bytes, PoolError> {
+        self.core.run(task, limit, None).await
+    }
+
     /// The pid of the current worker process, if one is running.
     pub fn pid(&self) -> Option<u32> {
         self.core.pid()

@@ -369,3 +369,26 @@ async fn a_program_that_is_not_a_worker_fails_to_spawn_clearly() {
     }
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn working_directory_and_erased_tasks() {
+    let dir = std::env::temp_dir().canonicalize().unwrap();
+    let program = test_worker_program().current_dir(&dir);
+    let mut w = PopenWorker::builder(program).build().unwrap();
+    assert_eq!(w.run(Cwd).await.unwrap(), dir.display().to_string());
+    // A relay forwards a task by name and bytes, and gets bytes back.
+    let erased = popen_pool::ErasedTask::from_raw(String::from("int"), postcard_bytes(&Int(41)));
+    let out = w.run_erased(&erased, None).await.unwrap();
+    assert_eq!(postcard_decode::<i64>(&out), 41);
+    let unknown = popen_pool::ErasedTask::from_raw("nope", Vec::new());
+    assert!(matches!(w.run_erased(&unknown, None).await, Err(PoolError::UnknownTask { .. })));
+    w.shutdown().await;
+}
+
+fn postcard_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).unwrap()
+}
+
+fn postcard_decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> T {
+    postcard::from_bytes(b).unwrap()
+}

@@ -41,6 +41,11 @@ task!(Hog, "hog", u32, |self, _ctx| {
     Ok(std::process::id())
 });
 
+/// The worker's working directory.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Cwd;
+task!(Cwd, "cwd", String, |self, _ctx| Ok(std::env::current_dir()?.display().to_string()));
+
 /// Returns its integer.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
 pub(crate) struct Int(pub(crate) i64);
@@ -168,6 +173,7 @@ pub(crate) fn registry() -> Registry {
         .register::<Identity>()
         .register::<Int>()
         .register::<Hog>()
+        .register::<Cwd>()
         .register::<Sleep>()
         .register::<ExitSelf>()
         .register::<Abort>()
