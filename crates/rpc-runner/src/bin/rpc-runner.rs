@@ -1,0 +1,170 @@
+//! `rpc-runner`: the command-line tracker, device server and query tool, the
+//! counterparts of TVM's `rpc_tracker`, `rpc_server` and `query_rpc_tracker`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use popen_pool::WorkerProgram;
+use rpc_runner::tracker::{Tracker, TrackerClient, TrackerConfig};
+use rpc_runner::{DeviceServer, ServerConfig};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rpc-runner",
+    version,
+    about = "TVM-compatible RPC tracker, device server and query tool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a tracker (TVM's `python -m tvm.exec.rpc_tracker`).
+    Tracker {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// First port to try.
+        #[arg(long, default_value_t = 9190)]
+        port: u16,
+        /// Ports up to (excluding) this one are tried in turn.
+        #[arg(long, default_value_t = 9199)]
+        port_end: u16,
+    },
+    /// Run a device server (TVM's `python -m tvm.exec.rpc_server`).
+    Server {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// First port to try.
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+        /// Ports up to (excluding) this one are tried in turn.
+        #[arg(long, default_value_t = 9199)]
+        port_end: u16,
+        /// Tracker to register with, as HOST:PORT.
+        #[arg(long, env = "TVM_TRACKER_ADDR")]
+        tracker: Option<String>,
+        /// Device key clients request (e.g. "cpu").
+        #[arg(long, default_value = "")]
+        key: String,
+        /// Address the tracker should hand out for this server.
+        #[arg(long)]
+        custom_addr: Option<String>,
+        /// Shared token clients must present (recommended on any shared network).
+        #[arg(long, env = "RPC_RUNNER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Upper bound of every session, in seconds.
+        #[arg(long)]
+        session_timeout: Option<f64>,
+        /// Largest upload accepted, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        max_upload_mib: u64,
+    },
+    /// Print a tracker's summary (TVM's `python -m tvm.exec.query_rpc_tracker`).
+    Query {
+        /// Tracker host.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Tracker port.
+        #[arg(long, default_value_t = 9190)]
+        port: u16,
+    },
+}
+
+async fn bind_range(host: &str, port: u16, port_end: u16) -> Result<TcpListener> {
+    let end = port_end.max(port.saturating_add(1));
+    let mut last = None;
+    for p in port..end {
+        match TcpListener::bind((host, p)).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => Err(e).with_context(|| format!("cannot bind {host} on ports {port}..{end}")),
+        None => bail!("empty port range {port}..{end}"),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn local(listener: &TcpListener) -> Result<SocketAddr> {
+    listener.local_addr().context("listener address")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // Session workers are this binary, re-executed.
+    popen_pool::serve_if_worker(rpc_runner::worker::registry());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Tracker { host, port, port_end } => {
+            let listener = bind_range(&host, port, port_end).await?;
+            let config = TrackerConfig::default();
+            println!("tracker listening on {}", local(&listener)?);
+            Tracker::run(listener, config, shutdown_signal()).await.context("tracker failed")?;
+        }
+        Command::Server {
+            host,
+            port,
+            port_end,
+            tracker,
+            key,
+            custom_addr,
+            token,
+            session_timeout,
+            max_upload_mib,
+        } => {
+            let listener = bind_range(&host, port, port_end).await?;
+            let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?);
+            config.tracker = tracker;
+            config.custom_addr = custom_addr;
+            config.token = token;
+            config.session_timeout =
+                session_timeout.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64);
+            config.max_upload_bytes = max_upload_mib.saturating_mul(1 << 20);
+            println!("server listening on {}", local(&listener)?);
+            DeviceServer::run(listener, config, shutdown_signal())
+                .await
+                .context("server failed")?;
+        }
+        Command::Query { host, port } => {
+            let addr = format!("{host}:{port}");
+            let mut client = TrackerClient::connect(&addr)
+                .await
+                .with_context(|| format!("cannot query the tracker at {addr}"))?;
+            print!("{}", client.text_summary().await?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! rpc-runner: a TVM-wire-compatible RPC tracker, device servers, sessions
+//! with an explicit lifecycle, and (later) the measurement pipeline.
+//!
+//! - The **tracker** ([`tracker`]) speaks Apache TVM's tracker protocol, so
+//!   TVM's tools and servers work with it, and ours with TVM's tracker.
+//! - A **device server** ([`DeviceServer`]) registers with a tracker, accepts
+//!   one [`Session`] at a time (TVM's handshake, then our framed protocol),
+//!   gives each session its own temp dir and runs its risky work in a
+//!   `popen_pool::PopenWorker` owned by the session: a crashing kernel fails
+//!   the request, never the server.
+//! - A **session** has an explicit lifecycle: [`Session::close`] returns a
+//!   `Result` and is idempotent; dropping a session closes its socket at once
+//!   and the server frees the device immediately.
+//!
+//! The `rpc-runner` binary wraps all of it: `rpc-runner tracker | server | query`.
+//!
+//! # Layout
+//!
+//! - `tracker/`: the control plane, wire-compatible with Apache TVM's tracker:
+//!   `[i32 LE len][JSON]` frames (`codec.rs`), the tracker server
+//!   (`server.rs`) and its clients (`client.rs`).
+//! - `session/`: the handshake (`handshake.rs`), the data-plane messages
+//!   (`proto.rs`), the client [`Session`] (`client.rs`), errors (`error.rs`)
+//!   and leasing through the tracker (`lease.rs`).
+//! - `server/`: the device server (`mod.rs`), its tracker registration
+//!   (`registration.rs`), one session's loop (`session.rs`) and remote-path
+//!   confinement (`paths.rs`).
+//! - `worker.rs`: the task types every session worker serves.
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+
+pub mod server;
+pub mod session;
+pub mod tracker;
+pub mod worker;
+
+pub use server::{DeviceServer, ServerConfig, ServerHandle, ServerStatus};
+pub use session::{ConnectOptions, DirEntry, RequestOptions, Session, SessionError};
+pub use tracker::TrackerClient;

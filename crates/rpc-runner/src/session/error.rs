@@ -1,0 +1,176 @@
+//! Errors of sessions, as a client sees them.
+
+use std::time::Duration;
+
+use popen_pool::{ExitInfo, PoolError};
+
+use super::proto::WireError;
+use crate::tracker::TrackerError;
+
+/// Everything that can go wrong with a session, from the client's side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The TCP connection to the server could not be made.
+    #[error("cannot connect to device server {addr}")]
+    Connect {
+        /// The server's address.
+        addr: String,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step did not finish in time.
+    #[error("timed out after {limit:?} while {what}")]
+    Timeout {
+        /// What was being waited for.
+        what: &'static str,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The server did not accept the match key (it is not the server's
+    /// current key: leased to someone else, or stale).
+    #[error("the device server refused the match key {matchkey:?} (mismatch)")]
+    KeyMismatch {
+        /// The key that was refused.
+        matchkey: String,
+    },
+    /// The server is serving another session.
+    #[error("the device server is busy with another session")]
+    Busy,
+    /// The server requires a token and the one given (or none) is wrong.
+    #[error("the device server refused the session token")]
+    Unauthorized,
+    /// The handshake failed otherwise (not an RPC server, bad answer).
+    #[error("handshake with the device server failed: {message}")]
+    Handshake {
+        /// What went wrong.
+        message: String,
+    },
+    /// A remote path was rejected: absolute, containing `..`, or empty.
+    #[error("remote path {path:?} rejected: {reason}")]
+    BadPath {
+        /// The path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A remote file or directory does not exist.
+    #[error("remote path {path:?} not found")]
+    NotFound {
+        /// The path.
+        path: String,
+    },
+    /// A filesystem operation failed on the server.
+    #[error("remote i/o error: {message}")]
+    RemoteIo {
+        /// The server's message.
+        message: String,
+    },
+    /// A local file could not be read or written.
+    #[error("local i/o error on {path}")]
+    LocalIo {
+        /// The local path.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An upload exceeds the server's size limit.
+    #[error("upload of {len} bytes exceeds the server's limit of {limit} bytes")]
+    UploadTooLarge {
+        /// The upload's size.
+        len: u64,
+        /// The server's limit.
+        limit: u64,
+    },
+    /// A task run in the session's worker failed: timeout, worker died
+    /// (e.g. `worker died (SIGSEGV)`), task error or panic, unknown task.
+    #[error("remote task failed: {0}")]
+    Task(#[source] PoolError),
+    /// The server ended the session because it ran past its timeout.
+    #[error("session timed out after {limit:?}: the server ended it")]
+    SessionTimeout {
+        /// The session timeout.
+        limit: Duration,
+    },
+    /// The server is shutting down and ended the session.
+    #[error("the device server is shutting down")]
+    ServerShutdown,
+    /// The connection broke (server killed, network down).
+    #[error("connection to the device server was lost")]
+    ConnectionLost {
+        /// The i/o error, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// The session was already closed.
+    #[error("the session is closed")]
+    Closed,
+    /// The server broke the protocol.
+    #[error("session protocol error: {message}")]
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
+    /// Talking to the tracker failed.
+    #[error("tracker error")]
+    Tracker(#[from] TrackerError),
+}
+
+impl SessionError {
+    pub(crate) fn protocol(message: impl Into<String>) -> Self {
+        SessionError::Protocol { message: message.into() }
+    }
+
+    pub(crate) fn from_wire(e: WireError) -> Self {
+        match e {
+            WireError::BadPath { path, reason } => SessionError::BadPath { path, reason },
+            WireError::NotFound { path } => SessionError::NotFound { path },
+            WireError::Io { message } => SessionError::RemoteIo { message },
+            WireError::UploadTooLarge { len, limit } => SessionError::UploadTooLarge { len, limit },
+            WireError::TaskTimeout { limit_ms } => {
+                SessionError::Task(PoolError::Timeout { limit: Duration::from_millis(limit_ms) })
+            }
+            WireError::WorkerDied { code, signal } => {
+                let exit = match (code, signal) {
+                    (Some(c), _) => ExitInfo::Code(c),
+                    (None, Some(s)) => ExitInfo::Signal(s),
+                    _ => ExitInfo::Unknown,
+                };
+                SessionError::Task(PoolError::WorkerDied { exit })
+            }
+            WireError::Task { kind, message } => {
+                SessionError::Task(PoolError::Task { kind, message })
+            }
+            WireError::UnknownTask { name, known } => {
+                SessionError::Task(PoolError::UnknownTask { name, known })
+            }
+            WireError::Worker { message } => SessionError::Task(PoolError::Protocol { message }),
+            WireError::SessionTimeout { limit_ms } => {
+                SessionError::SessionTimeout { limit: Duration::from_millis(limit_ms) }
+            }
+            WireError::ServerShutdown => SessionError::ServerShutdown,
+            WireError::Protocol { message } => SessionError::Protocol { message },
+        }
+    }
+}
+
+impl WireError {
+    /// How a pool error travels to the client.
+    pub(crate) fn from_pool(e: PoolError) -> Self {
+        match e {
+            PoolError::Timeout { limit } => {
+                WireError::TaskTimeout { limit_ms: limit.as_millis() as u64 }
+            }
+            PoolError::WorkerDied { exit } => match exit {
+                ExitInfo::Code(c) => WireError::WorkerDied { code: Some(c), signal: None },
+                ExitInfo::Signal(s) => WireError::WorkerDied { code: None, signal: Some(s) },
+                _ => WireError::WorkerDied { code: None, signal: None },
+            },
+            PoolError::Task { kind, message } => WireError::Task { kind, message },
+            PoolError::UnknownTask { name, known } => WireError::UnknownTask { name, known },
+            other => WireError::Worker { message: other.to_string() },
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! The tracker server: accepts connections, speaks the protocol on each, and
+//! matches leases through the shared [`State`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::codec::{JsonFrameCodec, TRACKER_MAGIC, read_magic, write_magic};
+use super::error::TrackerError;
+use super::proto::{TrackerRequest, random_matchkey};
+use super::state::{ConnId, Delivery, State};
+
+/// How a tracker runs.
+///
+/// # Examples
+///
+/// ```
+/// use rpc_runner::tracker::TrackerConfig;
+///
+/// let config = TrackerConfig { stop_key: Some("secret".into()), ..Default::default() };
+/// assert_eq!(config.handshake_timeout.as_secs(), 10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    /// The key a `STOP` request must carry to stop the tracker. `None`: a
+    /// random one, `tracker:<random>` like TVM's (see [`TrackerHandle::stop_key`]).
+    pub stop_key: Option<String>,
+    /// How long a new connection may take to send its magic before it is
+    /// closed (TVM waits forever). Default 10 s.
+    pub handshake_timeout: Duration,
+    /// How long one reply may take to be written before its connection is
+    /// closed (a peer that does not read must not hold a lease). Default 10 s.
+    pub write_timeout: Duration,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            stop_key: None,
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The RPC tracker server, wire-compatible with Apache TVM's
+/// (`python -m tvm.exec.rpc_tracker`).
+///
+/// Serve with [`Tracker::run`] on a listener you own, or [`Tracker::start`] a
+/// background tracker and keep its [`TrackerHandle`].
+#[derive(Debug, Clone, Copy)]
+pub struct Tracker;
+
+impl Tracker {
+    /// Serves on `listener` until `shutdown` resolves or a `STOP` with the
+    /// right key arrives, then closes every connection and waits for the
+    /// connection handlers to finish before returning.
+    ///
+    /// A connection that breaks the protocol (bad magic, bad frame, invalid
+    /// JSON, an ill-typed request, an unknown code) is logged and closed;
+    /// the others are not affected.
+    ///
+    /// # Errors
+    ///
+    /// None in practice: failures to accept a connection are logged and
+    /// retried. The `Result` leaves room for setup failures.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// use rpc_runner::tracker::{Tracker, TrackerConfig};
+    ///
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:9190").await?;
+    /// let ctrl_c = async {
+    ///     let _ = tokio::signal::ctrl_c().await;
+    /// };
+    /// Tracker::run(listener, TrackerConfig::default(), ctrl_c).await
+    /// # }
+    /// ```
+    pub async fn run(
+        listener: TcpListener,
+        config: TrackerConfig,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let stop_key = config.stop_key.clone().unwrap_or_else(|| random_matchkey("tracker"));
+        serve(listener, config, stop_key, CancellationToken::new(), shutdown).await
+    }
+
+    /// Binds `addr` (e.g. `"127.0.0.1:0"`) and runs a tracker in a background
+    /// task. Dropping the handle stops it too.
+    ///
+    /// # Errors
+    ///
+    /// The bind error. Must be called within a tokio runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use rpc_runner::tracker::{Tracker, TrackerConfig};
+    ///
+    /// let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
+    /// println!("tracker on {}", tracker.addr());
+    /// tracker.shutdown().await
+    /// # }
+    /// ```
+    pub async fn start(addr: &str, config: TrackerConfig) -> io::Result<TrackerHandle> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let stop_key = config.stop_key.clone().unwrap_or_else(|| random_matchkey("tracker"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            config,
+            stop_key.clone(),
+            stop.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        Ok(TrackerHandle { addr: local, stop_key, stop, task: Some(task) })
+    }
+}
+
+/// A tracker running in the background ([`Tracker::start`]).
+///
+/// Dropping the handle asks the tracker to stop (without waiting for it);
+/// [`shutdown`](Self::shutdown) stops it and waits.
+#[derive(Debug)]
+pub struct TrackerHandle {
+    addr: SocketAddr,
+    stop_key: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl TrackerHandle {
+    /// The address the tracker listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The key that stops the tracker through a `STOP` request.
+    pub fn stop_key(&self) -> &str {
+        &self.stop_key
+    }
+
+    /// True once the tracker has stopped (e.g. after a `STOP`).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the tracker: closes the listener and every connection, and
+    /// waits for the handlers to finish.
+    ///
+    /// # Errors
+    ///
+    /// The tracker task's error, or its panic as an `io::Error`.
+    pub async fn shutdown(mut self) -> io::Result<()> {
+        self.stop.cancel();
+        self.join().await
+    }
+
+    /// Waits until the tracker stops by itself (a `STOP` request), without
+    /// asking it to.
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown`](Self::shutdown).
+    pub async fn wait(mut self) -> io::Result<()> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> io::Result<()> {
+        match self.task.take() {
+            Some(task) => task.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TrackerHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// What the connections share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    stop_key: String,
+    config: TrackerConfig,
+    /// Cancelled to stop the tracker (shutdown, or a valid `STOP`).
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state has no invariant a panic could break halfway that matters
+        // more than staying up.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: TrackerConfig,
+    stop_key: String,
+    stop: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "tracker listening");
+    tracing::debug!(%stop_key, "tracker stop key");
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        stop_key,
+        config,
+        stop: stop.clone(),
+    });
+    let handlers = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = tracing::debug_span!("tracker_conn", %peer);
+                    handlers.spawn(handle_conn(stream, peer, Arc::clone(&shared)).instrument(span));
+                }
+                Err(err) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %err, "tracker failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    stop.cancel();
+    drop(listener);
+    handlers.close();
+    handlers.wait().await;
+    tracing::info!(addr = ?local, "tracker stopped");
+    Ok(())
+}
+
+async fn handle_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    match serve_conn(stream, peer, &shared).await {
+        Ok(()) => tracing::debug!("tracker connection closed"),
+        Err(err) => tracing::warn!(error = %error_chain(&err), "closing tracker connection"),
+    }
+}
+
+fn error_chain(err: &TrackerError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(), TrackerError> {
+    let _ = stream.set_nodelay(true);
+    let limit = shared.config.handshake_timeout;
+    let magic = tokio::select! {
+        () = shared.stop.cancelled() => return Ok(()),
+        read = tokio::time::timeout(limit, read_magic(&mut stream)) => match read {
+            Err(_) => return Err(TrackerError::Timeout { what: "waiting for the handshake magic", limit }),
+            Ok(Err(err)) if err.kind() == io::ErrorKind::UnexpectedEof => return Err(TrackerError::Closed),
+            Ok(Err(err)) => return Err(err.into()),
+            Ok(Ok(magic)) => magic,
+        },
+    };
+    if magic != TRACKER_MAGIC {
+        return Err(TrackerError::BadMagic { got: magic });
+    }
+    let limit = shared.config.write_timeout;
+    match tokio::time::timeout(limit, write_magic(&mut stream, TRACKER_MAGIC)).await {
+        Err(_) => return Err(TrackerError::Timeout { what: "writing the handshake magic", limit }),
+        Ok(res) => res?,
+    }
+
+    let (read, write) = stream.into_split();
+    let mut conn = Conn {
+        id: 0,
+        // A v4-mapped peer on a dual-stack listener is reported as plain v4.
+        peer_host: peer.ip().to_canonical().to_string(),
+        reader: FramedRead::new(read, JsonFrameCodec),
+        writer: FramedWrite::new(write, JsonFrameCodec),
+        shared,
+    };
+    let (tx, mut leases) = mpsc::unbounded_channel();
+    conn.id = shared.state().connect(conn.peer_host.clone(), tx);
+    tracing::debug!(conn = conn.id, "tracker connection open");
+    let result = conn.run(&mut leases).await;
+
+    // No lease can reach this connection once it is out of the state; those
+    // already on their way go back to the front of their queues.
+    let mut state = shared.state();
+    state.disconnect(conn.id);
+    leases.close();
+    while let Ok(delivery) = leases.try_recv() {
+        state.requeue(delivery);
+    }
+    result
+}
+
+/// One open tracker connection.
+struct Conn<'a> {
+    id: ConnId,
+    peer_host: String,
+    reader: FramedRead<OwnedReadHalf, JsonFrameCodec>,
+    writer: FramedWrite<OwnedWriteHalf, JsonFrameCodec>,
+    shared: &'a Shared,
+}
+
+/// What a request is answered with.
+enum Reply {
+    /// Send this value.
+    Send(Value),
+    /// Nothing now (a `REQUEST`: the lease comes later).
+    Later,
+    /// Send success, then stop the tracker.
+    Stop,
+}
+
+impl Conn<'_> {
+    async fn run(&mut self, leases: &mut UnboundedReceiver<Delivery>) -> Result<(), TrackerError> {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shared.stop.cancelled() => return Ok(()),
+                Some(delivery) = leases.recv() => self.deliver(delivery).await?,
+                frame = self.reader.next() => {
+                    let value = match frame {
+                        None => return Ok(()),
+                        Some(frame) => frame?,
+                    };
+                    let request = TrackerRequest::parse(&value)?;
+                    tracing::trace!(conn = self.id, ?request, "tracker request");
+                    let reply = self.handle(request);
+                    // As in TVM, a lease this request triggered for this very
+                    // connection is written before the request's own reply.
+                    while let Ok(delivery) = leases.try_recv() {
+                        self.deliver(delivery).await?;
+                    }
+                    match reply {
+                        Reply::Send(value) => self.send(&value).await?,
+                        Reply::Later => {}
+                        Reply::Stop => {
+                            self.send(&json!(0)).await?;
+                            tracing::info!(peer = %self.peer_host, "tracker stopped by a STOP request");
+                            self.shared.stop.cancel();
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, request: TrackerRequest) -> Reply {
+        let mut state = self.shared.state();
+        match request {
+            TrackerRequest::Ping => Reply::Send(json!(0)),
+            TrackerRequest::Stop { stop_key } => {
+                if stop_key == self.shared.stop_key {
+                    Reply::Stop
+                } else {
+                    tracing::warn!(peer = %self.peer_host, "STOP with a wrong stop key refused");
+                    Reply::Send(json!(-1))
+                }
+            }
+            TrackerRequest::Put { key, port, matchkey, custom_addr } => {
+                state.put(self.id, &key, port, matchkey, custom_addr);
+                Reply::Send(json!(0))
+            }
+            TrackerRequest::Request { key, priority, .. } => {
+                state.request(self.id, &key, priority);
+                Reply::Later
+            }
+            TrackerRequest::UpdateInfo { info } => {
+                state.update_info(self.id, info);
+                Reply::Send(json!(0))
+            }
+            TrackerRequest::Summary => Reply::Send(json!([0, state.summary()])),
+            TrackerRequest::GetPendingMatchkeys => {
+                Reply::Send(json!(state.pending_matchkeys(self.id)))
+            }
+        }
+    }
+
+    /// Writes a lease; if that fails the server goes back to the front of its
+    /// queue and the connection is closed.
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), TrackerError> {
+        let reply = json!([0, delivery.lease().to_json()]);
+        if let Err(err) = self.send(&reply).await {
+            self.shared.state().requeue(delivery);
+            return Err(err);
+        }
+        tracing::debug!(conn = self.id, key = %delivery.key, matchkey = %delivery.server.matchkey, "lease sent");
+        Ok(())
+    }
+
+    async fn send(&mut self, value: &Value) -> Result<(), TrackerError> {
+        let limit = self.shared.config.write_timeout;
+        match tokio::time::timeout(limit, self.writer.send(value)).await {
+            Ok(res) => res,
+            Err(_) => Err(TrackerError::Timeout { what: "writing a reply", limit }),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The `rpc-runner` binary: tracker, server and query as separate processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rpc_runner::worker::WorkerInfo;
+use rpc_runner::{SessionError, TrackerClient};
+
+const SOON: Duration = Duration::from_secs(20);
+
+/// A child process killed (and reaped) when dropped.
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `sig` and waits (bounded) for the exit status.
+    fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc_kill(self.pid(), sig) };
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "process {} did not exit", self.pid());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Starts `rpc-runner ARGS` and waits for its "... listening on ADDR" line.
+pub(crate) fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("rpc-runner starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(SOON).expect("rpc-runner prints its address");
+    Proc { child, addr }
+}
+
+fn port(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap()
+}
+
+async fn wait_free(tracker: &str, key: &str, free: usize) {
+    let mut tc = TrackerClient::connect(tracker).await.unwrap();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let n = tc.summary().await.unwrap().queue_info.get(key).map_or(0, |q| q.free);
+        if n == free {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tracker shows {n} free {key} servers, want {free}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn cli_tracker_server_query_and_a_server_killed_mid_session() {
+    let tracker = spawn(&["tracker", "--host", "127.0.0.1", "--port", "0"]);
+    let server_args = [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tracker",
+        &tracker.addr,
+        "--key",
+        "cpu",
+    ];
+    let mut server = spawn(&server_args);
+    wait_free(&tracker.addr, "cpu", 1).await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .args(["query", "--host", "127.0.0.1", "--port", port(&tracker.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("cpu"), "query output lists the server:\n{text}");
+
+    // A session on the CLI server runs tasks in the binary's own workers.
+    let mut tc = TrackerClient::connect(&tracker.addr).await.unwrap();
+    let mut sess = tc.request("cpu", 1, None).await.unwrap();
+    let info = sess.call(WorkerInfo, None).await.unwrap();
+    assert_eq!(std::path::Path::new(&info.cwd), std::path::Path::new(sess.workdir()));
+
+    // The server is SIGKILLed mid-session.
+    server.signal_and_wait(9);
+    let err = sess.listdir("").await.unwrap_err();
+    assert!(matches!(err, SessionError::ConnectionLost { .. }), "{err:?}");
+    assert!(err.to_string().contains("lost"), "{err}");
+    wait_free(&tracker.addr, "cpu", 0).await;
+    let summary = tc.summary().await.unwrap();
+    assert!(summary.server_info.iter().all(|s| !s.key.contains("cpu")), "{summary:?}");
+
+    // Restarted, it registers again and serves.
+    let mut server = spawn(&server_args);
+    wait_free(&tracker.addr, "cpu", 1).await;
+    tc.request("cpu", 1, None).await.unwrap().close().await.unwrap();
+
+    // SIGTERM: clean shutdown, exit code 0.
+    let st = server.signal_and_wait(15);
+    assert!(st.success(), "server exit status {st:?}");
+    let mut tracker = tracker;
+    let st = tracker.signal_and_wait(2);
+    assert!(st.success(), "tracker exit status {st:?}");
+}
+
+#[test]
+fn cli_help_and_bad_arguments() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rpc-runner")).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for sub in ["tracker", "server", "query"] {
+        assert!(help.contains(sub), "{help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .args(["query", "--port", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot query the tracker"));
+}

@@ -1,0 +1,81 @@
+//! Task types the test binary's session workers serve (beside rpc-runner's own).
+
+use std::time::Duration;
+
+use popen_pool::{Registry, Task, TaskFailure, WorkerContext};
+use serde::{Deserialize, Serialize};
+
+/// Returns its bytes.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Echo(#[serde(with = "serde_bytes")] pub(crate) Vec<u8>);
+
+impl Task for Echo {
+    const NAME: &'static str = "test.echo";
+    type Output = serde_bytes::ByteBuf;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        Ok(serde_bytes::ByteBuf::from(self.0))
+    }
+}
+
+/// Sleeps, then returns the ms slept.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct SleepMs(pub(crate) u64);
+
+impl Task for SleepMs {
+    const NAME: &'static str = "test.sleep_ms";
+    type Output = u64;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        std::thread::sleep(Duration::from_millis(self.0));
+        Ok(self.0)
+    }
+}
+
+/// Crashes the session's worker with SIGSEGV, as a bad kernel would.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Segfault;
+
+impl Task for Segfault {
+    const NAME: &'static str = "test.segfault";
+    type Output = ();
+    fn run(self, _ctx: &mut WorkerContext) -> Result<(), TaskFailure> {
+        // SAFETY: deliberately unsound; the point is a SIGSEGV in the worker.
+        unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u8>(), 1) };
+        Ok(())
+    }
+}
+
+/// Counts calls in the worker's context: proves state lives across calls.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Count;
+
+impl Task for Count {
+    const NAME: &'static str = "test.count";
+    type Output = u64;
+    fn run(self, ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        let n = ctx.get_or_default::<u64>();
+        *n += 1;
+        Ok(*n)
+    }
+}
+
+/// Reads a file relative to the worker's cwd (the session dir).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct ReadFile(pub(crate) String);
+
+impl Task for ReadFile {
+    const NAME: &'static str = "test.read_file";
+    type Output = serde_bytes::ByteBuf;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        Ok(serde_bytes::ByteBuf::from(std::fs::read(&self.0)?))
+    }
+}
+
+/// rpc-runner's session tasks plus the test tasks.
+pub(crate) fn registry() -> Registry {
+    rpc_runner::worker::registry()
+        .register::<Echo>()
+        .register::<SleepMs>()
+        .register::<Segfault>()
+        .register::<Count>()
+        .register::<ReadFile>()
+}
