@@ -37,9 +37,57 @@ enum End {
 struct Upload {
     id: u64,
     /// `None` once it failed (the error was sent); later chunks are dropped.
-    file: Option<tokio::fs::File>,
+    writer: Option<Writer>,
     expected: u64,
     written: u64,
+}
+
+/// Writes an upload's chunks to its file on a blocking thread, straight from
+/// the received frames, while the session goes on reading the next ones.
+struct Writer {
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Writer {
+    fn new(mut file: std::fs::File) -> Self {
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        Writer { chunks, done }
+    }
+
+    /// Queues a chunk; `Err` with the writer's own error if it stopped.
+    async fn write(&mut self, chunk: Bytes) -> Result<(), WireError> {
+        if self.chunks.send(chunk).await.is_ok() {
+            return Ok(());
+        }
+        Err(self.finish_now().await)
+    }
+
+    async fn finish_now(&mut self) -> WireError {
+        match (&mut self.done).await {
+            Ok(Err(e)) => WireError::Io { message: e.to_string() },
+            Ok(Ok(())) => WireError::Io { message: "upload writer stopped early".into() },
+            Err(e) => WireError::Io { message: format!("upload writer failed: {e}") },
+        }
+    }
+
+    /// Waits until every chunk is written.
+    async fn finish(self) -> Result<(), WireError> {
+        let Writer { chunks, done } = self;
+        drop(chunks);
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WireError::Io { message: e.to_string() }),
+            Err(e) => Err(WireError::Io { message: format!("upload writer failed: {e}") }),
+        }
+    }
 }
 
 struct Session<'a> {
@@ -85,7 +133,7 @@ pub(crate) async fn run(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let (tx, mut rx) = Framed::new(stream, session_codec()).split();
+    let (tx, mut rx) = Framed::with_capacity(stream, session_codec(), 4 << 20).split();
     let mut session = Session {
         cfg,
         dir: dir.path().to_path_buf(),
@@ -171,6 +219,7 @@ impl Session<'_> {
         rx: &mut Rx,
         shutdown: &CancellationToken,
     ) -> Result<(), End> {
+        let frame = frame.freeze();
         let req: Request<'_> = postcard::from_bytes(&frame).map_err(|e| {
             End::Terminate(WireError::Protocol { message: format!("undecodable request: {e}") })
         })?;
@@ -193,7 +242,7 @@ impl Session<'_> {
                 self.send(&hello).await
             }
             Request::UploadBegin { id, path, len } => self.upload_begin(id, path, len).await,
-            Request::UploadChunk { id, data } => self.upload_chunk(id, data).await,
+            Request::UploadChunk { id, data } => self.upload_chunk(id, frame.slice_ref(data)).await,
             Request::UploadEnd { id } => self.upload_end(id).await,
             Request::Download { id, path } => self.download(id, path).await,
             Request::Remove { id, path } => self.remove(id, path).await,
@@ -207,7 +256,7 @@ impl Session<'_> {
     }
 
     async fn upload_begin(&mut self, id: u64, path: &str, len: u64) -> Result<(), End> {
-        self.upload = Some(Upload { id, file: None, expected: len, written: 0 });
+        self.upload = Some(Upload { id, writer: None, expected: len, written: 0 });
         let limit = self.cfg.max_upload_bytes;
         if len > limit {
             return self.send_error(id, WireError::UploadTooLarge { len, limit }).await;
@@ -218,8 +267,12 @@ impl Session<'_> {
         };
         match create_file(&target).await {
             Ok(file) => {
+                // Reserve the blocks up front: the writes then only fill them.
+                if len > 0 {
+                    let _ = nix::fcntl::posix_fallocate(&file, 0, len as i64);
+                }
                 if let Some(up) = self.upload.as_mut() {
-                    up.file = Some(file);
+                    up.writer = Some(Writer::new(file));
                 }
                 Ok(())
             }
@@ -227,23 +280,23 @@ impl Session<'_> {
         }
     }
 
-    async fn upload_chunk(&mut self, id: u64, data: &[u8]) -> Result<(), End> {
+    async fn upload_chunk(&mut self, id: u64, data: Bytes) -> Result<(), End> {
         let Some(up) = self.upload.as_mut().filter(|u| u.id == id) else {
             return Err(End::Terminate(WireError::Protocol {
                 message: format!("chunk for upload {id}, which was not started"),
             }));
         };
-        let Some(file) = up.file.as_mut() else { return Ok(()) }; // failed: drop the rest
+        let Some(writer) = up.writer.as_mut() else { return Ok(()) }; // failed: drop the rest
         up.written += data.len() as u64;
         let result = if up.written > up.expected {
             Err(WireError::Protocol {
                 message: format!("upload {id} sent more than the {} bytes announced", up.expected),
             })
         } else {
-            file.write_all(data).await.map_err(|e| WireError::Io { message: e.to_string() })
+            writer.write(data).await
         };
         if let Err(e) = result {
-            up.file = None;
+            up.writer = None;
             return self.send_error(id, e).await;
         }
         Ok(())
@@ -255,14 +308,17 @@ impl Session<'_> {
                 message: format!("end of upload {id}, which was not started"),
             }));
         };
-        let Some(mut file) = up.file.take() else { return Ok(()) }; // error already sent
+        let Some(writer) = up.writer.take() else {
+            return Ok(()); // the error was already sent
+        };
+        let written = writer.finish().await;
         if up.written != up.expected {
             let message = format!("upload {id} sent {} of {} bytes", up.written, up.expected);
             return self.send_error(id, WireError::Protocol { message }).await;
         }
-        match file.flush().await {
+        match written {
             Ok(()) => self.send(&Response::Ok { id }).await,
-            Err(e) => self.send_error(id, WireError::Io { message: e.to_string() }).await,
+            Err(e) => self.send_error(id, e).await,
         }
     }
 
@@ -392,11 +448,11 @@ impl Session<'_> {
     }
 }
 
-async fn create_file(target: &Path) -> std::io::Result<tokio::fs::File> {
+async fn create_file(target: &Path) -> std::io::Result<std::fs::File> {
     if let Some(parent) = target.parent() {
         tokio::fs::create_dir_all(parent).await?;
     }
-    tokio::fs::File::create(target).await
+    Ok(tokio::fs::File::create(target).await?.into_std().await)
 }
 
 async fn list(dir: &Path) -> std::io::Result<Vec<DirEntry>> {

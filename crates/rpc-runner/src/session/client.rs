@@ -15,7 +15,10 @@ use super::handshake::{
     CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello, MAX_KEY_LEN,
     RPC_MAGIC, read_i32, read_str, write_str,
 };
-use super::proto::{CHUNK, DirEntry, Request, Response, SESSION_PROTOCOL_VERSION, session_codec};
+use super::proto::{
+    CHUNK, DirEntry, Request, Response, SESSION_PROTOCOL_VERSION, session_codec,
+    upload_chunk_header,
+};
 
 /// How to open a session.
 #[derive(Debug, Clone)]
@@ -256,6 +259,26 @@ impl Session {
         Ok(())
     }
 
+    /// Writes one `UploadChunk` frame straight from `data` (no copy into the
+    /// codec's buffer): the header through the socket, then the bytes.
+    async fn write_chunk(&mut self, id: u64, data: &[u8]) -> Result<(), SessionError> {
+        let header = upload_chunk_header(id, data.len());
+        let mut prefix = ((header.len() + data.len()) as u32).to_be_bytes().to_vec();
+        prefix.extend_from_slice(&header);
+        let result = async {
+            SinkExt::<Bytes>::flush(&mut self.io).await?;
+            let stream = self.io.get_mut();
+            stream.write_all(&prefix).await?;
+            stream.write_all(data).await
+        }
+        .await;
+        if let Err(e) = result {
+            self.state = State::Broken;
+            return Err(io_lost(e));
+        }
+        Ok(())
+    }
+
     async fn next_frame(&mut self, limit: Duration) -> Result<BytesMut, SessionError> {
         match tokio::time::timeout(limit, self.io.next()).await {
             Err(_) => {
@@ -329,7 +352,7 @@ impl Session {
         let id = self.new_id();
         self.feed(&Request::UploadBegin { id, path: remote, len }).await?;
         for chunk in data.chunks(CHUNK) {
-            self.feed(&Request::UploadChunk { id, data: chunk }).await?;
+            self.write_chunk(id, chunk).await?;
         }
         self.send(&Request::UploadEnd { id }).await?;
         self.expect_ok(id).await
@@ -366,7 +389,7 @@ impl Session {
                 self.state = State::Broken;
                 return Err(local_err(e));
             }
-            self.feed(&Request::UploadChunk { id, data: &buf[..want] }).await?;
+            self.write_chunk(id, &buf[..want]).await?;
             sent += want as u64;
         }
         self.send(&Request::UploadEnd { id }).await?;

@@ -24,6 +24,16 @@ pub(crate) fn session_codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().max_frame_length(MAX_SESSION_FRAME).new_codec()
 }
 
+/// The postcard bytes that precede a chunk's data in an encoded
+/// `Request::UploadChunk { id, data }` (variant index, id, data length), so a
+/// client can write the chunk's data straight from its buffer.
+pub(crate) fn upload_chunk_header(id: u64, len: usize) -> Vec<u8> {
+    postcard::to_stdvec(&(UPLOAD_CHUNK_VARIANT, id, len)).expect("integers serialize")
+}
+
+/// Index of `UploadChunk` among `Request`'s variants (postcard encodes it).
+const UPLOAD_CHUNK_VARIANT: u32 = 2;
+
 /// Client to server.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Request<'a> {
@@ -136,4 +146,20 @@ pub(crate) enum WireError {
     ServerShutdown,
     /// The peer broke the protocol.
     Protocol { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_header_matches_the_encoded_request() {
+        for (id, len) in [(1u64, 0usize), (300, 5), (u64::MAX, 1 << 20)] {
+            let data = vec![9u8; len];
+            let full = postcard::to_stdvec(&Request::UploadChunk { id, data: &data }).unwrap();
+            let mut manual = upload_chunk_header(id, len);
+            manual.extend_from_slice(&data);
+            assert_eq!(manual, full);
+        }
+    }
 }

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use super::codec::MAX_FRAME;
 
+/// The longest [`TrackerError::Protocol`] message, in bytes.
+const MAX_MESSAGE: usize = 300;
+
 /// Everything that can go wrong when speaking the tracker protocol.
 ///
 /// On the server side an error ends the one connection it happened on (a
@@ -91,7 +94,34 @@ pub enum TrackerError {
 }
 
 impl TrackerError {
+    /// A protocol error. Messages quote what the peer sent, so they are cut
+    /// at [`MAX_MESSAGE`] bytes: a 1 MiB frame must not become a 1 MiB log line.
     pub(crate) fn protocol(message: impl Into<String>) -> Self {
-        TrackerError::Protocol { message: message.into() }
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
+        TrackerError::Protocol { message }
+    }
+
+    /// True for the ways a peer ends a connection without breaking the
+    /// protocol (closing it, resetting it).
+    pub(crate) fn is_disconnect(&self) -> bool {
+        match self {
+            TrackerError::Closed => true,
+            TrackerError::Io(err) => matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
     }
 }

@@ -453,6 +453,15 @@ mod tests {
     }
 
     #[test]
+    fn messages_quoting_huge_values_are_cut() {
+        let huge = json!([3, "k", [1, "m"], ["x".repeat(100_000)]]);
+        let msg = TrackerRequest::parse(&huge).unwrap_err().to_string();
+        assert!(msg.len() < 400 && msg.ends_with("..."), "{} bytes", msg.len());
+        let multibyte = json!([4, "k", "", "é".repeat(1000)]);
+        assert!(TrackerRequest::parse(&multibyte).unwrap_err().to_string().ends_with("..."));
+    }
+
+    #[test]
     fn replies() {
         assert!(expect_success(&json!(0), "PING").is_ok());
         assert!(matches!(expect_success(&json!(-1), "STOP"), Err(TrackerError::Refused { .. })));

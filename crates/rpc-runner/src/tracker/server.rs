@@ -262,6 +262,9 @@ async fn serve(
 async fn handle_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     match serve_conn(stream, peer, &shared).await {
         Ok(()) => tracing::debug!("tracker connection closed"),
+        Err(err) if err.is_disconnect() => {
+            tracing::debug!(error = %error_chain(&err), "tracker connection lost");
+        }
         Err(err) => tracing::warn!(error = %error_chain(&err), "closing tracker connection"),
     }
 }
@@ -302,24 +305,25 @@ async fn serve_conn(
         Ok(res) => res?,
     }
 
+    // A v4-mapped peer on a dual-stack listener is reported as plain v4.
+    let peer_host = peer.ip().to_canonical().to_string();
+    let (tx, mut leases) = mpsc::unbounded_channel();
+    let id = shared.state().connect(peer_host.clone(), tx);
+    tracing::debug!(conn = id, "tracker connection open");
     let (read, write) = stream.into_split();
     let mut conn = Conn {
-        id: 0,
-        // A v4-mapped peer on a dual-stack listener is reported as plain v4.
-        peer_host: peer.ip().to_canonical().to_string(),
+        id,
+        peer_host,
         reader: FramedRead::new(read, JsonFrameCodec),
         writer: FramedWrite::new(write, JsonFrameCodec),
         shared,
     };
-    let (tx, mut leases) = mpsc::unbounded_channel();
-    conn.id = shared.state().connect(conn.peer_host.clone(), tx);
-    tracing::debug!(conn = conn.id, "tracker connection open");
     let result = conn.run(&mut leases).await;
 
     // No lease can reach this connection once it is out of the state; those
     // already on their way go back to the front of their queues.
     let mut state = shared.state();
-    state.disconnect(conn.id);
+    state.disconnect(id);
     leases.close();
     while let Ok(delivery) = leases.try_recv() {
         state.requeue(delivery);
@@ -359,7 +363,7 @@ impl Conn<'_> {
                         Some(frame) => frame?,
                     };
                     let request = TrackerRequest::parse(&value)?;
-                    tracing::trace!(conn = self.id, ?request, "tracker request");
+                    tracing::trace!(conn = self.id, code = request.code().name(), "tracker request");
                     let reply = self.handle(request);
                     // As in TVM, a lease this request triggered for this very
                     // connection is written before the request's own reply.

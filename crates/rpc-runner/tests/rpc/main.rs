@@ -1,0 +1,13 @@
+//! rpc-runner end-to-end tests over real sockets on 127.0.0.1 (one test
+//! binary; modules by theme, shared helpers in `common`). Session workers are
+//! this test binary, re-run through `popen_pool::test_support!`.
+
+mod cli;
+mod common;
+mod server_input;
+mod sessions;
+mod tasks;
+mod tracker;
+mod tracker_interop;
+
+popen_pool::test_support!(tasks::registry());
