@@ -162,4 +162,19 @@ mod tests {
             assert_eq!(manual, full);
         }
     }
+
+    proptest::proptest! {
+        /// The server decodes whatever a client sends without panicking, and
+        /// the client whatever a server sends.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = postcard::from_bytes::<Request<'_>>(&bytes);
+            let _ = postcard::from_bytes::<Response<'_>>(&bytes);
+        }
+
+        #[test]
+        fn handshake_keys_never_panic(key in "\\PC{0,64}") {
+            let _ = super::super::handshake::ClientHello::parse(&key);
+        }
+    }
 }

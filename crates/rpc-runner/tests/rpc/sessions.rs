@@ -311,3 +311,34 @@ async fn server_restarts_and_tracker_restarts_are_survived() {
     tc.request("cpu", 1, None).await.unwrap().close().await.unwrap();
     s.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_lease_nobody_uses_is_given_back() {
+    let t = tracker().await;
+    let s = server(Some(&t), "cpu", |c| {
+        c.tracker_poll = Duration::from_millis(50);
+        c.unused_lease_timeout = Duration::from_millis(300);
+        c.custom_addr = Some("127.0.0.1".into());
+    })
+    .await;
+    let first_key = s.status().borrow().matchkey.clone();
+    let mut tc = client(&t).await;
+    // A client leases the device and never connects (it crashed, say).
+    let lease = tc.request_lease("cpu", 1).await.unwrap();
+    assert_eq!(lease.matchkey, first_key);
+    assert_eq!(lease.host, "127.0.0.1", "the custom address is what the tracker hands out");
+    // The server notices and registers a fresh key; the device is leasable again.
+    let start = Instant::now();
+    let mut sess = tc.request("cpu", 1, None).await.unwrap();
+    assert!(start.elapsed() < SOON);
+    assert_ne!(s.status().borrow().matchkey, first_key);
+    // The stale key is refused.
+    let stale =
+        Session::connect(&s.addr().to_string(), &first_key, &ConnectOptions::default()).await;
+    assert!(
+        matches!(stale, Err(SessionError::KeyMismatch { .. }) | Err(SessionError::Busy)),
+        "{stale:?}"
+    );
+    sess.close().await.unwrap();
+    s.shutdown().await.unwrap();
+}
