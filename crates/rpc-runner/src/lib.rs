@@ -28,6 +28,7 @@
 //! - `worker.rs`: the task types every session worker serves.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+pub mod measure;
 pub mod server;
 pub mod session;
 pub mod tracker;
