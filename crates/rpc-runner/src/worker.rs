@@ -36,7 +36,15 @@ impl Task for WorkerInfo {
     }
 }
 
-/// The task types of an `rpc-runner` session worker.
+/// The task types of an `rpc-runner` session worker, plus the default build
+/// task [`CompileC`](crate::measure::CompileC) so that a program serving this
+/// registry can also run a [`LocalBuilder`](crate::measure::LocalBuilder).
 pub fn registry() -> Registry {
-    Registry::new().register::<WorkerInfo>()
+    Registry::new()
+        .register::<WorkerInfo>()
+        .register::<crate::measure::CompileC>()
+        .register::<crate::measure::LoadKernel>()
+        .register::<crate::measure::AllocArgs>()
+        .register::<crate::measure::TimeKernel>()
+        .register::<crate::measure::ReadArg>()
 }

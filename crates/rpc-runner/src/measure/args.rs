@@ -104,12 +104,18 @@ impl ArgInfo {
         let arr = v.as_array().ok_or_else(|| format!("arg info must be an array, got {v}"))?;
         match arr.as_slice() {
             [kind, dtype, shape] if kind == "TENSOR" => {
-                let name = dtype.as_str().ok_or_else(|| format!("dtype must be a string, got {dtype}"))?;
-                let dtype = DType::parse(name).ok_or_else(|| format!("unsupported dtype {name:?}"))?;
-                let dims = shape.as_array().ok_or_else(|| format!("shape must be an array, got {shape}"))?;
+                let name =
+                    dtype.as_str().ok_or_else(|| format!("dtype must be a string, got {dtype}"))?;
+                let dtype =
+                    DType::parse(name).ok_or_else(|| format!("unsupported dtype {name:?}"))?;
+                let dims = shape
+                    .as_array()
+                    .ok_or_else(|| format!("shape must be an array, got {shape}"))?;
                 let shape = dims
                     .iter()
-                    .map(|d| d.as_i64().filter(|&d| d >= 0).ok_or_else(|| format!("bad dimension {d}")))
+                    .map(|d| {
+                        d.as_i64().filter(|&d| d >= 0).ok_or_else(|| format!("bad dimension {d}"))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(ArgInfo { dtype, shape })
             }
@@ -125,6 +131,9 @@ impl ArgInfo {
     pub fn list_from_json(text: &str) -> Result<Vec<Self>, String> {
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let arr = v.as_array().ok_or("args_info must be a JSON array")?;
-        arr.iter().enumerate().map(|(i, a)| Self::from_json(a).map_err(|e| format!("arg {i}: {e}"))).collect()
+        arr.iter()
+            .enumerate()
+            .map(|(i, a)| Self::from_json(a).map_err(|e| format!("arg {i}: {e}")))
+            .collect()
     }
 }

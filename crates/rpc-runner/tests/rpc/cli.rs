@@ -28,7 +28,7 @@ impl Proc {
     }
 
     /// Sends `sig` and waits (bounded) for the exit status.
-    fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
+    pub(crate) fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc_kill(self.pid(), sig) };
         let deadline = Instant::now() + SOON;

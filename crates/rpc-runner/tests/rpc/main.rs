@@ -2,8 +2,11 @@
 //! binary; modules by theme, shared helpers in `common`). Session workers are
 //! this test binary, re-run through `popen_pool::test_support!`.
 
+mod builder;
 mod cli;
 mod common;
+mod kernels;
+mod runners;
 mod server_input;
 mod sessions;
 mod tasks;

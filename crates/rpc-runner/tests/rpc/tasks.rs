@@ -70,6 +70,44 @@ impl Task for ReadFile {
     }
 }
 
+/// A build task that "builds" by copying a prebuilt shared library to the
+/// plan's artifact path (the source is ignored): proves `LocalBuilder` runs a
+/// plugged-in task type.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct CopyPrebuilt {
+    pub(crate) from: std::path::PathBuf,
+    pub(crate) plan: rpc_runner::measure::BuildPlan,
+}
+
+impl Task for CopyPrebuilt {
+    const NAME: &'static str = "test.copy_prebuilt";
+    type Output = rpc_runner::measure::BuildTaskOutput;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        use rpc_runner::measure::{BuildFailure, BuildOutput};
+        let started = std::time::Instant::now();
+        Ok(match std::fs::copy(&self.from, &self.plan.artifact_path) {
+            Ok(_) => Ok(BuildOutput::since(self.plan.artifact_path, started)),
+            Err(e) => Err(BuildFailure::io(format_args!("cannot copy {}", self.from.display()), e)),
+        })
+    }
+}
+
+/// A build task that aborts its worker when the candidate's name starts with
+/// `crash`, and compiles normally otherwise.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct CrashOrCompile(pub(crate) rpc_runner::measure::BuildPlan);
+
+impl Task for CrashOrCompile {
+    const NAME: &'static str = "test.crash_or_compile";
+    type Output = rpc_runner::measure::BuildTaskOutput;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        if self.0.name.starts_with("crash") {
+            std::process::abort();
+        }
+        Ok(self.0.compile())
+    }
+}
+
 /// rpc-runner's session tasks plus the test tasks.
 pub(crate) fn registry() -> Registry {
     rpc_runner::worker::registry()
@@ -78,4 +116,6 @@ pub(crate) fn registry() -> Registry {
         .register::<Segfault>()
         .register::<Count>()
         .register::<ReadFile>()
+        .register::<CopyPrebuilt>()
+        .register::<CrashOrCompile>()
 }

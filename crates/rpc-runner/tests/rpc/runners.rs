@@ -1,0 +1,251 @@
+//! The measurement pipeline end to end: real C kernels compiled with `cc`,
+//! measured through `RpcRunner` (tracker + device server + session worker)
+//! and `LocalRunner`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rpc_runner::measure::{
+    ArgInfo, DType, DefaultPipeline, EvaluatorConfig, LocalRunner, Pipeline, RpcConfig, RpcRunner,
+    RunError, RunnerInput, StageContext,
+};
+use rpc_runner::tracker::TrackerHandle;
+use rpc_runner::{ServerHandle, Session};
+
+use crate::sessions::{server, tracker};
+
+const SOON: Duration = Duration::from_secs(30);
+
+const PRELUDE: &str = r#"
+#include <stdint.h>
+#include <time.h>
+typedef struct { void* data; struct { int32_t t, id; } dev; int32_t ndim;
+                 struct { uint8_t code, bits; uint16_t lanes; } dtype;
+                 int64_t* shape; int64_t* strides; uint64_t byte_offset; } DLTensor;
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+"#;
+
+/// Compiles `body` (after the prelude) into a shared library in `dir`.
+fn kernel(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, format!("{PRELUDE}\n{body}")).unwrap();
+    let out = dir.join(format!("{name}.so"));
+    let st = std::process::Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc failed for {name}");
+    out
+}
+
+const BUSY_200US: &str = r#"
+int32_t entry(DLTensor* args, int32_t n) {
+    double end = now() + 200e-6; while (now() < end) {} return 0;
+}"#;
+
+fn args() -> Vec<ArgInfo> {
+    vec![ArgInfo::tensor(DType::F32, [16, 16]), ArgInfo::tensor(DType::F32, [16])]
+}
+
+struct Stack {
+    tracker: TrackerHandle,
+    server: ServerHandle,
+    dir: tempfile::TempDir,
+}
+
+async fn stack(session_timeout: Duration) -> (Stack, RpcConfig) {
+    let t = tracker().await;
+    let s = server(Some(&t), "cpu", |_| {}).await;
+    let mut rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
+    rpc.session_timeout = session_timeout;
+    (Stack { tracker: t, server: s, dir: tempfile::tempdir().unwrap() }, rpc)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn evaluator(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
+    let mut e = EvaluatorConfig::default();
+    e.number = number;
+    e.repeat = repeat;
+    e.min_repeat_ms = min_repeat_ms;
+    e
+}
+
+#[tokio::test]
+async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
+    let (st, rpc) = stack(SOON).await;
+    let busy = kernel(st.dir.path(), "busy", BUSY_200US);
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(5, 7, 0)).alloc_repeat(2).build().await;
+    let input = RunnerInput::new(&busy, args());
+    let m = runner.run(vec![input.clone()]).pop().unwrap().await.unwrap();
+    assert_eq!(m.run_secs.len(), 7 * 2, "repeat x alloc_repeat costs");
+    let rpc_median = median(&m.run_secs);
+    assert!((rpc_median - 200e-6).abs() < 20e-6, "RPC runner measured {rpc_median} s for 200 us");
+
+    let local = LocalRunner::new(crate::test_worker_program(), evaluator(5, 7, 0), SOON).unwrap();
+    let lm = local.run_one(&input).await.unwrap();
+    assert_eq!(lm.run_secs.len(), 7);
+    let local_median = median(&lm.run_secs);
+    assert!(
+        (local_median - rpc_median).abs() / rpc_median < 0.1,
+        "local {local_median} vs rpc {rpc_median}"
+    );
+    local.shutdown().await;
+    st.server.shutdown().await.unwrap();
+    drop(st.tracker);
+}
+
+#[tokio::test]
+async fn faults_are_classified_and_the_runner_keeps_working() {
+    let (st, rpc) = stack(Duration::from_secs(3)).await;
+    let d = st.dir.path();
+    let segv = kernel(d, "segv", "int32_t entry(DLTensor* a, int32_t n) { *(volatile int*)0 = 1; return 0; }");
+    let three = kernel(d, "three", "int32_t entry(DLTensor* a, int32_t n) { return 3; }");
+    let forever = kernel(d, "forever", "int32_t entry(DLTensor* a, int32_t n) { for (;;) {} return 0; }");
+    let other = kernel(d, "other", "int32_t not_entry(DLTensor* a, int32_t n) { return 0; }");
+    let good = kernel(d, "good", "int32_t entry(DLTensor* a, int32_t n) { return n == 2 ? 0 : 1; }");
+    let text = d.join("text.so");
+    std::fs::write(&text, "this is not a shared library").unwrap();
+
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
+    let inputs: Vec<_> =
+        [&segv, &three, &forever, &other, &text, &good].iter().map(|p| RunnerInput::new(*p, args())).collect();
+    let start = Instant::now();
+    let results: Vec<_> = futures::future::join_all(runner.run(inputs)).await;
+    assert!(start.elapsed() < SOON, "took {:?}", start.elapsed());
+    match &results[0] {
+        Err(RunError::KernelCrash { message }) => assert!(message.contains("SIGSEGV"), "{message}"),
+        other => panic!("segv: {other:?}"),
+    }
+    match &results[1] {
+        Err(RunError::KernelError { message }) => assert!(message.contains("returned error 3"), "{message}"),
+        other => panic!("nonzero: {other:?}"),
+    }
+    assert!(matches!(results[2], Err(RunError::Timeout { .. })), "forever: {:?}", results[2]);
+    match &results[3] {
+        Err(RunError::Load { kind, .. }) => assert_eq!(kind, "missing_symbol"),
+        other => panic!("missing symbol: {other:?}"),
+    }
+    match &results[4] {
+        Err(RunError::Load { kind, .. }) => assert_eq!(kind, "load_error"),
+        other => panic!("not a library: {other:?}"),
+    }
+    assert!(results[5].is_ok(), "the good kernel after all that: {:?}", results[5]);
+    // The device is free and the server healthy.
+    st.server
+        .wait_for(SOON, |s| s.registered && !s.busy && s.sessions == 6)
+        .await
+        .expect("server free after the faults");
+    st.server.shutdown().await.unwrap();
+}
+
+/// A pipeline that records each session's temp dir, then delegates to the
+/// default stages: users override any stage this way.
+#[derive(Clone, Default)]
+struct Recording {
+    dirs: Arc<Mutex<Vec<String>>>,
+    cleanups: Arc<Mutex<usize>>,
+}
+
+impl Pipeline for Recording {
+    async fn create_session(&self, ctx: &StageContext) -> Result<Session, RunError> {
+        let sess = DefaultPipeline.create_session(ctx).await?;
+        self.dirs.lock().unwrap().push(sess.workdir().to_owned());
+        Ok(sess)
+    }
+
+    async fn cleanup(&self, ctx: &StageContext, sess: Session) {
+        DefaultPipeline.cleanup(ctx, sess).await;
+        *self.cleanups.lock().unwrap() += 1;
+    }
+}
+
+#[tokio::test]
+async fn cleanup_runs_on_every_path_even_when_the_caller_drops_the_future() {
+    let (st, rpc) = stack(SOON).await;
+    let d = st.dir.path();
+    let good = kernel(d, "good", "int32_t entry(DLTensor* a, int32_t n) { return 0; }");
+    let three = kernel(d, "three", "int32_t entry(DLTensor* a, int32_t n) { return 3; }");
+    let slow = kernel(d, "slow", "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }");
+    let rec = Recording::default();
+    let runner = RpcRunner::builder(rpc).pipeline(rec.clone()).evaluator(evaluator(1, 1, 0)).build().await;
+    assert!(runner.run(vec![RunnerInput::new(&good, args())]).pop().unwrap().await.is_ok());
+    assert!(runner.run(vec![RunnerInput::new(&three, args())]).pop().unwrap().await.is_err());
+    // Dropped mid-measurement: wait until the slow kernel's session exists.
+    let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
+    let deadline = Instant::now() + SOON;
+    while rec.dirs.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "the third session never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(fut);
+    st.server.wait_for(SOON, |s| s.sessions == 3 && !s.busy).await.expect("dropped measurement cleaned up");
+    let deadline = Instant::now() + SOON;
+    while *rec.cleanups.lock().unwrap() < 3 {
+        assert!(Instant::now() < deadline, "cleanup did not run for the dropped future");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for dir in rec.dirs.lock().unwrap().iter() {
+        assert!(!Path::new(dir).exists(), "session dir {dir} left behind");
+    }
+    st.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_killed_mid_measurement_is_a_classified_error() {
+    let t = tracker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = kernel(dir.path(), "slow", "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }");
+    // A real server process (the rpc-runner binary), SIGKILLed mid-measurement.
+    let tracker_addr = t.addr().to_string();
+    let mut srv = crate::cli::spawn(&["server", "--host", "127.0.0.1", "--port", "0", "--tracker", &tracker_addr, "--key", "cpu"]);
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
+    let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
+    // Mid-measurement: the server has started the session's worker process.
+    let server_pid = srv.child.id();
+    let deadline = Instant::now() + SOON;
+    while !has_child(server_pid) {
+        assert!(Instant::now() < deadline, "the measurement never reached the server's worker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    srv.signal_and_wait(9);
+    let err = fut.await.unwrap_err();
+    assert!(matches!(err, RunError::ServerLost { .. }), "{err:?}");
+    drop(t);
+}
+
+/// True if some process has `pid` as its parent.
+fn has_child(pid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).ok().and_then(|stat| {
+            let rest = stat.rsplit_once(") ")?.1.to_owned();
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        }) == Some(pid)
+    })
+}
+
+#[test]
+fn rpc_config_reads_tvm_environment_variables() {
+    // Only this test touches these variables (nextest runs each test in its own process).
+    // SAFETY: single-threaded at this point of this test process.
+    unsafe {
+        std::env::set_var("TVM_TRACKER_HOST", "10.1.2.3");
+        std::env::set_var("TVM_TRACKER_PORT", "9190");
+        std::env::set_var("TVM_TRACKER_KEY", "rasp4");
+    }
+    let cfg = RpcConfig::from_env().unwrap();
+    assert_eq!((cfg.tracker_host.as_str(), cfg.tracker_port, cfg.tracker_key.as_str()), ("10.1.2.3", 9190, "rasp4"));
+    assert_eq!((cfg.session_priority, cfg.session_timeout), (1, Duration::from_secs(60)));
+    // SAFETY: as above.
+    unsafe { std::env::set_var("TVM_TRACKER_PORT", "not-a-port") };
+    assert!(RpcConfig::from_env().unwrap_err().contains("TVM_TRACKER_PORT"));
+}
