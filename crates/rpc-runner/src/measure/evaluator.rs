@@ -4,8 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 /// How a kernel is timed, with TVM's fields and defaults.
+///
+/// Build one with struct-update syntax:
+/// `EvaluatorConfig { repeat: 3, ..EvaluatorConfig::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub struct EvaluatorConfig {
     /// Calls per batch (TVM default 3).
     pub number: u32,

@@ -75,7 +75,7 @@ pub mod failure_kind {
 const ALIGN: usize = 64;
 
 /// A cache line, for `clflush`.
-#[cfg(any(target_arch = "x86_64", test))]
+#[cfg(target_arch = "x86_64")]
 const CACHE_LINE: usize = 64;
 
 /// TVM's growth factor for `number` when a batch is too short.
@@ -85,6 +85,10 @@ const GOLDEN_RATIO: f64 = 1.618;
 /// `limit_zero_time_iterations` is 100 and then reports a cost of 0; we
 /// grow `number` on a zero reading and fail instead, see [`next_number`]).
 const MAX_ZERO_TIME_BATCHES: u32 = 10;
+
+/// Costs reserved up front at most (a huge `repeat` must not abort the
+/// worker on allocation before the first batch).
+const PREALLOC: u32 = 1024;
 
 /// The C signature of a kernel's entry.
 type EntryFn = unsafe extern "C" fn(args: *mut DLTensor, num_args: i32) -> i32;
@@ -275,12 +279,16 @@ impl Task for AllocArgs {
 ///
 /// For each set: one discarded warm-up call, then `repeat` batches. A batch
 /// calls the entry `number` times under a monotonic clock; a batch shorter
-/// than `min_repeat_ms` is run again with more calls (see [`next_number`]),
-/// and the grown `number` is kept for later batches and later sets, as TVM
-/// keeps it in its evaluator. A batch's cost is its time / `number`.
-/// `cooldown_ms` is slept between batches (and between sets). With
-/// `enable_cpu_cache_flush`, every argument but the first is flushed from
-/// the CPU caches before each timed batch.
+/// than `min_repeat_ms` is run again with TVM's
+/// `number = max(min_repeat_ms / (batch_ms / number) + 1, number * 1.618)`
+/// (truncated; a batch that reads zero time grows `number` by the golden
+/// ratio, and 10 zero readings in a row are an error), and the grown
+/// `number` is kept for later batches and later sets, as TVM keeps it in
+/// its evaluator. A batch's cost is its time / `number`. `cooldown_ms` is
+/// slept between batches (and between sets). With `enable_cpu_cache_flush`,
+/// every argument but the first is flushed from the CPU caches before each
+/// timed batch (x86_64: `clflush` of every line, then `mfence`; elsewhere a
+/// 16 MiB scratch buffer is written instead).
 ///
 /// # Errors
 ///
@@ -682,7 +690,7 @@ fn run_batches(
     check_config(cfg)?;
     *number = (*number).max(1);
     let min_ms = cfg.min_repeat_ms as f64;
-    let mut costs = Vec::with_capacity(cfg.repeat as usize);
+    let mut costs = Vec::with_capacity(cfg.repeat.min(PREALLOC) as usize);
     for i in 0..cfg.repeat {
         if i > 0 && cfg.cooldown_ms > 0 {
             pause(Duration::from_millis(cfg.cooldown_ms));
@@ -701,6 +709,8 @@ fn run_batches(
                 if zero_batches >= MAX_ZERO_TIME_BATCHES {
                     return Err(KernelError::ZeroTime(zero_batches, *number));
                 }
+            } else {
+                zero_batches = 0;
             }
             *number = next_number(*number, elapsed, cfg.min_repeat_ms);
         };
@@ -774,7 +784,8 @@ fn time_kernel(cfg: &EvaluatorConfig, ctx: &mut WorkerContext) -> Result<Vec<f64
     let entry = ctx.get::<LoadedKernel>().ok_or(KernelError::NoKernel)?.entry;
     let sets = ctx.get_mut::<ArgSets>().ok_or(KernelError::NoArgs)?;
     let mut number = cfg.number;
-    let mut costs = Vec::with_capacity(sets.sets.len() * cfg.repeat as usize);
+    let mut costs =
+        Vec::with_capacity(sets.sets.len().saturating_mul(cfg.repeat.min(PREALLOC) as usize));
     for (i, set) in sets.sets.iter_mut().enumerate() {
         if i > 0 && cfg.cooldown_ms > 0 {
             std::thread::sleep(Duration::from_millis(cfg.cooldown_ms));
