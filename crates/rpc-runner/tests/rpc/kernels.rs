@@ -49,11 +49,7 @@ async fn setup() -> (ServerHandle, Session, Library) {
 }
 
 fn config(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
-    let mut cfg = EvaluatorConfig::default();
-    cfg.number = number;
-    cfg.repeat = repeat;
-    cfg.min_repeat_ms = min_repeat_ms;
-    cfg
+    EvaluatorConfig { number, repeat, min_repeat_ms, ..EvaluatorConfig::default() }
 }
 
 fn one_arg() -> Vec<ArgInfo> {

@@ -71,11 +71,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn evaluator(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
-    let mut e = EvaluatorConfig::default();
-    e.number = number;
-    e.repeat = repeat;
-    e.min_repeat_ms = min_repeat_ms;
-    e
+    EvaluatorConfig { number, repeat, min_repeat_ms, ..EvaluatorConfig::default() }
 }
 
 #[tokio::test]
