@@ -187,11 +187,17 @@ impl RunError {
     /// Classifies a worker error raised by a kernel task.
     pub fn from_pool(e: PoolError) -> Self {
         match e {
-            PoolError::Task { kind, message } if kind == "load_error" || kind == "missing_symbol" => {
+            PoolError::Task { kind, message }
+                if kind == "load_error" || kind == "missing_symbol" =>
+            {
                 RunError::Load { kind, message }
             }
-            PoolError::Task { kind, message } if kind == "kernel_error" => RunError::KernelError { message },
-            PoolError::WorkerDied { exit } => RunError::KernelCrash { message: format!("worker died ({exit})") },
+            PoolError::Task { kind, message } if kind == "kernel_error" => {
+                RunError::KernelError { message }
+            }
+            PoolError::WorkerDied { exit } => {
+                RunError::KernelCrash { message: format!("worker died ({exit})") }
+            }
             PoolError::Timeout { limit } => RunError::Timeout { limit },
             e => RunError::Other { message: e.to_string() },
         }
@@ -279,7 +285,8 @@ pub trait Pipeline: Send + Sync + 'static {
         async move {
             let limit = ctx.rpc.session_timeout;
             let time = TimeKernel { config: ctx.evaluator.clone() };
-            let run_secs = sess.call(time, None).await.map_err(|e| RunError::from_session(e, limit))?;
+            let run_secs =
+                sess.call(time, None).await.map_err(|e| RunError::from_session(e, limit))?;
             let mut outputs = Vec::new();
             for &index in &input.read_args {
                 let bytes = sess
@@ -313,7 +320,8 @@ impl Pipeline for DefaultPipeline {}
 async fn default_create_session(ctx: &StageContext) -> Result<Session, RunError> {
     let rpc = &ctx.rpc;
     let addr = rpc.tracker_addr();
-    let session_err = |e: &dyn std::fmt::Display| RunError::Session { message: format!("{addr}: {e}") };
+    let session_err =
+        |e: &dyn std::fmt::Display| RunError::Session { message: format!("{addr}: {e}") };
     let mut tracker = TrackerClient::connect(&addr).await.map_err(|e| session_err(&e))?;
     let mut opts = RequestOptions::new(rpc.session_priority, Some(rpc.session_timeout));
     opts.connect = ConnectOptions::default()
@@ -463,7 +471,9 @@ impl Future for RunnerFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RunnerResult> {
         Pin::new(&mut self.handle).poll(cx).map(|r| {
-            r.unwrap_or_else(|e| Err(RunError::Other { message: format!("measurement task failed: {e}") }))
+            r.unwrap_or_else(|e| {
+                Err(RunError::Other { message: format!("measurement task failed: {e}") })
+            })
         })
     }
 }
@@ -541,7 +551,11 @@ impl LocalRunner {
     /// # Errors
     ///
     /// If the worker cannot be configured.
-    pub fn new(program: WorkerProgram, evaluator: EvaluatorConfig, timeout: Duration) -> Result<Self, PoolError> {
+    pub fn new(
+        program: WorkerProgram,
+        evaluator: EvaluatorConfig,
+        timeout: Duration,
+    ) -> Result<Self, PoolError> {
         let worker = PopenWorker::builder(program).build()?;
         let ctx = StageContext {
             rpc: RpcConfig::new("", 0, "local"),
@@ -572,12 +586,25 @@ impl LocalRunner {
                 .map_err(|e| RunError::Upload { message: e.to_string() })?;
             let load = LoadKernel { path: path.display().to_string(), entry: ctx.entry.clone() };
             worker.run(load).await.map_err(RunError::from_pool)?;
-            let alloc = AllocArgs { args: input.args_info.clone(), alloc_repeat: ctx.alloc_repeat, seed: ctx.seed };
+            let alloc = AllocArgs {
+                args: input.args_info.clone(),
+                alloc_repeat: ctx.alloc_repeat,
+                seed: ctx.seed,
+            };
             worker.run(alloc).await.map_err(RunError::from_pool)?;
-            let run_secs = worker.run(TimeKernel { config: ctx.evaluator.clone() }).await.map_err(RunError::from_pool)?;
+            let run_secs = worker
+                .run(TimeKernel { config: ctx.evaluator.clone() })
+                .await
+                .map_err(RunError::from_pool)?;
             let mut outputs = Vec::new();
             for &index in &input.read_args {
-                outputs.push(worker.run(ReadArg { set: 0, index }).await.map_err(RunError::from_pool)?.into_vec());
+                outputs.push(
+                    worker
+                        .run(ReadArg { set: 0, index })
+                        .await
+                        .map_err(RunError::from_pool)?
+                        .into_vec(),
+                );
             }
             Ok(Measurement { run_secs, outputs })
         };

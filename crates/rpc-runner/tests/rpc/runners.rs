@@ -78,7 +78,8 @@ fn evaluator(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
 async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
     let (st, rpc) = stack(SOON).await;
     let busy = kernel(st.dir.path(), "busy", BUSY_200US);
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator(5, 7, 0)).alloc_repeat(2).build().await;
+    let runner =
+        RpcRunner::builder(rpc).evaluator(evaluator(5, 7, 0)).alloc_repeat(2).build().await;
     let input = RunnerInput::new(&busy, args());
     let m = runner.run(vec![input.clone()]).pop().unwrap().await.unwrap();
     assert_eq!(m.run_secs.len(), 7 * 2, "repeat x alloc_repeat costs");
@@ -102,17 +103,25 @@ async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
 async fn faults_are_classified_and_the_runner_keeps_working() {
     let (st, rpc) = stack(Duration::from_secs(3)).await;
     let d = st.dir.path();
-    let segv = kernel(d, "segv", "int32_t entry(DLTensor* a, int32_t n) { *(volatile int*)0 = 1; return 0; }");
+    let segv = kernel(
+        d,
+        "segv",
+        "int32_t entry(DLTensor* a, int32_t n) { *(volatile int*)0 = 1; return 0; }",
+    );
     let three = kernel(d, "three", "int32_t entry(DLTensor* a, int32_t n) { return 3; }");
-    let forever = kernel(d, "forever", "int32_t entry(DLTensor* a, int32_t n) { for (;;) {} return 0; }");
+    let forever =
+        kernel(d, "forever", "int32_t entry(DLTensor* a, int32_t n) { for (;;) {} return 0; }");
     let other = kernel(d, "other", "int32_t not_entry(DLTensor* a, int32_t n) { return 0; }");
-    let good = kernel(d, "good", "int32_t entry(DLTensor* a, int32_t n) { return n == 2 ? 0 : 1; }");
+    let good =
+        kernel(d, "good", "int32_t entry(DLTensor* a, int32_t n) { return n == 2 ? 0 : 1; }");
     let text = d.join("text.so");
     std::fs::write(&text, "this is not a shared library").unwrap();
 
     let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
-    let inputs: Vec<_> =
-        [&segv, &three, &forever, &other, &text, &good].iter().map(|p| RunnerInput::new(*p, args())).collect();
+    let inputs: Vec<_> = [&segv, &three, &forever, &other, &text, &good]
+        .iter()
+        .map(|p| RunnerInput::new(*p, args()))
+        .collect();
     let start = Instant::now();
     let results: Vec<_> = futures::future::join_all(runner.run(inputs)).await;
     assert!(start.elapsed() < SOON, "took {:?}", start.elapsed());
@@ -121,7 +130,9 @@ async fn faults_are_classified_and_the_runner_keeps_working() {
         other => panic!("segv: {other:?}"),
     }
     match &results[1] {
-        Err(RunError::KernelError { message }) => assert!(message.contains("returned error 3"), "{message}"),
+        Err(RunError::KernelError { message }) => {
+            assert!(message.contains("returned error 3"), "{message}")
+        }
         other => panic!("nonzero: {other:?}"),
     }
     assert!(matches!(results[2], Err(RunError::Timeout { .. })), "forever: {:?}", results[2]);
@@ -169,9 +180,14 @@ async fn cleanup_runs_on_every_path_even_when_the_caller_drops_the_future() {
     let d = st.dir.path();
     let good = kernel(d, "good", "int32_t entry(DLTensor* a, int32_t n) { return 0; }");
     let three = kernel(d, "three", "int32_t entry(DLTensor* a, int32_t n) { return 3; }");
-    let slow = kernel(d, "slow", "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }");
+    let slow = kernel(
+        d,
+        "slow",
+        "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }",
+    );
     let rec = Recording::default();
-    let runner = RpcRunner::builder(rpc).pipeline(rec.clone()).evaluator(evaluator(1, 1, 0)).build().await;
+    let runner =
+        RpcRunner::builder(rpc).pipeline(rec.clone()).evaluator(evaluator(1, 1, 0)).build().await;
     assert!(runner.run(vec![RunnerInput::new(&good, args())]).pop().unwrap().await.is_ok());
     assert!(runner.run(vec![RunnerInput::new(&three, args())]).pop().unwrap().await.is_err());
     // Dropped mid-measurement: wait until the slow kernel's session exists.
@@ -182,7 +198,10 @@ async fn cleanup_runs_on_every_path_even_when_the_caller_drops_the_future() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(fut);
-    st.server.wait_for(SOON, |s| s.sessions == 3 && !s.busy).await.expect("dropped measurement cleaned up");
+    st.server
+        .wait_for(SOON, |s| s.sessions == 3 && !s.busy)
+        .await
+        .expect("dropped measurement cleaned up");
     let deadline = Instant::now() + SOON;
     while *rec.cleanups.lock().unwrap() < 3 {
         assert!(Instant::now() < deadline, "cleanup did not run for the dropped future");
@@ -198,10 +217,24 @@ async fn cleanup_runs_on_every_path_even_when_the_caller_drops_the_future() {
 async fn a_server_killed_mid_measurement_is_a_classified_error() {
     let t = tracker().await;
     let dir = tempfile::tempdir().unwrap();
-    let slow = kernel(dir.path(), "slow", "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }");
+    let slow = kernel(
+        dir.path(),
+        "slow",
+        "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }",
+    );
     // A real server process (the rpc-runner binary), SIGKILLed mid-measurement.
     let tracker_addr = t.addr().to_string();
-    let mut srv = crate::cli::spawn(&["server", "--host", "127.0.0.1", "--port", "0", "--tracker", &tracker_addr, "--key", "cpu"]);
+    let mut srv = crate::cli::spawn(&[
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tracker",
+        &tracker_addr,
+        "--key",
+        "cpu",
+    ]);
     let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
     let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
     let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
@@ -239,9 +272,33 @@ fn rpc_config_reads_tvm_environment_variables() {
         std::env::set_var("TVM_TRACKER_KEY", "rasp4");
     }
     let cfg = RpcConfig::from_env().unwrap();
-    assert_eq!((cfg.tracker_host.as_str(), cfg.tracker_port, cfg.tracker_key.as_str()), ("10.1.2.3", 9190, "rasp4"));
+    assert_eq!(
+        (cfg.tracker_host.as_str(), cfg.tracker_port, cfg.tracker_key.as_str()),
+        ("10.1.2.3", 9190, "rasp4")
+    );
     assert_eq!((cfg.session_priority, cfg.session_timeout), (1, Duration::from_secs(60)));
     // SAFETY: as above.
     unsafe { std::env::set_var("TVM_TRACKER_PORT", "not-a-port") };
     assert!(RpcConfig::from_env().unwrap_err().contains("TVM_TRACKER_PORT"));
+}
+
+#[tokio::test]
+async fn the_timeout_counts_from_the_lease_not_from_the_queue() {
+    let (st, rpc) = stack(Duration::from_secs(3)).await;
+    // Warm-up + one call: ~1.4 s per measurement, under the 3 s limit...
+    let slow = kernel(
+        st.dir.path(),
+        "slow",
+        "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 0.7; while (now() < e) {} return 0; }",
+    );
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).max_workers(3).build().await;
+    let start = Instant::now();
+    let inputs = vec![RunnerInput::new(&slow, args()); 3];
+    let results = futures::future::join_all(runner.run(inputs)).await;
+    // ...but the third waited ~2.8 s for the only device before its turn.
+    assert!(start.elapsed() > Duration::from_secs(3), "{:?}", start.elapsed());
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    st.server.shutdown().await.unwrap();
 }
