@@ -1,0 +1,183 @@
+//! What happened to each candidate: the status classification, the result
+//! check against the reference, and the costs.
+
+use rpc_runner::measure::{BuildError, RunError};
+
+use crate::candidates::Expect;
+
+/// Relative tolerance of the result check (float32 sums in another order).
+pub(crate) const RTOL: f64 = 1e-3;
+
+/// How a candidate ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// Built, ran and computed the right answer.
+    Ok,
+    /// Ran, but the reference to check it against is missing.
+    Unverified,
+    /// The compiler rejected it.
+    CompileError,
+    /// The build ran past its time limit.
+    BuildTimeout,
+    /// The build's worker died or the build task failed.
+    BuildCrashed,
+    /// Any other build failure (I/O, the builder itself).
+    BuildError,
+    /// The library could not be loaded or lacks the entry.
+    LoadError,
+    /// The kernel returned nonzero.
+    KernelError,
+    /// The kernel crashed its worker (SIGSEGV...).
+    Crashed,
+    /// The measurement ran past the session timeout.
+    Timeout,
+    /// The output differs from the reference.
+    WrongResult,
+    /// No device could be leased, or the server went away.
+    SessionError,
+    /// Anything else.
+    Error,
+}
+
+impl Status {
+    /// The name in the tuning log.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Unverified => "unverified",
+            Status::CompileError => "compile_error",
+            Status::BuildTimeout => "build_timeout",
+            Status::BuildCrashed => "build_crashed",
+            Status::BuildError => "build_error",
+            Status::LoadError => "load_error",
+            Status::KernelError => "kernel_error",
+            Status::Crashed => "crashed",
+            Status::Timeout => "timeout",
+            Status::WrongResult => "wrong_result",
+            Status::SessionError => "session_error",
+            Status::Error => "error",
+        }
+    }
+
+    /// The label in the result table.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Unverified => "unverified",
+            Status::CompileError => "compile error",
+            Status::BuildTimeout => "build timeout",
+            Status::BuildCrashed => "build crashed",
+            Status::BuildError => "build error",
+            Status::LoadError => "load error",
+            Status::KernelError => "kernel error",
+            Status::Crashed => "crashed",
+            Status::Timeout => "timeout",
+            Status::WrongResult => "wrong result",
+            Status::SessionError => "session error",
+            Status::Error => "error",
+        }
+    }
+
+    /// Ranked in the table and the plot (it has a trustworthy cost).
+    pub(crate) fn ranked(self) -> bool {
+        matches!(self, Status::Ok | Status::Unverified)
+    }
+
+    /// Whether this is how a candidate with expectation `e` should end.
+    pub(crate) fn meets(self, e: Expect) -> bool {
+        match e {
+            Expect::Ok => self == Status::Ok,
+            Expect::CompileError => self == Status::CompileError,
+            Expect::Crash => self == Status::Crashed,
+            Expect::WrongResult => self == Status::WrongResult,
+        }
+    }
+
+    pub(crate) fn from_build(e: &BuildError) -> Self {
+        match e {
+            BuildError::Compile { .. } => Status::CompileError,
+            BuildError::Timeout { .. } => Status::BuildTimeout,
+            BuildError::Crash { .. } => Status::BuildCrashed,
+            _ => Status::BuildError,
+        }
+    }
+
+    pub(crate) fn from_run(e: &RunError) -> Self {
+        match e {
+            RunError::Load { .. } | RunError::Upload { .. } => Status::LoadError,
+            RunError::KernelError { .. } => Status::KernelError,
+            RunError::KernelCrash { .. } => Status::Crashed,
+            RunError::Timeout { .. } => Status::Timeout,
+            RunError::Session { .. } | RunError::ServerLost { .. } => Status::SessionError,
+            _ => Status::Error,
+        }
+    }
+}
+
+/// The outcome of one candidate.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    pub(crate) status: Status,
+    /// Why it failed (compiler stderr, crash, the check's verdict).
+    pub(crate) error: Option<String>,
+    /// One cost per timed batch, in seconds (empty unless it ran).
+    pub(crate) run_secs: Vec<f64>,
+    /// Largest relative error against the reference, when checked.
+    pub(crate) max_rel_err: Option<f64>,
+}
+
+impl Outcome {
+    pub(crate) fn failed(status: Status, error: impl Into<String>) -> Self {
+        Outcome { status, error: Some(error.into()), run_secs: Vec::new(), max_rel_err: None }
+    }
+
+    /// Median cost in seconds.
+    pub(crate) fn median(&self) -> Option<f64> {
+        median(&self.run_secs)
+    }
+}
+
+pub(crate) fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 })
+}
+
+/// Native-endian float32 values of a tensor read back from the device.
+pub(crate) fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// `A * B` in float64 on the host, `a` of `m x k`, `b` of `k x n`, row-major.
+pub(crate) fn host_matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut c = vec![0.0f64; m * n];
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        for p in 0..k {
+            let x = f64::from(a[i * k + p]);
+            for (cj, &bj) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                *cj += x * f64::from(bj);
+            }
+        }
+    }
+    c
+}
+
+/// Largest elementwise relative error of `got` against `want` (infinite for
+/// NaN or a length mismatch).
+pub(crate) fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let e = (f64::from(g) - w).abs() / w.abs().max(f64::from(f32::MIN_POSITIVE));
+            if e.is_nan() { f64::INFINITY } else { e }
+        })
+        .fold(0.0, f64::max)
+}

@@ -1,0 +1,279 @@
+//! The outputs of a tuning run: the result table, the JSON-lines tuning log
+//! and the convergence plot.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use crate::candidates::{Candidate, Expect, Size};
+use crate::outcome::{Outcome, Status};
+
+/// One candidate with its outcome; `trial` is its index in measurement order.
+#[derive(Debug)]
+pub(crate) struct Trial {
+    pub(crate) trial: usize,
+    pub(crate) candidate: Candidate,
+    pub(crate) outcome: Outcome,
+}
+
+impl Trial {
+    pub(crate) fn gflops(&self, size: Size) -> Option<f64> {
+        self.outcome.median().filter(|&s| s > 0.0).map(|s| size.flops() / s / 1e9)
+    }
+
+    fn json(&self, size: Size) -> Value {
+        let mut obj = serde_json::Map::new();
+        obj.insert("trial".into(), json!(self.trial));
+        obj.insert("name".into(), json!(self.candidate.name));
+        obj.extend(self.candidate.config_json());
+        obj.insert("flags".into(), json!(self.candidate.extra_flags()));
+        obj.insert("size".into(), json!([size.m, size.n, size.k]));
+        obj.insert("status".into(), json!(self.outcome.status.key()));
+        obj.insert("expected".into(), json!(expect_key(self.candidate.expect)));
+        obj.insert("error".into(), json!(self.outcome.error));
+        obj.insert("run_secs".into(), json!(self.outcome.run_secs));
+        obj.insert("median_s".into(), json!(self.outcome.median()));
+        // A rejected kernel's speed means nothing: only ranked ones have one.
+        let gflops = self.outcome.status.ranked().then(|| self.gflops(size)).flatten();
+        obj.insert("gflops".into(), json!(gflops));
+        obj.insert("max_rel_err".into(), json!(self.outcome.max_rel_err));
+        Value::Object(obj)
+    }
+}
+
+fn expect_key(e: Expect) -> &'static str {
+    match e {
+        Expect::Ok => Status::Ok.key(),
+        Expect::CompileError => Status::CompileError.key(),
+        Expect::Crash => Status::Crashed.key(),
+        Expect::WrongResult => Status::WrongResult.key(),
+    }
+}
+
+/// Writes one JSON object per trial, in trial order.
+pub(crate) fn write_log(path: &Path, trials: &[Trial], size: Size) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    for t in trials {
+        serde_json::to_writer(&mut w, &t.json(size))?;
+        w.write_all(b"\n")?;
+    }
+    w.flush().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `1.23 ms`, `456 us`, `2.50 s`.
+pub(crate) fn fmt_secs(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// The first line of an error, cut to `max` characters.
+fn short(text: &str, max: usize) -> String {
+    // Prefer the compiler's first "error:" line over its "In function" preamble.
+    let line = text
+        .lines()
+        .find(|l| l.contains("error:"))
+        .or_else(|| text.lines().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim();
+    let line = line.rsplit_once(".c:").map_or(line, |(_, rest)| rest);
+    if line.chars().count() > max {
+        let cut: String = line.chars().take(max.saturating_sub(3)).collect();
+        format!("{cut}...")
+    } else {
+        line.to_owned()
+    }
+}
+
+/// The result table: ranked trials by cost, then the failures in trial order.
+pub(crate) fn table(trials: &[Trial], size: Size, naive_median: Option<f64>) -> String {
+    let mut order: Vec<&Trial> = trials.iter().collect();
+    order.sort_by(|a, b| {
+        let key = |t: &Trial| (!t.outcome.status.ranked(), t.outcome.median().unwrap_or(f64::MAX));
+        let (ra, ca) = key(a);
+        let (rb, cb) = key(b);
+        ra.cmp(&rb).then(ca.total_cmp(&cb)).then(a.trial.cmp(&b.trial))
+    });
+    let rows: Vec<[String; 7]> = order
+        .iter()
+        .enumerate()
+        .map(|(rank, t)| {
+            let ranked = t.outcome.status.ranked();
+            let median = t.outcome.median();
+            let speedup = match (ranked, median, naive_median) {
+                (true, Some(m), Some(n)) if m > 0.0 => format!("{:.2}x", n / m),
+                _ => String::new(),
+            };
+            let mut status = t.outcome.status.label().to_owned();
+            if t.candidate.expect != Expect::Ok && t.outcome.status.meets(t.candidate.expect) {
+                status.push_str(" (expected)");
+            }
+            let detail = t.outcome.error.as_deref().map(|e| short(e, 64)).unwrap_or_default();
+            [
+                if ranked { (rank + 1).to_string() } else { "-".to_owned() },
+                t.candidate.describe(),
+                median.map(fmt_secs).unwrap_or_default(),
+                if ranked {
+                    t.gflops(size).map(|g| format!("{g:.2}")).unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                speedup,
+                status,
+                detail,
+            ]
+        })
+        .collect();
+    let header = ["#", "config", "median", "GFLOP/s", "speedup", "status", "detail"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    // Right-align the numbers, left-align the words.
+    let right = [true, false, true, true, true, false, false];
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let w = widths[i];
+            if right[i] {
+                let _ = write!(l, "{cell:>w$}  ");
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &header.map(str::to_owned));
+    line(&mut out, &widths.map(|w| "-".repeat(w)));
+    for row in &rows {
+        line(&mut out, row);
+    }
+    out
+}
+
+/// The convergence plot: best GFLOP/s so far against the trial index, each
+/// ranked trial as a point, failures as crosses on the x axis, the naive
+/// kernel as a dashed line.
+pub(crate) fn plot(
+    path: &Path,
+    trials: &[Trial],
+    size: Size,
+    naive_gflops: Option<f64>,
+) -> anyhow::Result<()> {
+    let points: Vec<(usize, f64)> = trials
+        .iter()
+        .filter(|t| t.outcome.status.ranked())
+        .filter_map(|t| t.gflops(size).map(|g| (t.trial, g)))
+        .collect();
+    let failures: Vec<usize> =
+        trials.iter().filter(|t| !t.outcome.status.ranked()).map(|t| t.trial).collect();
+    let mut best = Vec::new();
+    let mut so_far: Option<f64> = None;
+    let mut by_trial: Vec<(usize, Option<f64>)> = trials
+        .iter()
+        .map(|t| (t.trial, t.outcome.status.ranked().then(|| t.gflops(size)).flatten()))
+        .collect();
+    by_trial.sort_by_key(|&(i, _)| i);
+    for (i, g) in by_trial {
+        if let Some(g) = g {
+            so_far = Some(so_far.map_or(g, |b: f64| b.max(g)));
+        }
+        if let Some(b) = so_far {
+            best.push((i, b));
+        }
+    }
+    let x_max = trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
+    let y_max = points.iter().map(|&(_, g)| g).fold(1.0, f64::max) * 1.12;
+
+    let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!("tune_matmul {}x{}x{} float32: convergence", size.m, size.n, size.k);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 26))
+        .margin(18)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(-0.5f64..(x_max as f64 - 0.5), 0.0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("trial (measurement order)")
+        .y_desc("GFLOP/s")
+        .axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+
+    if let Some(n) = naive_gflops {
+        let dashed = (0..x_max * 2)
+            .step_by(2)
+            .map(|s| {
+                let x0 = s as f64 / 2.0 - 0.5;
+                vec![(x0, n), (x0 + 0.5, n)]
+            })
+            .collect::<Vec<_>>();
+        for (i, seg) in dashed.into_iter().enumerate() {
+            let series =
+                chart.draw_series(LineSeries::new(seg, RGBColor(128, 128, 128).stroke_width(2)))?;
+            if i == 0 {
+                series.label(format!("naive ({n:.2} GFLOP/s)")).legend(|(x, y)| {
+                    PathElement::new(
+                        vec![(x, y), (x + 20, y)],
+                        RGBColor(128, 128, 128).stroke_width(2),
+                    )
+                });
+            }
+        }
+    }
+    let blue = RGBColor(31, 119, 180);
+    let step: Vec<(f64, f64)> = best
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(i, b))| {
+            let next = best.get(j + 1).map_or(i as f64 + 0.5, |&(n, _)| n as f64);
+            [(i as f64, b), (next, b)]
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(step, blue.stroke_width(3)))?
+        .label("best so far")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(3)));
+    let orange = RGBColor(255, 127, 14);
+    chart
+        .draw_series(points.iter().map(|&(i, g)| Circle::new((i as f64, g), 4, orange.filled())))?
+        .label("trial")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 4, orange.filled()));
+    if !failures.is_empty() {
+        chart
+            .draw_series(
+                failures.iter().map(|&i| Cross::new((i as f64, 0.0), 5, RED.stroke_width(2))),
+            )?
+            .label("failed / rejected")
+            .legend(|(x, y)| Cross::new((x + 10, y), 5, RED.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
