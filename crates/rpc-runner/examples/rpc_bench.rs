@@ -79,6 +79,19 @@ async fn serve_role(role: &str, tracker: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An embedded tracker and device server, once the server shows as free.
+async fn embedded(
+    program: &WorkerProgram,
+) -> anyhow::Result<(rpc_runner::tracker::TrackerHandle, rpc_runner::ServerHandle, TrackerClient)> {
+    let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
+    let mut cfg = ServerConfig::new("bench", program.clone());
+    cfg.tracker = Some(tracker.addr().to_string());
+    let server = DeviceServer::start("127.0.0.1:0", cfg).await?;
+    let mut tc = TrackerClient::connect(&tracker.addr().to_string()).await?;
+    wait_free(&mut tc, "bench").await?;
+    Ok((tracker, server, tc))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     popen_pool::serve_if_worker(rpc_runner::worker::registry());
@@ -105,23 +118,13 @@ async fn main() -> anyhow::Result<()> {
     let mut ready_in_process = Vec::new();
     for _ in 0..reps {
         let start = Instant::now();
-        let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
-        let mut cfg = ServerConfig::new("bench", program.clone());
-        cfg.tracker = Some(tracker.addr().to_string());
-        let server = DeviceServer::start("127.0.0.1:0", cfg).await?;
-        let mut tc = TrackerClient::connect(&tracker.addr().to_string()).await?;
-        wait_free(&mut tc, "bench").await?;
+        let (tracker, server, _tc) = embedded(&program).await?;
         ready_in_process.push(start.elapsed().as_secs_f64());
         server.shutdown().await?;
         tracker.shutdown().await?;
     }
 
-    let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
-    let mut cfg = ServerConfig::new("bench", program.clone());
-    cfg.tracker = Some(tracker.addr().to_string());
-    let server = DeviceServer::start("127.0.0.1:0", cfg).await?;
-    let mut tc = TrackerClient::connect(&tracker.addr().to_string()).await?;
-    wait_free(&mut tc, "bench").await?;
+    let (tracker, server, mut tc) = embedded(&program).await?;
     let timeout = Some(Duration::from_secs(20));
     for _ in 0..2 {
         let mut sess = tc.request("bench", 1, timeout).await?;

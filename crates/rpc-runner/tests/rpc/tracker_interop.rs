@@ -271,33 +271,9 @@ async fn a_tvm_rpc_server_registers_with_our_tracker_and_we_lease_it() {
 #[tokio::test]
 async fn our_clients_work_against_tvms_tracker() {
     let python = require_tvm!();
-    let port = free_port();
-    let (port_arg, port_end_arg) = (port.to_string(), (port + 1).to_string());
-    let tvm_tracker = PyProcess::spawn(
-        "tvm rpc_tracker",
-        &python,
-        &[
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port_arg,
-            "--port-end",
-            &port_end_arg,
-        ],
-    );
+    let (tvm_tracker, port, mut client) = start_tvm_tracker(&python).await;
     let pgid = tvm_tracker.pgid();
     let addr = format!("127.0.0.1:{port}");
-    let connected = tokio::time::timeout(TVM_START, async {
-        loop {
-            if let Ok(c) = TrackerClient::connect(&addr).await {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let mut client = connected.await.expect("TVM's tracker did not start");
     client.ping().await.unwrap();
 
     let mut link = TrackerLink::connect(&addr).await.unwrap();
@@ -332,29 +308,19 @@ async fn our_clients_work_against_tvms_tracker() {
     assert_group_gone(pgid).await;
 }
 
-/// (3) Our device server registers with TVM's tracker; our client leases it
-/// through TVM's tracker and runs a whole session.
-#[tokio::test]
-async fn our_server_and_sessions_work_through_tvms_tracker() {
-    let python = require_tvm!();
+/// Starts TVM's own tracker on a free port; returns it, its port and a
+/// client of ours connected to it.
+async fn start_tvm_tracker(python: &Path) -> (PyProcess, u16, TrackerClient) {
     let port = free_port();
     let (port_arg, port_end_arg) = (port.to_string(), (port + 1).to_string());
+    let args = ["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", &port_arg];
     let tvm_tracker = PyProcess::spawn(
         "tvm rpc_tracker",
-        &python,
-        &[
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port_arg,
-            "--port-end",
-            &port_end_arg,
-        ],
+        python,
+        &[&args[..], &["--port-end", &port_end_arg]].concat(),
     );
     let addr = format!("127.0.0.1:{port}");
-    let mut client = tokio::time::timeout(TVM_START, async {
+    let client = tokio::time::timeout(TVM_START, async {
         loop {
             if let Ok(c) = TrackerClient::connect(&addr).await {
                 return c;
@@ -364,6 +330,16 @@ async fn our_server_and_sessions_work_through_tvms_tracker() {
     })
     .await
     .expect("TVM's tracker did not start");
+    (tvm_tracker, port, client)
+}
+
+/// (3) Our device server registers with TVM's tracker; our client leases it
+/// through TVM's tracker and runs a whole session.
+#[tokio::test]
+async fn our_server_and_sessions_work_through_tvms_tracker() {
+    let python = require_tvm!();
+    let (tvm_tracker, port, mut client) = start_tvm_tracker(&python).await;
+    let addr = format!("127.0.0.1:{port}");
 
     let server = crate::sessions::server(None, "ours", |c| c.tracker = Some(addr.clone())).await;
     server
