@@ -1,5 +1,5 @@
 //! rpc-runner: a TVM-wire-compatible RPC tracker, device servers, sessions
-//! with an explicit lifecycle, and (later) the measurement pipeline.
+//! with an explicit lifecycle, and the measurement pipeline.
 //!
 //! - The **tracker** ([`tracker`]) speaks Apache TVM's tracker protocol, so
 //!   TVM's tools and servers work with it, and ours with TVM's tracker.
@@ -11,6 +11,10 @@
 //! - A **session** has an explicit lifecycle: [`Session::close`] returns a
 //!   `Result` and is idempotent; dropping a session closes its socket at once
 //!   and the server frees the device immediately.
+//!
+//! - The **measurement pipeline** ([`measure`]) builds candidates in a
+//!   process pool and times them on leased devices with TVM's time-evaluator
+//!   semantics.
 //!
 //! The `rpc-runner` binary wraps all of it: `rpc-runner tracker | server | query`.
 //!
@@ -25,6 +29,8 @@
 //! - `server/`: the device server (`mod.rs`), its tracker registration
 //!   (`registration.rs`), one session's loop (`session.rs`) and remote-path
 //!   confinement (`paths.rs`).
+//! - `measure/`: the measurement pipeline: argument info, the kernel tasks
+//!   and time evaluator run by session workers, the builder and the runners.
 //! - `worker.rs`: the task types every session worker serves.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
