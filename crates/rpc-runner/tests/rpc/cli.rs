@@ -70,6 +70,12 @@ pub(crate) fn spawn(args: &[&str]) -> Proc {
     Proc { child, addr }
 }
 
+/// Arguments of `rpc-runner server` on a free loopback port, registered
+/// with `tracker` under `key`.
+pub(crate) fn server_args<'a>(tracker: &'a str, key: &'a str) -> [&'a str; 9] {
+    ["server", "--host", "127.0.0.1", "--port", "0", "--tracker", tracker, "--key", key]
+}
+
 fn port(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap()
 }
@@ -90,17 +96,7 @@ async fn wait_free(tracker: &str, key: &str, free: usize) {
 #[tokio::test]
 async fn cli_tracker_server_query_and_a_server_killed_mid_session() {
     let tracker = spawn(&["tracker", "--host", "127.0.0.1", "--port", "0"]);
-    let server_args = [
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--tracker",
-        &tracker.addr,
-        "--key",
-        "cpu",
-    ];
+    let server_args = server_args(&tracker.addr, "cpu");
     let mut server = spawn(&server_args);
     wait_free(&tracker.addr, "cpu", 1).await;
 
