@@ -65,6 +65,9 @@ enum Command {
         /// Largest upload accepted, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_upload_mib: u64,
+        /// Directory for the sessions' temp dirs (default: the system temp dir).
+        #[arg(long)]
+        work_dir: Option<std::path::PathBuf>,
     },
     /// Print a tracker's summary (TVM's `python -m tvm.exec.query_rpc_tracker`).
     Query {
@@ -144,6 +147,7 @@ async fn main() -> Result<()> {
             token,
             session_timeout,
             max_upload_mib,
+            work_dir,
         } => {
             let listener = bind_range(&host, port, port_end).await?;
             let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?);
@@ -153,6 +157,7 @@ async fn main() -> Result<()> {
             config.session_timeout =
                 session_timeout.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64);
             config.max_upload_bytes = max_upload_mib.saturating_mul(1 << 20);
+            config.work_root = work_dir;
             println!("server listening on {}", local(&listener)?);
             DeviceServer::run(listener, config, shutdown_signal())
                 .await

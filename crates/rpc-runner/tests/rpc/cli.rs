@@ -71,9 +71,22 @@ pub(crate) fn spawn(args: &[&str]) -> Proc {
 }
 
 /// Arguments of `rpc-runner server` on a free loopback port, registered
-/// with `tracker` under `key`.
-pub(crate) fn server_args<'a>(tracker: &'a str, key: &'a str) -> [&'a str; 9] {
-    ["server", "--host", "127.0.0.1", "--port", "0", "--tracker", tracker, "--key", key]
+/// with `tracker` under `key`, keeping its session dirs under `work_dir` (a
+/// SIGKILLed server cannot remove them itself: the test's tempdir does).
+pub(crate) fn server_args<'a>(tracker: &'a str, key: &'a str, work_dir: &'a str) -> [&'a str; 11] {
+    [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tracker",
+        tracker,
+        "--key",
+        key,
+        "--work-dir",
+        work_dir,
+    ]
 }
 
 fn port(addr: &str) -> &str {
@@ -96,7 +109,9 @@ async fn wait_free(tracker: &str, key: &str, free: usize) {
 #[tokio::test]
 async fn cli_tracker_server_query_and_a_server_killed_mid_session() {
     let tracker = spawn(&["tracker", "--host", "127.0.0.1", "--port", "0"]);
-    let server_args = server_args(&tracker.addr, "cpu");
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().to_str().unwrap();
+    let server_args = server_args(&tracker.addr, "cpu", work_dir);
     let mut server = spawn(&server_args);
     wait_free(&tracker.addr, "cpu", 1).await;
 

@@ -224,7 +224,8 @@ async fn a_server_killed_mid_measurement_is_a_classified_error() {
     );
     // A real server process (the rpc-runner binary), SIGKILLed mid-measurement.
     let tracker_addr = t.addr().to_string();
-    let mut srv = crate::cli::spawn(&crate::cli::server_args(&tracker_addr, "cpu"));
+    let work_dir = dir.path().to_str().unwrap();
+    let mut srv = crate::cli::spawn(&crate::cli::server_args(&tracker_addr, "cpu", work_dir));
     let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
     let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
     let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
