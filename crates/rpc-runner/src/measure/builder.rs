@@ -174,6 +174,26 @@ impl BuildPlan {
     /// succeeds without writing the artifact.
     pub fn compile(&self) -> BuildTaskOutput {
         let started = Instant::now();
+        // The compiler's own temp files go to a scratch dir next to the
+        // artifact: a compiler killed on timeout cannot clean them up, the
+        // builder removes the scratch dir instead.
+        let scratch = self.scratch_dir();
+        std::fs::create_dir_all(&scratch).map_err(|e| {
+            BuildFailure::io(format_args!("cannot create {}", scratch.display()), e)
+        })?;
+        let result = self.compile_in(&scratch, started);
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// Where the compiler's temp files go while this plan is compiled
+    /// (`TMPDIR`); removed afterwards, also after a timeout.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let dir = self.artifact_path.parent().unwrap_or(Path::new("."));
+        dir.join(format!(".tmp-{}", self.name))
+    }
+
+    fn compile_in(&self, scratch: &Path, started: Instant) -> BuildTaskOutput {
         if let Some(dir) = self.source_path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
                 BuildFailure::io(format_args!("cannot create {}", dir.display()), e)
@@ -196,6 +216,7 @@ impl BuildPlan {
             .arg("-o")
             .arg(&self.artifact_path)
             .arg(&self.source_path)
+            .env("TMPDIR", scratch)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -700,18 +721,20 @@ impl<T: BuildTask> LocalBuilder<T> {
             Err(reason) => Err(BuildError::InvalidInput { name: name.clone(), reason }),
             Ok(()) => {
                 let plan = self.plan(input);
-                let artifact = plan.artifact_path.clone();
-                Ok((Pending(Some(self.pool.submit((self.make_task)(plan)))), artifact))
+                let leftovers = (plan.artifact_path.clone(), plan.scratch_dir());
+                Ok((Pending(Some(self.pool.submit((self.make_task)(plan)))), leftovers))
             }
         };
         async move {
             let result = match pending {
                 Err(e) => Err(e),
-                Ok((mut pending, artifact)) => {
+                Ok((mut pending, (artifact, scratch))) => {
                     let result = pending.wait().await;
                     if result.is_err() {
-                        // No stale or half-written artifact under a failed build's name.
+                        // No stale or half-written artifact under a failed build's
+                        // name, and no temp files of a compiler killed on timeout.
                         let _ = tokio::fs::remove_file(&artifact).await;
+                        let _ = tokio::fs::remove_dir_all(&scratch).await;
                     }
                     result
                 }
