@@ -458,15 +458,21 @@ async fn noisy_task_with_tracing_output() {
 // ---------------------------------------------------------------------------
 // 4. No fds or children outlive a pool: shutdown, kill, drop.
 
-#[tokio::test]
-async fn no_leaks_after_shutdown() {
-    let baseline = warm_up().await;
+/// A 2-worker pool that has run the mixed cases (a timeout, crashes).
+async fn used_pool() -> PopenPool {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(2)
         .timeout(Some(Duration::from_secs(30)))
         .build()
         .unwrap();
     run_and_check(&pool, &mixed_cases()).await;
+    pool
+}
+
+#[tokio::test]
+async fn no_leaks_after_shutdown() {
+    let baseline = warm_up().await;
+    let pool = used_pool().await;
     // No settling: a spare may still be starting after the last crash, and
     // shutdown must reap it too.
     let stats = pool.stats();
@@ -482,12 +488,7 @@ async fn no_leaks_after_shutdown() {
 #[tokio::test]
 async fn no_leaks_after_kill() {
     let baseline = warm_up().await;
-    let pool = PopenPool::builder(test_worker_program())
-        .max_workers(2)
-        .timeout(Some(Duration::from_secs(30)))
-        .build()
-        .unwrap();
-    run_and_check(&pool, &mixed_cases()).await;
+    let pool = used_pool().await;
     settle(&pool).await;
     // Killed with two tasks running and more queued.
     let running: Vec<_> = (0..2).map(|_| pool.submit(Sleep(600_000))).collect();
@@ -511,12 +512,7 @@ async fn no_leaks_after_kill() {
 #[tokio::test]
 async fn no_leaks_after_drop() {
     let baseline = warm_up().await;
-    let pool = PopenPool::builder(test_worker_program())
-        .max_workers(2)
-        .timeout(Some(Duration::from_secs(30)))
-        .build()
-        .unwrap();
-    run_and_check(&pool, &mixed_cases()).await;
+    let pool = used_pool().await;
     settle(&pool).await;
     let running: Vec<_> = (0..2).map(|_| pool.submit(Sleep(600_000))).collect();
     wait_running(&pool, 2).await;
