@@ -23,12 +23,16 @@
 //! - `tracker/`: the control plane, wire-compatible with Apache TVM's tracker:
 //!   `[i32 LE len][JSON]` frames (`codec.rs`), the tracker server
 //!   (`server.rs`) and its clients (`client.rs`).
-//! - `session/`: the handshake (`handshake.rs`), the data-plane messages
-//!   (`proto.rs`), the client [`Session`] (`client.rs`), errors (`error.rs`)
-//!   and leasing through the tracker (`lease.rs`).
-//! - `server/`: the device server (`mod.rs`), its tracker registration
-//!   (`registration.rs`), one session's loop (`session.rs`) and remote-path
-//!   confinement (`paths.rs`).
+//! - `wire/`: what client and server share: TVM's handshake
+//!   (`handshake.rs`), the frame codec (`codec.rs`), the data-plane messages
+//!   (`proto.rs`) and the errors they carry (`error.rs`).
+//! - `session/`: the client [`Session`] (`client.rs`, its request plumbing
+//!   and cancel safety in `io.rs`), errors (`error.rs`) and leasing through
+//!   the tracker (`lease.rs`).
+//! - `server/`: the device server (`mod.rs`, errors in `error.rs`), its
+//!   tracker registration (`registration.rs`), one session's loop
+//!   (`session.rs`) and its operations (`ops.rs`: uploads, streamed
+//!   answers, calls), and remote-path confinement (`paths.rs`).
 //! - `measure/`: the measurement pipeline: argument info, the kernel tasks
 //!   and time evaluator run by session workers, the builder and the runners.
 //! - `worker.rs`: the task types every session worker serves.
@@ -38,8 +42,9 @@ pub mod measure;
 pub mod server;
 pub mod session;
 pub mod tracker;
+pub mod wire;
 pub mod worker;
 
-pub use server::{DeviceServer, ServerConfig, ServerHandle, ServerStatus};
+pub use server::{DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus};
 pub use session::{ConnectOptions, DirEntry, RequestOptions, Session, SessionError};
 pub use tracker::TrackerClient;

@@ -1,9 +1,13 @@
 //! The device server: registers with a tracker, accepts one session at a
 //! time, and isolates each session's work in a `PopenWorker`.
 
+mod error;
+mod ops;
 mod paths;
 mod registration;
 mod session;
+
+pub use error::ServerError;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,14 +18,14 @@ use std::time::Duration;
 use popen_pool::{OutputMode, WorkerProgram};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::session::handshake::{
-    CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello, MAX_KEY_LEN,
-    RPC_MAGIC, read_i32, read_str, write_str,
+use crate::wire::handshake::{
+    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello,
+    MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str, write_str,
 };
 
 /// How a device server runs.
@@ -54,8 +58,14 @@ pub struct ServerConfig {
     /// Re-register with a fresh match key when the current one was leased
     /// but no client connected for this long (default 4 s, as TVM).
     pub unused_lease_timeout: Duration,
-    /// How often the server checks its lease with the tracker (default 1 s).
+    /// How often the server checks its lease with the tracker (default 1 s),
+    /// and, while it is unavailable, whether it can serve again.
     pub tracker_poll: Duration,
+    /// Most connections handled at once: the session plus clients in their
+    /// handshake (default 64). Beyond it a client is refused with
+    /// [`CODE_AT_CAPACITY`](crate::session::CODE_AT_CAPACITY)
+    /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -74,6 +84,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             unused_lease_timeout: Duration::from_secs(4),
             tracker_poll: Duration::from_secs(1),
+            max_connections: 64,
         }
     }
 }
@@ -91,6 +102,12 @@ pub struct ServerStatus {
     pub registered: bool,
     /// The current match key.
     pub matchkey: String,
+    /// Why the server cannot serve sessions now (e.g. its work dir is gone or
+    /// unwritable). While set, the server is not registered with its tracker
+    /// and clients that connect directly are told this reason
+    /// ([`SessionError::SetupFailed`](crate::SessionError::SetupFailed)); it
+    /// is cleared when the server can serve again (checked every `tracker_poll`).
+    pub unavailable: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -98,8 +115,10 @@ pub(crate) struct Shared {
     pub(crate) port: u16,
     pub(crate) state: Mutex<ServerStatus>,
     pub(crate) status: watch::Sender<ServerStatus>,
-    /// A session ended: register a fresh match key.
+    /// A session ended, or a leased key was burnt: register a fresh match key.
     pub(crate) rekey: Notify,
+    /// The server became unavailable: check when it can serve again.
+    pub(crate) recheck: Notify,
 }
 
 impl Shared {
@@ -109,7 +128,7 @@ impl Shared {
         self.status.send_replace(st.clone());
     }
 
-    fn snapshot(&self) -> ServerStatus {
+    pub(crate) fn snapshot(&self) -> ServerStatus {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -125,24 +144,35 @@ impl DeviceServer {
     ///
     /// # Errors
     ///
-    /// An error of the listener itself (accept failing persistently).
+    /// [`ServerError::WorkDir`] or [`ServerError::WorkerProgram`] if the
+    /// server could not serve any session (checked before it registers),
+    /// [`ServerError::Accept`] if accepting connections fails persistently.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the running session's connection and kills
+    /// its worker (without waiting for it); prefer resolving `shutdown`.
     pub async fn run(
         listener: TcpListener,
         config: ServerConfig,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), ServerError> {
         let (status, _) = watch::channel(ServerStatus::default());
         run_with(listener, config, shutdown, status).await
     }
 
-    /// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves in a background task.
+    /// Checks the configuration, binds `addr` (e.g. `"127.0.0.1:0"`) and
+    /// serves in a background task.
     ///
     /// # Errors
     ///
-    /// If `addr` cannot be bound.
-    pub async fn start(addr: &str, config: ServerConfig) -> std::io::Result<ServerHandle> {
-        let listener = TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
+    /// [`ServerError::Bind`] if `addr` cannot be bound;
+    /// [`ServerError::WorkDir`] / [`ServerError::WorkerProgram`] as [`run`](DeviceServer::run).
+    pub async fn start(addr: &str, config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        validate(&config).await?;
+        let bind_err = |source| ServerError::Bind { addr: addr.to_owned(), source };
+        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
         let stop = CancellationToken::new();
         let (status, status_rx) = watch::channel(ServerStatus::default());
         let token = stop.clone();
@@ -158,7 +188,7 @@ impl DeviceServer {
 pub struct ServerHandle {
     addr: SocketAddr,
     stop: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
     status: watch::Receiver<ServerStatus>,
 }
 
@@ -195,10 +225,12 @@ impl ServerHandle {
     /// # Errors
     ///
     /// The server's own error, if it failed.
-    pub async fn shutdown(mut self) -> std::io::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.stop.cancel();
         match self.task.take() {
-            Some(task) => task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(ServerError::Accept(std::io::Error::other(format!("server task failed: {e}"))))
+            }),
             None => Ok(()),
         }
     }
@@ -210,31 +242,55 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Checks that the server can serve a session at all: the work dir can
+/// hold session dirs, and the worker program exists.
+async fn validate(config: &ServerConfig) -> Result<(), ServerError> {
+    let root = config.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    if let Err(source) = ops::probe_work_root(&root).await {
+        return Err(ServerError::WorkDir { path: root, source });
+    }
+    let program = config.worker.path().to_path_buf();
+    let check = program.clone();
+    match ops::blocking(move || std::fs::metadata(&check)).await {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ServerError::WorkerProgram {
+            path: program,
+            source: std::io::Error::other("not a regular file"),
+        }),
+        Err(source) => Err(ServerError::WorkerProgram { path: program, source }),
+    }
+}
+
 async fn run_with(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
     status: watch::Sender<ServerStatus>,
-) -> std::io::Result<()> {
-    let port = listener.local_addr()?.port();
+) -> Result<(), ServerError> {
+    validate(&config).await?;
+    let port = listener.local_addr().map_err(ServerError::Accept)?.port();
     let matchkey = match &config.tracker {
         Some(_) => crate::tracker::random_matchkey(&config.key),
         None => config.key.clone(),
     };
     let initial = ServerStatus { matchkey, ..ServerStatus::default() };
     status.send_replace(initial.clone());
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let refusals = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let shared = Arc::new(Shared {
         cfg: config,
         port,
         state: Mutex::new(initial),
         status,
         rekey: Notify::new(),
+        recheck: Notify::new(),
     });
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     if let Some(tracker) = shared.cfg.tracker.clone() {
         tasks.spawn(registration::run(Arc::clone(&shared), tracker, stop.clone()));
     }
+    tasks.spawn(recheck(Arc::clone(&shared), stop.clone()));
     tracing::info!(port, key = %shared.cfg.key, "device server listening");
     tokio::pin!(shutdown);
     let result = loop {
@@ -242,14 +298,31 @@ async fn run_with(
             biased;
             () = &mut shutdown => break Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tasks.spawn(handle_conn(Arc::clone(&shared), stream, peer, stop.clone()));
-                }
+                Ok((stream, peer)) => match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(permit) => {
+                        let conn = handle_conn(Arc::clone(&shared), stream, peer, stop.clone());
+                        tasks.spawn(async move {
+                            conn.await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => match Arc::clone(&refusals).try_acquire_owned() {
+                        Ok(permit) => {
+                            tracing::warn!(%peer, limit = shared.cfg.max_connections, "connection refused: at the connection limit");
+                            tasks.spawn(async move {
+                                refuse(stream).await;
+                                drop(permit);
+                            });
+                        }
+                        // Flooded: drop the connection at once.
+                        Err(_) => drop(stream),
+                    },
+                },
                 Err(e) if is_transient(&e) => {
                     tracing::warn!(error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => break Err(e),
+                Err(e) => break Err(ServerError::Accept(e)),
             },
         }
     };
@@ -260,15 +333,56 @@ async fn run_with(
     result
 }
 
+/// Answers a connection over the limit with `CODE_AT_CAPACITY`, after reading
+/// its handshake (briefly) so the client reads the code, not a reset.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = read_i32(&mut stream).await?;
+        let _ = read_str(&mut stream, MAX_KEY_LEN).await?;
+        stream.write_all(&CODE_AT_CAPACITY.to_le_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// While the server is unavailable, checks every `tracker_poll` whether it
+/// can serve again (its work dir holds a probe dir), and clears the reason.
+async fn recheck(shared: Arc<Shared>, stop: CancellationToken) {
+    let root = shared.cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = shared.recheck.notified() => {}
+        }
+        while shared.snapshot().unavailable.is_some() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(shared.cfg.tracker_poll) => {}
+            }
+            if ops::probe_work_root(&root).await.is_ok() {
+                tracing::info!(dir = %root.display(), "work dir usable again; serving");
+                shared.update(|st| st.unavailable = None);
+            }
+        }
+    }
+}
+
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
         || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
 }
 
-/// Constant-time comparison, so a token cannot be guessed byte by byte.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares a presented token with the server's in time that depends only
+/// on the server's token length (not on where they differ, nor on the
+/// presented token's length).
+fn same_token(given: &str, expected: &str) -> bool {
+    let (g, e) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(g.len() != e.len());
+    for (i, &b) in e.iter().enumerate() {
+        diff |= b ^ g.get(i).copied().unwrap_or(!b);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 async fn handle_conn(
@@ -298,36 +412,50 @@ async fn handle_conn(
             return;
         }
     };
-    let code = {
+    let with_tracker = shared.cfg.tracker.is_some();
+    let (code, burnt) = {
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         let token_ok = match &shared.cfg.token {
             Some(t) => hello.token.as_deref().is_some_and(|given| same_token(given, t)),
             None => true,
         };
-        if !token_ok {
-            CODE_UNAUTHORIZED
-        } else if hello.matchkey != st.matchkey {
-            CODE_MISMATCH
+        let key_ok = hello.matchkey == st.matchkey;
+        let outcome = if !token_ok {
+            // A refused client holding the current key consumed its lease:
+            // rotate the key so the server is handed out again at once.
+            (CODE_UNAUTHORIZED, key_ok && !st.busy && with_tracker)
+        } else if !key_ok {
+            (CODE_MISMATCH, false)
         } else if st.busy {
-            CODE_DUPLICATE
+            (CODE_DUPLICATE, false)
         } else {
+            (CODE_SUCCESS, false)
+        };
+        if outcome.0 == CODE_SUCCESS {
             st.busy = true;
-            shared.status.send_replace(st.clone());
-            CODE_SUCCESS
         }
+        if with_tracker && (outcome.0 == CODE_SUCCESS || outcome.1) {
+            // A key is good for one session: the consumed key is dead from
+            // this moment (the next one is PUT when the server is free).
+            st.matchkey = crate::tracker::random_matchkey(&shared.cfg.key);
+            st.registered = false;
+        }
+        shared.status.send_replace(st.clone());
+        outcome
     };
+    if burnt {
+        shared.rekey.notify_one();
+    }
     if code != CODE_SUCCESS {
         tracing::info!(%peer, code = format!("{code:#x}"), "session refused");
         let _ = stream.write_all(&code.to_le_bytes()).await;
         return;
     }
     tracing::info!(%peer, timeout = ?hello.timeout, "session started");
-    let accepted = async {
-        stream.write_all(&code.to_le_bytes()).await?;
-        write_str(&mut stream, &format!("server:{}", shared.cfg.key)).await
-    };
-    if accepted.await.is_ok() {
-        session::run(&shared.cfg, stream, hello.timeout, stop).await;
+    let mut accepted = code.to_le_bytes().to_vec();
+    let _ = write_str(&mut accepted, &format!("server:{}", shared.cfg.key)).await;
+    if stream.write_all(&accepted).await.is_ok() {
+        session::run(&shared, stream, hello.timeout, stop).await;
     }
     shared.update(|st| {
         st.busy = false;

@@ -2,7 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::session::proto::WireError;
+use crate::wire::error::WireError;
 
 /// Resolves `remote` inside `root`. Absolute paths, `..`, NUL bytes and (unless
 /// `allow_root`) paths naming the root itself are rejected.

@@ -15,7 +15,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Keeps the server registered with `tracker` until `stop` is cancelled.
 pub(crate) async fn run(shared: Arc<Shared>, tracker: String, stop: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
+    let mut status = shared.status.subscribe();
     loop {
+        // An unavailable server stays out of the tracker until it can serve.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = status.wait_for(|st| st.unavailable.is_none()) => if r.is_err() { return },
+        }
         let connected = tokio::select! {
             () = stop.cancelled() => return,
             r = TrackerLink::connect(&tracker) => r,
@@ -23,9 +29,15 @@ pub(crate) async fn run(shared: Arc<Shared>, tracker: String, stop: Cancellation
         let result = match connected {
             Ok(link) => {
                 backoff = BACKOFF_MIN;
+                let mut status = shared.status.subscribe();
                 tokio::select! {
                     () = stop.cancelled() => return,
                     r = serve(&shared, link) => r,
+                    // Closing the link takes the server out of the tracker.
+                    _ = status.wait_for(|st| st.unavailable.is_some()) => {
+                        tracing::warn!(%tracker, "server unavailable; leaving the tracker until it can serve");
+                        Ok(())
+                    }
                 }
             }
             Err(e) => Err(e),
@@ -86,8 +98,18 @@ async fn serve(shared: &Shared, mut link: TrackerLink) -> Result<(), TrackerErro
 async fn put_fresh_key(shared: &Shared, link: &mut TrackerLink) -> Result<(), TrackerError> {
     let cfg = &shared.cfg;
     let matchkey = random_matchkey(&cfg.key);
-    // The new key is valid before the tracker can hand it out.
-    shared.update(|st| st.matchkey = matchkey.clone());
+    // The new key is valid before the tracker can hand it out; a session
+    // that started meanwhile keeps the server off the tracker.
+    let mut busy = false;
+    shared.update(|st| {
+        busy = st.busy;
+        if !busy {
+            st.matchkey = matchkey.clone();
+        }
+    });
+    if busy {
+        return Ok(());
+    }
     link.put(&cfg.key, shared.port, &matchkey, cfg.custom_addr.as_deref()).await?;
     shared.update(|st| st.registered = true);
     Ok(())

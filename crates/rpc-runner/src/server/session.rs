@@ -1,27 +1,45 @@
 //! One session on the device server: the request loop, its temp dir and its
 //! worker, torn down however the session ends.
+//!
+//! The loop is a single task that never recurses: each turn it waits for
+//! the first of shutdown, the session deadline, progress of the running
+//! operation (a call, a streamed answer) and the next frame from the client.
+//! While an operation runs, a `Cancel` for it (or any new request, which
+//! implicitly cancels it) stops it; a new request is held until the
+//! cancelled operation has been answered, so answers stay in order.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use popen_pool::{ErasedTask, PopenWorker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::ServerConfig;
+use super::ops::{self, Call, Step, Stream, Tx, Upload, Writer, io_error};
 use super::paths::resolve;
-use crate::session::proto::{
-    CHUNK, DirEntry, Request, Response, SESSION_PROTOCOL_VERSION, WireError, session_codec,
+use super::{ServerConfig, Shared};
+use crate::wire::codec::{FrameCodec, Inbound};
+use crate::wire::error::WireError;
+use crate::wire::proto::{
+    CALL_DONE, CHUNK, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, data_frame,
+    msg_frame, peek_id,
 };
 
-type Tx = SplitSink<Framed<TcpStream, LengthDelimitedCodec>, Bytes>;
-type Rx = SplitStream<Framed<TcpStream, LengthDelimitedCodec>>;
+type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
+
+/// How long the server keeps reading after its last frame, so the client
+/// reads that frame rather than a connection reset.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long teardown waits for a cancelled call's worker to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Longest time limit a client can give a call (longer ones are saturated).
+const MAX_CALL_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why the request loop stopped.
 enum End {
@@ -33,60 +51,36 @@ enum End {
     Terminate(WireError),
 }
 
-/// An upload in progress.
-struct Upload {
-    id: u64,
-    /// `None` once it failed (the error was sent); later chunks are dropped.
-    writer: Option<Writer>,
-    expected: u64,
-    written: u64,
+/// The operation in progress.
+enum Op {
+    Idle,
+    Upload(Upload),
+    Stream(Stream),
+    Call(Call),
 }
 
-/// Writes an upload's chunks to its file on a blocking thread, straight from
-/// the received frames, while the session goes on reading the next ones.
-struct Writer {
-    chunks: tokio::sync::mpsc::Sender<Bytes>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
+impl Op {
+    fn id(&self) -> Option<u64> {
+        match self {
+            Op::Idle => None,
+            Op::Upload(u) => Some(u.id),
+            Op::Stream(s) => Some(s.id),
+            Op::Call(c) => Some(c.id),
+        }
+    }
 }
 
-impl Writer {
-    fn new(mut file: std::fs::File) -> Self {
-        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-        let done = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            while let Some(chunk) = rx.blocking_recv() {
-                file.write_all(&chunk)?;
-            }
-            Ok(())
-        });
-        Writer { chunks, done }
-    }
+/// What the running operation did.
+enum Progress {
+    Call(ops::CallOutcome),
+    Stream(Step),
+}
 
-    /// Queues a chunk; `Err` with the writer's own error if it stopped.
-    async fn write(&mut self, chunk: Bytes) -> Result<(), WireError> {
-        if self.chunks.send(chunk).await.is_ok() {
-            return Ok(());
-        }
-        Err(self.finish_now().await)
-    }
-
-    async fn finish_now(&mut self) -> WireError {
-        match (&mut self.done).await {
-            Ok(Err(e)) => WireError::Io { message: e.to_string() },
-            Ok(Ok(())) => WireError::Io { message: "upload writer stopped early".into() },
-            Err(e) => WireError::Io { message: format!("upload writer failed: {e}") },
-        }
-    }
-
-    /// Waits until every chunk is written.
-    async fn finish(self) -> Result<(), WireError> {
-        let Writer { chunks, done } = self;
-        drop(chunks);
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(WireError::Io { message: e.to_string() }),
-            Err(e) => Err(WireError::Io { message: format!("upload writer failed: {e}") }),
-        }
+async fn progress(op: &mut Op, tx: &mut Tx) -> Progress {
+    match op {
+        Op::Call(c) => Progress::Call(c.wait().await),
+        Op::Stream(s) => Progress::Stream(s.step(tx).await),
+        Op::Idle | Op::Upload(_) => std::future::pending().await,
     }
 }
 
@@ -94,14 +88,15 @@ struct Session<'a> {
     cfg: &'a ServerConfig,
     dir: PathBuf,
     tx: Tx,
+    /// The session's worker, while no call holds it.
     worker: Option<PopenWorker>,
-    upload: Option<Upload>,
+    op: Op,
+    /// A request that arrived while the previous one was being cancelled.
+    held: Option<Inbound>,
+    /// The highest request id seen.
+    last_id: u64,
     deadline: Option<Instant>,
     limit: Option<Duration>,
-}
-
-fn encode(msg: &Response<'_>) -> Bytes {
-    postcard::to_stdvec(msg).expect("responses always serialize").into()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -111,21 +106,41 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Runs a session on `stream` (handshake done) until it ends, then kills its
-/// worker and removes its temp dir.
+/// worker and removes its temp dir. If the temp dir cannot be made, the
+/// client is told why and the server marks itself unavailable.
 pub(crate) async fn run(
-    cfg: &ServerConfig,
+    shared: &Shared,
     stream: TcpStream,
     timeout: Option<Duration>,
     shutdown: CancellationToken,
 ) {
-    let dir = match tempfile::Builder::new()
-        .prefix("rpc-session-")
-        .tempdir_in(cfg.work_root.clone().unwrap_or_else(std::env::temp_dir))
-    {
-        Ok(dir) => dir,
+    let cfg = &shared.cfg;
+    let (rd, wr) = stream.into_split();
+    let mut rx = FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME));
+    let mut tx = FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME));
+    let root = cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    let made = ops::blocking({
+        let root = root.clone();
+        move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root)
+    })
+    .await;
+    let dir = match made {
+        Ok(dir) => {
+            shared.update(|st| st.unavailable = None);
+            dir
+        }
         Err(e) => {
-            tracing::error!(error = %e, "cannot create a session directory");
+            let message = format!("cannot create a session directory in {}: {e}", root.display());
+            tracing::error!(%message, "session refused; the server is unavailable until it can");
+            shared.update(|st| st.unavailable = Some(message.clone()));
+            shared.recheck.notify_one();
+            let error = WireError::SetupFailed { message };
+            farewell(&mut tx, &mut rx, Some(Response::Terminated { error })).await;
             return;
         }
     };
@@ -133,159 +148,342 @@ pub(crate) async fn run(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let (tx, mut rx) = Framed::with_capacity(stream, session_codec(), 4 << 20).split();
     let mut session = Session {
         cfg,
         dir: dir.path().to_path_buf(),
         tx,
         worker: None,
-        upload: None,
-        deadline: limit.map(|l| Instant::now() + l),
+        op: Op::Idle,
+        held: None,
+        last_id: 0,
+        deadline: limit.and_then(|l| Instant::now().checked_add(l)),
         limit,
     };
     let end = session.serve(&mut rx, &shutdown).await;
-    // Tear down first, answer `Closed` after: the client learns the server is
-    // clean when close() returns.
+    // Tear down first, answer after: the client learns the server is clean
+    // when close() returns.
+    session.stop_op().await;
     if let Some(mut worker) = session.worker.take() {
         worker.kill().await;
     }
-    session.upload = None;
-    let dir_path = dir.path().to_path_buf();
-    if let Err(e) = dir.close() {
+    let dir_path = session.dir.clone();
+    if let Err(e) = ops::blocking(move || dir.close()).await {
         tracing::warn!(dir = %dir_path.display(), error = %e, "cannot remove session directory");
     }
-    let farewell = match end {
+    let last = match end {
         End::Gone => None,
         End::Close(id) => Some(Response::Closed { id }),
         End::Terminate(error) => Some(Response::Terminated { error }),
     };
-    if let Some(msg) = farewell {
-        let _ = tokio::time::timeout(Duration::from_secs(5), session.tx.send(encode(&msg))).await;
-    }
-    // Close our side, then wait briefly for the client to close, so that the
-    // client reads our last frame rather than a connection reset.
-    if let Ok(framed) = session.tx.reunite(rx) {
-        let mut stream = framed.into_inner();
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 512];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
-    }
+    farewell(&mut session.tx, &mut rx, last).await;
     tracing::info!(dir = %dir_path.display(), "session ended");
 }
 
+/// Sends the last frame, closes our side, then reads (discarding) until
+/// the client closes, for at most [`DRAIN`].
+async fn farewell(tx: &mut Tx, rx: &mut Rx, last: Option<Response<'_>>) {
+    if let Some(msg) = last {
+        let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(msg_frame(&msg))).await;
+    }
+    let _ = tx.get_mut().shutdown().await;
+    let _ = tokio::time::timeout(DRAIN, async { while let Some(Ok(_)) = rx.next().await {} }).await;
+}
+
 impl Session<'_> {
+    /// Sends a small answer. A reply too large for a frame is answered with
+    /// `FrameTooLarge` instead.
     async fn send(&mut self, msg: &Response<'_>) -> Result<(), End> {
-        self.tx.send(encode(msg)).await.map_err(|_| End::Gone)
+        let frame = msg_frame(msg);
+        let (len, limit) = (frame.len() as u64, MAX_SESSION_FRAME as u64);
+        let frame = match msg.id() {
+            Some(id) if len > limit => {
+                msg_frame(&Response::Error { id, error: WireError::FrameTooLarge { len, limit } })
+            }
+            _ => frame,
+        };
+        self.tx.send(frame).await.map_err(|_| End::Gone)
     }
 
     async fn send_error(&mut self, id: u64, error: WireError) -> Result<(), End> {
         self.send(&Response::Error { id, error }).await
     }
 
+    fn timed_out(limit: Option<Duration>) -> End {
+        let limit_ms = millis(limit.unwrap_or_default());
+        tracing::info!(limit_ms, "session timed out");
+        End::Terminate(WireError::SessionTimeout { limit_ms })
+    }
+
     async fn serve(&mut self, rx: &mut Rx, shutdown: &CancellationToken) -> End {
         loop {
-            let frame = tokio::select! {
+            // A request held back while its predecessor was cancelled.
+            if matches!(self.op, Op::Idle) {
+                if let Some(item) = self.held.take() {
+                    if let Err(end) = self.guarded(item, shutdown).await {
+                        return end;
+                    }
+                    continue;
+                }
+            }
+            // Read on unless a request is held, or a cancelled call is
+            // winding down (its answer must come first).
+            let winding_down = matches!(&self.op, Op::Call(c) if c.is_cancelled());
+            let can_read = self.held.is_none() && !winding_down;
+            let deadline = self.deadline;
+            enum Ev {
+                Shutdown,
+                Deadline,
+                Progress(Progress),
+                Frame(Option<std::io::Result<Inbound>>),
+            }
+            let ev = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return End::Terminate(WireError::ServerShutdown),
-                () = sleep_until(self.deadline) => return self.timed_out(),
-                frame = rx.next() => frame,
+                () = shutdown.cancelled() => Ev::Shutdown,
+                () = sleep_until(deadline) => Ev::Deadline,
+                p = progress(&mut self.op, &mut self.tx) => Ev::Progress(p),
+                f = rx.next(), if can_read => Ev::Frame(f),
             };
-            let frame = match frame {
-                None => return End::Gone,
-                Some(Err(e)) => {
+            let step = match ev {
+                Ev::Shutdown => return End::Terminate(WireError::ServerShutdown),
+                Ev::Deadline => return Self::timed_out(self.limit),
+                Ev::Progress(p) => self.progressed(p).await,
+                Ev::Frame(None) => return End::Gone,
+                Ev::Frame(Some(Err(e))) => {
                     tracing::debug!(error = %e, "session connection failed");
                     return End::Gone;
                 }
-                Some(Ok(frame)) => frame,
+                Ev::Frame(Some(Ok(item))) => self.guarded(item, shutdown).await,
             };
-            if let Err(end) = self.handle(frame, rx, shutdown).await {
+            if let Err(end) = step {
                 return end;
             }
         }
     }
 
-    fn timed_out(&self) -> End {
-        let limit_ms = self.limit.unwrap_or_default().as_millis() as u64;
-        tracing::info!(limit_ms, "session timed out");
-        End::Terminate(WireError::SessionTimeout { limit_ms })
+    /// Handles one frame, bounded by the deadline and shutdown.
+    async fn guarded(&mut self, item: Inbound, shutdown: &CancellationToken) -> Result<(), End> {
+        let (deadline, limit) = (self.deadline, self.limit);
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Err(End::Terminate(WireError::ServerShutdown)),
+            () = sleep_until(deadline) => Err(Self::timed_out(limit)),
+            r = self.on_frame(item) => r,
+        }
     }
 
-    async fn handle(
-        &mut self,
-        frame: BytesMut,
-        rx: &mut Rx,
-        shutdown: &CancellationToken,
-    ) -> Result<(), End> {
+    /// The running operation made progress.
+    async fn progressed(&mut self, p: Progress) -> Result<(), End> {
+        match p {
+            Progress::Call((worker, outcome)) => {
+                let Op::Call(call) = std::mem::replace(&mut self.op, Op::Idle) else {
+                    unreachable!("only a call reports a call outcome")
+                };
+                self.worker = Some(worker);
+                let id = call.id;
+                match outcome {
+                    None => self.send_error(id, WireError::Cancelled).await,
+                    Some(Err(e)) => self.send_error(id, WireError::from_pool(e)).await,
+                    Some(Ok(out)) if out.len() <= CHUNK => {
+                        self.tx.send(data_frame(CALL_DONE, id, &out)).await.map_err(|_| End::Gone)
+                    }
+                    Some(Ok(out)) => {
+                        let len = out.len() as u64;
+                        self.send(&Response::CallBegin { id, len }).await?;
+                        self.op = Op::Stream(Stream::bytes(id, out));
+                        Ok(())
+                    }
+                }
+            }
+            Progress::Stream(step) => match step {
+                Step::More => Ok(()),
+                Step::Done => {
+                    self.op = Op::Idle;
+                    Ok(())
+                }
+                Step::Gone => Err(End::Gone),
+                Step::Failed(error) => {
+                    let id = self.op.id().unwrap_or_default();
+                    self.op = Op::Idle;
+                    self.send_error(id, error).await
+                }
+            },
+        }
+    }
+
+    /// Stops the running operation and answers it `Cancelled` (a call's
+    /// answer comes once its worker is reaped, through `progressed`).
+    async fn cancel_op(&mut self) -> Result<(), End> {
+        match std::mem::replace(&mut self.op, Op::Idle) {
+            Op::Idle => Ok(()),
+            Op::Call(call) => {
+                call.cancel();
+                self.op = Op::Call(call);
+                Ok(())
+            }
+            Op::Upload(up) => {
+                let (id, failed) = (up.id, up.writer.is_none());
+                up.discard().await;
+                // A failed upload was answered already.
+                if failed { Ok(()) } else { self.send_error(id, WireError::Cancelled).await }
+            }
+            Op::Stream(s) => {
+                let id = s.id;
+                self.send_error(id, WireError::Cancelled).await
+            }
+        }
+    }
+
+    /// Teardown: stops the running operation without answering it.
+    async fn stop_op(&mut self) {
+        match std::mem::replace(&mut self.op, Op::Idle) {
+            Op::Call(mut call) => {
+                call.cancel();
+                if let Ok((worker, _)) = tokio::time::timeout(KILL_WAIT, call.wait()).await {
+                    self.worker = Some(worker);
+                }
+            }
+            Op::Upload(up) => up.discard().await,
+            Op::Idle | Op::Stream(_) => {}
+        }
+    }
+
+    async fn on_frame(&mut self, item: Inbound) -> Result<(), End> {
+        let frame = match item {
+            Inbound::Frame(f) => f,
+            Inbound::TooLarge { len, head } => return self.too_large(len, &head).await,
+        };
         let frame = frame.freeze();
         let req: Request<'_> = postcard::from_bytes(&frame).map_err(|e| {
             End::Terminate(WireError::Protocol { message: format!("undecodable request: {e}") })
         })?;
-        match req {
-            Request::Hello { version } => {
-                if version != SESSION_PROTOCOL_VERSION {
-                    return Err(End::Terminate(WireError::Protocol {
-                        message: format!(
-                            "client speaks session protocol {version}, server {SESSION_PROTOCOL_VERSION}"
-                        ),
-                    }));
-                }
-                let hello = Response::Hello {
-                    version: SESSION_PROTOCOL_VERSION,
-                    key: self.cfg.key.clone(),
-                    workdir: self.dir.display().to_string(),
-                    max_upload: self.cfg.max_upload_bytes,
-                    session_timeout_ms: self.limit.map(|l| l.as_millis() as u64),
-                };
-                self.send(&hello).await
+        // Frames that belong to the running operation.
+        match (&req, &self.op) {
+            (Request::Cancel { id }, op) => {
+                return if op.id() == Some(*id) { self.cancel_op().await } else { Ok(()) };
             }
+            (Request::UploadChunk { id, data }, Op::Upload(up)) if up.id == *id => {
+                let data = frame.slice_ref(data);
+                return self.upload_chunk(data).await;
+            }
+            (Request::UploadEnd { id }, Op::Upload(up)) if up.id == *id => {
+                return self.upload_end().await;
+            }
+            (Request::UploadChunk { id, .. } | Request::UploadEnd { id }, _) => {
+                if *id <= self.last_id {
+                    return Ok(()); // the rest of a cancelled or failed upload
+                }
+                return Err(End::Terminate(WireError::Protocol {
+                    message: format!("{} for an upload that was not started", req.kind()),
+                }));
+            }
+            (_, Op::Idle) => {}
+            (_, op) => {
+                // A new request implicitly cancels the running operation;
+                // it is handled once that is answered.
+                let winding_down = matches!(op, Op::Call(c) if c.is_cancelled());
+                drop(req);
+                self.held = Some(Inbound::Frame(BytesMut::from(&frame[..])));
+                return if winding_down { Ok(()) } else { self.cancel_op().await };
+            }
+        }
+        if let Some(id) = request_id(&req) {
+            self.last_id = self.last_id.max(id);
+        }
+        match req {
+            Request::Hello { version } => self.hello(version).await,
             Request::UploadBegin { id, path, len } => self.upload_begin(id, path, len).await,
-            Request::UploadChunk { id, data } => self.upload_chunk(id, frame.slice_ref(data)).await,
-            Request::UploadEnd { id } => self.upload_end(id).await,
             Request::Download { id, path } => self.download(id, path).await,
             Request::Remove { id, path } => self.remove(id, path).await,
             Request::ListDir { id, path } => self.listdir(id, path).await,
             Request::Call { id, name, payload, timeout_ms } => {
-                let task = ErasedTask::from_raw(name.to_owned(), Bytes::copy_from_slice(payload));
-                self.call(id, task, timeout_ms.map(Duration::from_millis), rx, shutdown).await
+                let task = ErasedTask::from_raw(name.to_owned(), frame.slice_ref(payload));
+                let limit = timeout_ms.map(|ms| Duration::from_millis(ms).min(MAX_CALL_LIMIT));
+                self.call(id, task, limit).await
             }
             Request::Close { id } => Err(End::Close(id)),
+            Request::UploadChunk { .. } | Request::UploadEnd { .. } | Request::Cancel { .. } => {
+                unreachable!("handled above")
+            }
         }
     }
 
-    async fn upload_begin(&mut self, id: u64, path: &str, len: u64) -> Result<(), End> {
-        self.upload = Some(Upload { id, writer: None, expected: len, written: 0 });
-        let limit = self.cfg.max_upload_bytes;
-        if len > limit {
-            return self.send_error(id, WireError::UploadTooLarge { len, limit }).await;
-        }
-        let target = match resolve(&self.dir, path, false) {
-            Ok(t) => t,
-            Err(e) => return self.send_error(id, e).await,
+    /// A frame over the limit: answer the request it starts, if it can be told.
+    async fn too_large(&mut self, len: u64, head: &[u8]) -> Result<(), End> {
+        let limit = MAX_SESSION_FRAME as u64;
+        let error = WireError::FrameTooLarge { len, limit };
+        let Some((_, id)) = peek_id(head) else {
+            return Err(End::Terminate(error));
         };
-        match create_file(&target).await {
-            Ok(file) => {
-                // Reserve the blocks up front: the writes then only fill them.
-                if len > 0 {
-                    let _ = nix::fcntl::posix_fallocate(&file, 0, len as i64);
-                }
-                if let Some(up) = self.upload.as_mut() {
-                    up.writer = Some(Writer::new(file));
+        let current = self.op.id();
+        match &mut self.op {
+            Op::Upload(up) if up.id == id => {
+                // The upload fails; its later chunks are dropped.
+                if let Some(w) = up.writer.take() {
+                    let _ = w.finish().await;
+                    return self.send_error(id, error).await;
                 }
                 Ok(())
             }
-            Err(e) => self.send_error(id, io_error(&e, path)).await,
+            Op::Idle => {
+                self.last_id = self.last_id.max(id);
+                self.send_error(id, error).await
+            }
+            _ if current == Some(id) => Err(End::Terminate(error)),
+            _ => {
+                self.held = Some(Inbound::TooLarge { len, head: Bytes::copy_from_slice(head) });
+                self.cancel_op().await
+            }
         }
     }
 
-    async fn upload_chunk(&mut self, id: u64, data: Bytes) -> Result<(), End> {
-        let Some(up) = self.upload.as_mut().filter(|u| u.id == id) else {
+    async fn hello(&mut self, version: u32) -> Result<(), End> {
+        if version != SESSION_PROTOCOL_VERSION {
             return Err(End::Terminate(WireError::Protocol {
-                message: format!("chunk for upload {id}, which was not started"),
+                message: format!(
+                    "client speaks session protocol {version}, server {SESSION_PROTOCOL_VERSION}"
+                ),
             }));
+        }
+        let hello = Response::Hello {
+            version: SESSION_PROTOCOL_VERSION,
+            key: self.cfg.key.clone(),
+            workdir: self.dir.display().to_string(),
+            max_upload: self.cfg.max_upload_bytes,
+            session_timeout_ms: self.limit.map(millis),
+            max_frame: MAX_SESSION_FRAME as u64,
         };
+        self.send(&hello).await
+    }
+
+    async fn upload_begin(&mut self, id: u64, path: &str, len: u64) -> Result<(), End> {
+        let limit = self.cfg.max_upload_bytes;
+        let target = resolve(&self.dir, path, false);
+        let mut up = Upload { id, writer: None, expected: len, written: 0, path: PathBuf::new() };
+        let result = match target {
+            _ if len > limit => Err(WireError::UploadTooLarge { len, limit }),
+            Err(e) => Err(e),
+            Ok(target) => {
+                up.path = target.clone();
+                Writer::create(target, len).await.map_err(|e| io_error(&e, path))
+            }
+        };
+        match result {
+            Ok(w) => {
+                up.writer = Some(w);
+                self.op = Op::Upload(up);
+                Ok(())
+            }
+            Err(e) => {
+                // Failed: its chunks are dropped until `UploadEnd`.
+                self.op = Op::Upload(up);
+                self.send_error(id, e).await
+            }
+        }
+    }
+
+    async fn upload_chunk(&mut self, data: Bytes) -> Result<(), End> {
+        let Op::Upload(up) = &mut self.op else { unreachable!("checked by the caller") };
+        let id = up.id;
         let Some(writer) = up.writer.as_mut() else { return Ok(()) }; // failed: drop the rest
         up.written += data.len() as u64;
         let result = if up.written > up.expected {
@@ -296,24 +494,26 @@ impl Session<'_> {
             writer.write(data).await
         };
         if let Err(e) = result {
-            up.writer = None;
+            if let Some(w) = up.writer.take() {
+                let _ = w.finish().await;
+            }
             return self.send_error(id, e).await;
         }
         Ok(())
     }
 
-    async fn upload_end(&mut self, id: u64) -> Result<(), End> {
-        let Some(mut up) = self.upload.take().filter(|u| u.id == id) else {
-            return Err(End::Terminate(WireError::Protocol {
-                message: format!("end of upload {id}, which was not started"),
-            }));
+    async fn upload_end(&mut self) -> Result<(), End> {
+        let Op::Upload(mut up) = std::mem::replace(&mut self.op, Op::Idle) else {
+            unreachable!("checked by the caller")
         };
+        let id = up.id;
         let Some(writer) = up.writer.take() else {
             return Ok(()); // the error was already sent
         };
         let written = writer.finish().await;
         if up.written != up.expected {
             let message = format!("upload {id} sent {} of {} bytes", up.written, up.expected);
+            up.discard().await;
             return self.send_error(id, WireError::Protocol { message }).await;
         }
         match written {
@@ -327,36 +527,14 @@ impl Session<'_> {
             Ok(t) => t,
             Err(e) => return self.send_error(id, e).await,
         };
-        let mut file = match tokio::fs::File::open(&target).await {
-            Ok(f) => f,
-            Err(e) => return self.send_error(id, io_error(&e, path)).await,
-        };
-        let len = match file.metadata().await {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) => {
-                let error = WireError::Io { message: format!("{path:?} is not a regular file") };
-                return self.send_error(id, error).await;
+        match ops::open_for_download(target).await {
+            Ok((file, len)) => {
+                self.send(&Response::DownloadBegin { id, len }).await?;
+                self.op = Op::Stream(Stream::file(id, file, len));
+                Ok(())
             }
-            Err(e) => return self.send_error(id, io_error(&e, path)).await,
-        };
-        self.send(&Response::DownloadBegin { id, len }).await?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut sent = 0u64;
-        while sent < len {
-            let want = CHUNK.min((len - sent) as usize);
-            if let Err(e) = file.read_exact(&mut buf[..want]).await {
-                // The client expects `len` bytes: the stream is unusable now.
-                return Err(End::Terminate(WireError::Io {
-                    message: format!("reading {path:?} failed mid-download: {e}"),
-                }));
-            }
-            self.tx
-                .feed(encode(&Response::DownloadChunk { id, data: &buf[..want] }))
-                .await
-                .map_err(|_| End::Gone)?;
-            sent += want as u64;
+            Err(e) => self.send_error(id, io_error(&e, path)).await,
         }
-        self.tx.flush().await.map_err(|_| End::Gone)
     }
 
     async fn remove(&mut self, id: u64, path: &str) -> Result<(), End> {
@@ -364,12 +542,7 @@ impl Session<'_> {
             Ok(t) => t,
             Err(e) => return self.send_error(id, e).await,
         };
-        let result = match tokio::fs::symlink_metadata(&target).await {
-            Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&target).await,
-            Ok(_) => tokio::fs::remove_file(&target).await,
-            Err(e) => Err(e),
-        };
-        match result {
+        match ops::remove(target).await {
             Ok(()) => self.send(&Response::Ok { id }).await,
             Err(e) => self.send_error(id, io_error(&e, path)).await,
         }
@@ -380,7 +553,7 @@ impl Session<'_> {
             Ok(t) => t,
             Err(e) => return self.send_error(id, e).await,
         };
-        match list(&target).await {
+        match ops::list(target).await {
             Ok(entries) => self.send(&Response::Listing { id, entries }).await,
             Err(e) => self.send_error(id, io_error(&e, path)).await,
         }
@@ -391,89 +564,37 @@ impl Session<'_> {
         id: u64,
         task: ErasedTask,
         limit: Option<Duration>,
-        rx: &mut Rx,
-        shutdown: &CancellationToken,
     ) -> Result<(), End> {
-        if self.worker.is_none() {
-            let program = self.cfg.worker.clone().current_dir(&self.dir);
-            let worker = PopenWorker::builder(program)
-                .stdout(self.cfg.worker_output)
-                .stderr(self.cfg.worker_output)
-                .build();
-            match worker {
-                Ok(w) => self.worker = Some(w),
-                Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
-            }
-        }
-        let worker = self.worker.as_mut().expect("worker was just created");
-        let deadline = self.deadline;
-        // While the task runs, the session still watches its deadline, the
-        // server's shutdown and the client's connection.
-        enum Ev {
-            Done(Result<Bytes, popen_pool::PoolError>),
-            Deadline,
-            Shutdown,
-            Client(Option<Result<BytesMut, std::io::Error>>),
-        }
-        let ev = {
-            let run = worker.run_erased(&task, limit);
-            tokio::pin!(run);
-            tokio::select! {
-                biased;
-                r = &mut run => Ev::Done(r),
-                () = shutdown.cancelled() => Ev::Shutdown,
-                () = sleep_until(deadline) => Ev::Deadline,
-                f = rx.next() => Ev::Client(f),
+        let worker = match self.worker.take() {
+            Some(w) => w,
+            None => {
+                let program = self.cfg.worker.clone().current_dir(&self.dir);
+                let built = PopenWorker::builder(program)
+                    .stdout(self.cfg.worker_output)
+                    .stderr(self.cfg.worker_output)
+                    .build();
+                match built {
+                    Ok(w) => w,
+                    Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
+                }
             }
         };
-        match ev {
-            Ev::Done(Ok(out)) => self.send(&Response::CallDone { id, payload: &out }).await,
-            Ev::Done(Err(e)) => self.send_error(id, WireError::from_pool(e)).await,
-            // The dropped `run` future killed the worker; `run` (the caller)
-            // tears the rest down.
-            Ev::Shutdown => Err(End::Terminate(WireError::ServerShutdown)),
-            Ev::Deadline => Err(self.timed_out()),
-            Ev::Client(None | Some(Err(_))) => Err(End::Gone),
-            Ev::Client(Some(Ok(frame))) => {
-                // The client gave up on the call (its future was dropped) and
-                // moved on: the call is abandoned, the worker killed.
-                if let Some(mut w) = self.worker.take() {
-                    w.kill().await;
-                }
-                let error = WireError::Worker { message: "call abandoned by the client".into() };
-                self.send_error(id, error).await?;
-                Box::pin(self.handle(frame, rx, shutdown)).await
-            }
-        }
+        self.op = Op::Call(Call::start(id, worker, task, limit));
+        Ok(())
     }
 }
 
-async fn create_file(target: &Path) -> std::io::Result<std::fs::File> {
-    if let Some(parent) = target.parent() {
-        tokio::fs::create_dir_all(parent).await?;
-    }
-    Ok(tokio::fs::File::create(target).await?.into_std().await)
-}
-
-async fn list(dir: &Path) -> std::io::Result<Vec<DirEntry>> {
-    let mut rd = tokio::fs::read_dir(dir).await?;
-    let mut entries = Vec::new();
-    while let Some(e) = rd.next_entry().await? {
-        let meta = e.metadata().await?;
-        entries.push(DirEntry {
-            name: e.file_name().to_string_lossy().into_owned(),
-            is_dir: meta.is_dir(),
-            size: if meta.is_dir() { 0 } else { meta.len() },
-        });
-    }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
-}
-
-fn io_error(e: &std::io::Error, path: &str) -> WireError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        WireError::NotFound { path: path.to_owned() }
-    } else {
-        WireError::Io { message: format!("{path:?}: {e}") }
+fn request_id(req: &Request<'_>) -> Option<u64> {
+    match req {
+        Request::Hello { .. } => None,
+        Request::UploadBegin { id, .. }
+        | Request::UploadChunk { id, .. }
+        | Request::UploadEnd { id }
+        | Request::Download { id, .. }
+        | Request::Remove { id, .. }
+        | Request::ListDir { id, .. }
+        | Request::Call { id, .. }
+        | Request::Close { id }
+        | Request::Cancel { id } => Some(*id),
     }
 }

@@ -4,20 +4,21 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
 use popen_pool::Task;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use super::error::SessionError;
-use super::handshake::{
-    CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello, MAX_KEY_LEN,
-    RPC_MAGIC, read_i32, read_str, write_str,
+use super::io::{ChunkSink, Got};
+use crate::wire::codec::FrameCodec;
+use crate::wire::handshake::{
+    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello,
+    MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str, write_str,
 };
-use super::proto::{
-    CHUNK, DirEntry, Request, Response, SESSION_PROTOCOL_VERSION, session_codec,
-    upload_chunk_header,
+use crate::wire::proto::{
+    CHUNK, DirEntry, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, UPLOAD_CHUNK,
+    data_frame, msg_frame,
 };
 
 /// How to open a session.
@@ -31,8 +32,13 @@ pub struct ConnectOptions {
     /// Limit of the TCP connect plus handshake (default 10 s).
     pub connect_timeout: Duration,
     /// Limit of each request's wait for its answer (default 10 min); a call's
-    /// own timeout, if longer, extends it.
+    /// own timeout, if longer, extends it. A request that runs past it is
+    /// cancelled (the session stays usable).
     pub request_timeout: Duration,
+    /// Largest reply held in memory: a call's output or a [`Session::download`]
+    /// (default 1 GiB). A larger one fails with [`SessionError::ReplyTooLarge`]
+    /// and the session goes on.
+    pub max_reply_bytes: u64,
 }
 
 impl Default for ConnectOptions {
@@ -42,6 +48,7 @@ impl Default for ConnectOptions {
             token: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(600),
+            max_reply_bytes: 1 << 30,
         }
     }
 }
@@ -60,14 +67,31 @@ impl ConnectOptions {
         self.token = token;
         self
     }
+
+    /// Sets the limit of each request's wait for its answer.
+    #[must_use]
+    pub fn request_timeout(mut self, limit: Duration) -> Self {
+        self.request_timeout = limit;
+        self
+    }
+
+    /// Sets the largest reply held in memory.
+    #[must_use]
+    pub fn max_reply_bytes(mut self, bytes: u64) -> Self {
+        self.max_reply_bytes = bytes;
+        self
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum State {
     Open,
+    /// `Close` with this id was sent; its answer is awaited.
+    Closing(u64),
     Closed,
-    /// The connection broke or the server ended the session.
-    Broken,
+    /// The connection broke, the server ended the session, or the protocol
+    /// lost sync: the reason.
+    Broken(String),
 }
 
 /// A session with a device server.
@@ -77,6 +101,19 @@ enum State {
 /// outcome; it is idempotent. Dropping a session without closing it closes
 /// its socket at once, and the server notices and frees the device
 /// immediately. Methods take `&mut self`: one request at a time.
+///
+/// # Cancel safety
+///
+/// Every method is cancel-safe: if its future is dropped (a `select!`, a
+/// `tokio::time::timeout`), the session stays usable. The next request
+/// tells the server to cancel the abandoned one (`Cancel`) and skips what
+/// the server still sends for it. What cancelling does on the server: a
+/// running [`call`](Session::call) has its worker killed, so the next call
+/// starts a fresh worker (kernels loaded and buffers allocated by earlier
+/// calls are gone); an upload stops and its partial file is removed; a
+/// download stops. A dropped [`close`](Session::close) is resumed by the
+/// next `close`. If the connection broke or the server ended the session,
+/// every method fails fast with [`SessionError::Broken`] and the reason.
 ///
 /// # Examples
 ///
@@ -91,28 +128,23 @@ enum State {
 /// ```
 #[derive(Debug)]
 pub struct Session {
-    io: Framed<TcpStream, LengthDelimitedCodec>,
-    state: State,
-    next_id: u64,
+    pub(super) io: Framed<TcpStream, FrameCodec>,
+    pub(super) state: State,
+    pub(super) next_id: u64,
+    /// A request sent whose answer was not read to the end (its future was
+    /// dropped); the next request cancels it.
+    pub(super) in_flight: Option<u64>,
     addr: String,
     server_key: String,
     workdir: String,
     max_upload: u64,
+    /// Largest frame this client accepts.
+    pub(super) max_frame: u64,
+    /// Largest frame the server accepts.
+    pub(super) server_max_frame: u64,
+    max_reply: u64,
     session_timeout: Option<Duration>,
-    request_timeout: Duration,
-}
-
-/// An answer to one request, decoded.
-enum Reply {
-    Ok,
-    DownloadBegin(u64),
-    Listing(Vec<DirEntry>),
-    CallDone(Bytes),
-    Closed,
-}
-
-fn io_lost(e: std::io::Error) -> SessionError {
-    SessionError::ConnectionLost { source: Some(e) }
+    pub(super) request_timeout: Duration,
 }
 
 impl Session {
@@ -123,7 +155,13 @@ impl Session {
     ///
     /// [`SessionError::Connect`], [`SessionError::KeyMismatch`],
     /// [`SessionError::Busy`], [`SessionError::Unauthorized`],
+    /// [`SessionError::AtCapacity`], [`SessionError::SetupFailed`],
     /// [`SessionError::Handshake`], [`SessionError::Timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the half-open connection; the server
+    /// notices and stays free.
     pub async fn connect(
         addr: &str,
         matchkey: &str,
@@ -153,8 +191,9 @@ impl Session {
         let handshake_err = |e: std::io::Error| SessionError::Handshake {
             message: format!("{e} (is {addr} an RPC server?)"),
         };
-        stream.write_all(&RPC_MAGIC.to_le_bytes()).await.map_err(handshake_err)?;
-        write_str(&mut stream, &hello.to_wire()).await.map_err(handshake_err)?;
+        let mut first = RPC_MAGIC.to_le_bytes().to_vec();
+        write_str(&mut first, &hello.to_wire()).await.map_err(handshake_err)?;
+        stream.write_all(&first).await.map_err(handshake_err)?;
         let code = read_i32(&mut stream).await.map_err(handshake_err)?;
         match code {
             CODE_SUCCESS => {}
@@ -163,6 +202,7 @@ impl Session {
             }
             CODE_DUPLICATE => return Err(SessionError::Busy),
             CODE_UNAUTHORIZED => return Err(SessionError::Unauthorized),
+            CODE_AT_CAPACITY => return Err(SessionError::AtCapacity),
             other => {
                 return Err(SessionError::Handshake {
                     message: format!("unexpected handshake answer {other:#x}"),
@@ -172,29 +212,46 @@ impl Session {
         let server = read_str(&mut stream, MAX_KEY_LEN).await.map_err(handshake_err)?;
         let server_key = server.strip_prefix("server:").unwrap_or(&server).to_owned();
         let mut sess = Session {
-            io: Framed::new(stream, session_codec()),
+            io: Framed::new(stream, FrameCodec::new(MAX_SESSION_FRAME)),
             state: State::Open,
             next_id: 1,
+            in_flight: None,
             addr: addr.to_owned(),
             server_key,
             workdir: String::new(),
             max_upload: u64::MAX,
+            max_frame: MAX_SESSION_FRAME as u64,
+            server_max_frame: MAX_SESSION_FRAME as u64,
+            max_reply: opts.max_reply_bytes,
             session_timeout: None,
             request_timeout: opts.request_timeout,
         };
-        sess.send(&Request::Hello { version: SESSION_PROTOCOL_VERSION }).await?;
-        let frame = sess.next_frame(opts.connect_timeout).await?;
+        sess.write(msg_frame(&Request::Hello { version: SESSION_PROTOCOL_VERSION }), true).await?;
+        let frame = match sess.next(opts.connect_timeout).await? {
+            Got::Frame(f) => f,
+            Got::TooLarge { len, .. } => {
+                return Err(SessionError::FrameTooLarge { len, limit: sess.max_frame });
+            }
+        };
         match postcard::from_bytes::<Response<'_>>(&frame) {
-            Ok(Response::Hello { version, workdir, max_upload, session_timeout_ms, .. })
-                if version == SESSION_PROTOCOL_VERSION =>
-            {
+            Ok(Response::Hello {
+                version,
+                workdir,
+                max_upload,
+                session_timeout_ms,
+                max_frame,
+                ..
+            }) if version == SESSION_PROTOCOL_VERSION => {
                 sess.workdir = workdir;
                 sess.max_upload = max_upload;
+                sess.server_max_frame = max_frame;
                 sess.session_timeout = session_timeout_ms.map(Duration::from_millis);
                 Ok(sess)
             }
             Ok(Response::Terminated { error }) => Err(SessionError::from_wire(error)),
-            Ok(other) => Err(SessionError::protocol(format!("expected Hello, got {other:?}"))),
+            Ok(other) => {
+                Err(SessionError::protocol(format!("expected Hello, got {}", other.kind())))
+            }
             Err(e) => Err(SessionError::protocol(format!("undecodable Hello: {e}"))),
         }
     }
@@ -224,138 +281,20 @@ impl Session {
         self.state == State::Open
     }
 
-    fn check_open(&self) -> Result<(), SessionError> {
-        match self.state {
-            State::Open => Ok(()),
-            State::Closed => Err(SessionError::Closed),
-            State::Broken => Err(SessionError::ConnectionLost { source: None }),
-        }
-    }
-
-    fn new_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    fn encode(req: &Request<'_>) -> Result<Bytes, SessionError> {
-        postcard::to_stdvec(req).map(Bytes::from).map_err(|e| SessionError::protocol(e.to_string()))
-    }
-
-    async fn send(&mut self, req: &Request<'_>) -> Result<(), SessionError> {
-        let frame = Self::encode(req)?;
-        if let Err(e) = self.io.send(frame).await {
-            self.state = State::Broken;
-            return Err(io_lost(e));
-        }
-        Ok(())
-    }
-
-    async fn feed(&mut self, req: &Request<'_>) -> Result<(), SessionError> {
-        let frame = Self::encode(req)?;
-        if let Err(e) = self.io.feed(frame).await {
-            self.state = State::Broken;
-            return Err(io_lost(e));
-        }
-        Ok(())
-    }
-
-    /// Writes one `UploadChunk` frame straight from `data` (no copy into the
-    /// codec's buffer): the header through the socket, then the bytes.
-    async fn write_chunk(&mut self, id: u64, data: &[u8]) -> Result<(), SessionError> {
-        let header = upload_chunk_header(id, data.len());
-        let mut prefix = ((header.len() + data.len()) as u32).to_be_bytes().to_vec();
-        prefix.extend_from_slice(&header);
-        let result = async {
-            SinkExt::<Bytes>::flush(&mut self.io).await?;
-            let stream = self.io.get_mut();
-            stream.write_all(&prefix).await?;
-            stream.write_all(data).await
-        }
-        .await;
-        if let Err(e) = result {
-            self.state = State::Broken;
-            return Err(io_lost(e));
-        }
-        Ok(())
-    }
-
-    async fn next_frame(&mut self, limit: Duration) -> Result<BytesMut, SessionError> {
-        match tokio::time::timeout(limit, self.io.next()).await {
-            Err(_) => {
-                self.state = State::Broken;
-                Err(SessionError::Timeout { what: "waiting for the device server", limit })
-            }
-            Ok(None) => {
-                self.state = State::Broken;
-                Err(SessionError::ConnectionLost { source: None })
-            }
-            Ok(Some(Err(e))) => {
-                self.state = State::Broken;
-                Err(io_lost(e))
-            }
-            Ok(Some(Ok(frame))) => Ok(frame),
-        }
-    }
-
-    /// Reads frames until the answer to `id` (skipping answers to requests
-    /// abandoned earlier).
-    async fn reply(&mut self, id: u64, limit: Duration) -> Result<Reply, SessionError> {
-        loop {
-            let frame = self.next_frame(limit).await?.freeze();
-            let resp = match postcard::from_bytes::<Response<'_>>(&frame) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.state = State::Broken;
-                    return Err(SessionError::protocol(format!("undecodable response: {e}")));
-                }
-            };
-            let (rid, reply) = match resp {
-                Response::Terminated { error } => {
-                    self.state = State::Broken;
-                    return Err(SessionError::from_wire(error));
-                }
-                Response::Error { id: rid, error } => (rid, Err(SessionError::from_wire(error))),
-                Response::Ok { id: rid } => (rid, Ok(Reply::Ok)),
-                Response::DownloadBegin { id: rid, len } => (rid, Ok(Reply::DownloadBegin(len))),
-                Response::Listing { id: rid, entries } => (rid, Ok(Reply::Listing(entries))),
-                Response::CallDone { id: rid, payload } => {
-                    (rid, Ok(Reply::CallDone(frame.slice_ref(payload))))
-                }
-                Response::Closed { id: rid } => (rid, Ok(Reply::Closed)),
-                Response::Hello { .. } | Response::DownloadChunk { .. } => {
-                    self.state = State::Broken;
-                    return Err(SessionError::protocol(format!("unexpected frame {resp:?}")));
-                }
-            };
-            if rid == id {
-                return reply;
-            }
-            if rid > id {
-                self.state = State::Broken;
-                return Err(SessionError::protocol(format!("answer to {rid} before {id}")));
-            }
-        }
-    }
-
     /// Uploads `data` to `remote` (a path relative to the session dir).
     ///
     /// # Errors
     ///
     /// [`SessionError::BadPath`], [`SessionError::UploadTooLarge`],
-    /// [`SessionError::RemoteIo`], connection errors.
+    /// [`SessionError::RemoteIo`], connection errors. If the server ends the
+    /// session meanwhile (e.g. its session timeout), its reason
+    /// ([`SessionError::SessionTimeout`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the server removes the partial file (see [`Session`]).
     pub async fn upload_bytes(&mut self, data: &[u8], remote: &str) -> Result<(), SessionError> {
-        self.check_open()?;
-        let len = data.len() as u64;
-        if len > self.max_upload {
-            return Err(SessionError::UploadTooLarge { len, limit: self.max_upload });
-        }
-        let id = self.new_id();
-        self.feed(&Request::UploadBegin { id, path: remote, len }).await?;
-        for chunk in data.chunks(CHUNK) {
-            self.write_chunk(id, chunk).await?;
-        }
-        self.send(&Request::UploadEnd { id }).await?;
-        self.expect_ok(id).await
+        self.upload_from(remote, data.len() as u64, Source::Bytes(data)).await
     }
 
     /// Uploads the local file `local` to `remote`, streaming it in chunks.
@@ -364,6 +303,10 @@ impl Session {
     ///
     /// As [`upload_bytes`](Session::upload_bytes), and
     /// [`SessionError::LocalIo`] if the file cannot be read.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`upload_bytes`](Session::upload_bytes).
     pub async fn upload(
         &mut self,
         local: impl AsRef<Path>,
@@ -373,103 +316,157 @@ impl Session {
         let local = local.as_ref();
         let local_err =
             |source| SessionError::LocalIo { path: local.display().to_string(), source };
-        let mut file = tokio::fs::File::open(local).await.map_err(local_err)?;
+        let file = tokio::fs::File::open(local).await.map_err(local_err)?;
         let len = file.metadata().await.map_err(local_err)?.len();
+        self.upload_from(remote, len, Source::File { file, path: local }).await
+    }
+
+    async fn upload_from(
+        &mut self,
+        remote: &str,
+        len: u64,
+        mut source: Source<'_>,
+    ) -> Result<(), SessionError> {
+        self.check_open()?;
         if len > self.max_upload {
             return Err(SessionError::UploadTooLarge { len, limit: self.max_upload });
         }
-        let id = self.new_id();
-        self.feed(&Request::UploadBegin { id, path: remote, len }).await?;
-        let mut buf = vec![0u8; CHUNK];
+        let id = self.begin().await?;
+        self.write(msg_frame(&Request::UploadBegin { id, path: remote, len }), false).await?;
+        let mut buf = Vec::new();
         let mut sent = 0u64;
         while sent < len {
-            let want = CHUNK.min((len - sent) as usize);
-            if let Err(e) = file.read_exact(&mut buf[..want]).await {
-                // The server expects `len` bytes; this session cannot go on.
-                self.state = State::Broken;
-                return Err(local_err(e));
+            // The server may already have refused the upload, or ended the
+            // session: stop sending then.
+            if let Some(err) = self.early_answer(id)? {
+                self.write(msg_frame(&Request::UploadEnd { id }), true).await?;
+                self.done(id);
+                return Err(err);
             }
-            self.write_chunk(id, &buf[..want]).await?;
+            let want = CHUNK.min((len - sent) as usize);
+            let chunk = match &mut source {
+                Source::Bytes(data) => &data[sent as usize..sent as usize + want],
+                Source::File { file, path } => {
+                    buf.resize(want, 0);
+                    if let Err(e) = file.read_exact(&mut buf).await {
+                        // The server still expects bytes: give the upload up.
+                        self.abandon(id).await;
+                        let path = path.display().to_string();
+                        return Err(SessionError::LocalIo { path, source: e });
+                    }
+                    &buf[..]
+                }
+            };
+            self.write(data_frame(UPLOAD_CHUNK, id, chunk), false).await?;
             sent += want as u64;
         }
-        self.send(&Request::UploadEnd { id }).await?;
+        self.write(msg_frame(&Request::UploadEnd { id }), true).await?;
         self.expect_ok(id).await
     }
 
+    /// An answer to the running upload `id` (or the end of the session)
+    /// that has already arrived: the server's error, if so.
+    fn early_answer(&mut self, id: u64) -> Result<Option<SessionError>, SessionError> {
+        while let Some(got) = self.next_now()? {
+            let Got::Frame(frame) = got else {
+                return Err(self.fail(SessionError::protocol("oversized frame during an upload")));
+            };
+            match postcard::from_bytes::<Response<'_>>(&frame) {
+                Ok(Response::Terminated { error }) => {
+                    return Err(self.fail(SessionError::from_wire(error)));
+                }
+                Ok(Response::Error { id: rid, error }) if rid == id => {
+                    return Ok(Some(SessionError::from_wire(error)));
+                }
+                Ok(r) if r.id().is_some_and(|rid| rid < id) => {} // an abandoned request's
+                Ok(r) => {
+                    let what = format!("unexpected {} during upload {id}", r.kind());
+                    return Err(self.fail(SessionError::protocol(what)));
+                }
+                Err(e) => {
+                    let what = format!("undecodable answer: {e}");
+                    return Err(self.fail(SessionError::protocol(what)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn expect_ok(&mut self, id: u64) -> Result<(), SessionError> {
-        match self.reply(id, self.request_timeout).await? {
-            Reply::Ok => Ok(()),
-            _ => Err(self.broken("expected Ok")),
+        let answer = self.answer(id, self.request_timeout).await?;
+        match answer.decode() {
+            Some(Response::Ok { .. }) => {
+                self.done(id);
+                Ok(())
+            }
+            _ => Err(self.unexpected(&answer, "Ok")),
         }
     }
 
-    fn broken(&mut self, what: &str) -> SessionError {
-        self.state = State::Broken;
-        SessionError::protocol(format!("{what}: the server answered something else"))
-    }
-
-    /// Downloads the remote file `remote`.
+    /// Downloads the remote file `remote` into memory.
     ///
     /// # Errors
     ///
-    /// [`SessionError::NotFound`], [`SessionError::BadPath`], connection errors.
+    /// [`SessionError::NotFound`], [`SessionError::BadPath`],
+    /// [`SessionError::ReplyTooLarge`] if the file is larger than
+    /// [`ConnectOptions::max_reply_bytes`] (use
+    /// [`download_to`](Session::download_to) for large files), connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the server stops sending (see [`Session`]).
     pub async fn download(&mut self, remote: &str) -> Result<Vec<u8>, SessionError> {
-        let mut out = Vec::new();
-        self.download_with(remote, |chunk| {
-            out.extend_from_slice(chunk);
-            Ok(())
-        })
-        .await?;
-        Ok(out)
+        let (id, len) = self.download_begin(remote).await?;
+        if len > self.max_reply {
+            self.abandon(id).await;
+            return Err(SessionError::ReplyTooLarge { len, limit: self.max_reply });
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        self.receive_chunks(id, len, ChunkSink::Memory(&mut out)).await?;
+        Ok(out.to_vec())
     }
 
-    /// Downloads `remote` into the local file `local`; returns its size.
+    /// Downloads `remote` into the local file `local`, streaming it; returns
+    /// its size. No size limit applies.
     ///
     /// # Errors
     ///
     /// As [`download`](Session::download), and [`SessionError::LocalIo`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`download`](Session::download); `local` may then
+    /// hold part of the file.
     pub async fn download_to(
         &mut self,
         remote: &str,
         local: impl AsRef<Path>,
     ) -> Result<u64, SessionError> {
         let local = local.as_ref();
-        let data = self.download(remote).await?;
-        tokio::fs::write(local, &data).await.map_err(|source| SessionError::LocalIo {
+        let (id, len) = self.download_begin(remote).await?;
+        let mut file = match tokio::fs::File::create(local).await {
+            Ok(f) => f,
+            Err(source) => {
+                self.abandon(id).await;
+                return Err(SessionError::LocalIo { path: local.display().to_string(), source });
+            }
+        };
+        self.receive_chunks(id, len, ChunkSink::File { file: &mut file, path: local }).await?;
+        file.flush().await.map_err(|source| SessionError::LocalIo {
             path: local.display().to_string(),
             source,
         })?;
-        Ok(data.len() as u64)
+        Ok(len)
     }
 
-    async fn download_with(
-        &mut self,
-        remote: &str,
-        mut sink: impl FnMut(&[u8]) -> Result<(), SessionError>,
-    ) -> Result<u64, SessionError> {
-        self.check_open()?;
-        let id = self.new_id();
-        self.send(&Request::Download { id, path: remote }).await?;
-        let len = match self.reply(id, self.request_timeout).await? {
-            Reply::DownloadBegin(len) => len,
-            _ => return Err(self.broken("expected a download")),
-        };
-        let mut got = 0u64;
-        while got < len {
-            let frame = self.next_frame(self.request_timeout).await?;
-            match postcard::from_bytes::<Response<'_>>(&frame) {
-                Ok(Response::DownloadChunk { id: rid, data }) if rid == id => {
-                    got += data.len() as u64;
-                    sink(data)?;
-                }
-                Ok(Response::Terminated { error }) => {
-                    self.state = State::Broken;
-                    return Err(SessionError::from_wire(error));
-                }
-                _ => return Err(self.broken("expected a download chunk")),
-            }
+    async fn download_begin(&mut self, remote: &str) -> Result<(u64, u64), SessionError> {
+        let id = self.begin().await?;
+        self.write(msg_frame(&Request::Download { id, path: remote }), true).await?;
+        let answer = self.answer(id, self.request_timeout).await?;
+        match answer.decode() {
+            Some(Response::DownloadBegin { len, .. }) => Ok((id, len)),
+            _ => Err(self.unexpected(&answer, "a download")),
         }
-        Ok(len)
     }
 
     /// Removes a remote file or directory (recursively).
@@ -477,10 +474,13 @@ impl Session {
     /// # Errors
     ///
     /// [`SessionError::NotFound`], [`SessionError::BadPath`], connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe (the removal may or may not have happened).
     pub async fn remove(&mut self, remote: &str) -> Result<(), SessionError> {
-        self.check_open()?;
-        let id = self.new_id();
-        self.send(&Request::Remove { id, path: remote }).await?;
+        let id = self.begin().await?;
+        self.write(msg_frame(&Request::Remove { id, path: remote }), true).await?;
         self.expect_ok(id).await
     }
 
@@ -488,27 +488,42 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// [`SessionError::NotFound`], [`SessionError::BadPath`], connection errors.
+    /// [`SessionError::NotFound`], [`SessionError::BadPath`],
+    /// [`SessionError::FrameTooLarge`] for a listing too large for one
+    /// frame, connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe.
     pub async fn listdir(&mut self, remote: &str) -> Result<Vec<DirEntry>, SessionError> {
-        self.check_open()?;
-        let id = self.new_id();
-        self.send(&Request::ListDir { id, path: remote }).await?;
-        match self.reply(id, self.request_timeout).await? {
-            Reply::Listing(entries) => Ok(entries),
-            _ => Err(self.broken("expected a listing")),
+        let id = self.begin().await?;
+        self.write(msg_frame(&Request::ListDir { id, path: remote }), true).await?;
+        let answer = self.answer(id, self.request_timeout).await?;
+        match answer.decode() {
+            Some(Response::Listing { entries, .. }) => {
+                self.done(id);
+                Ok(entries)
+            }
+            _ => Err(self.unexpected(&answer, "a listing")),
         }
     }
 
     /// Runs `task` in the session's worker on the server (a task type the
     /// server's worker program registers), with an optional time limit. The
     /// worker, and what the task keeps in its `WorkerContext`, lives until the
-    /// session ends; a crash or timeout replaces it.
+    /// session ends; a crash, timeout or cancelled call replaces it.
     ///
     /// # Errors
     ///
     /// [`SessionError::Task`] with the pool's error (e.g. `worker died (SIGSEGV)`,
     /// a timeout, the task's own error), [`SessionError::SessionTimeout`],
-    /// connection errors.
+    /// [`SessionError::FrameTooLarge`] / [`SessionError::ReplyTooLarge`] for a
+    /// task or output over a limit, connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the server kills the session's worker, so the next call
+    /// starts a fresh one (see [`Session`]).
     pub async fn call<T: Task>(
         &mut self,
         task: T,
@@ -522,9 +537,14 @@ impl Session {
     }
 
     /// Runs the task named `name` on its postcard-encoded `payload`; returns
-    /// the postcard-encoded output.
+    /// the postcard-encoded output. Outputs larger than a chunk stream in
+    /// chunks, up to [`ConnectOptions::max_reply_bytes`].
     ///
     /// # Errors
+    ///
+    /// As [`call`](Session::call).
+    ///
+    /// # Cancel safety
     ///
     /// As [`call`](Session::call).
     pub async fn call_raw(
@@ -533,17 +553,34 @@ impl Session {
         payload: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Bytes, SessionError> {
-        self.check_open()?;
-        let id = self.new_id();
-        let timeout_ms = timeout.map(|t| t.as_millis() as u64);
-        self.send(&Request::Call { id, name, payload, timeout_ms }).await?;
+        let id = self.begin().await?;
+        let timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        let call = Request::Call { id, name, payload, timeout_ms };
+        if let Err(e) = self.write(msg_frame(&call), true).await {
+            self.done(id); // nothing was sent
+            return Err(e);
+        }
         let limit = match timeout {
-            Some(t) => self.request_timeout.max(t + Duration::from_secs(30)),
+            Some(t) => self.request_timeout.max(t.saturating_add(Duration::from_secs(30))),
             None => self.request_timeout,
         };
-        match self.reply(id, limit).await? {
-            Reply::CallDone(out) => Ok(out),
-            _ => Err(self.broken("expected a call result")),
+        let answer = self.answer(id, limit).await?;
+        match answer.decode() {
+            Some(Response::CallDone { payload, .. }) => {
+                let out = answer.0.slice_ref(payload);
+                self.done(id);
+                Ok(out)
+            }
+            Some(Response::CallBegin { len, .. }) => {
+                if len > self.max_reply {
+                    self.abandon(id).await;
+                    return Err(SessionError::ReplyTooLarge { len, limit: self.max_reply });
+                }
+                let mut out = BytesMut::with_capacity(len as usize);
+                self.receive_chunks(id, len, ChunkSink::Memory(&mut out)).await?;
+                Ok(out.freeze())
+            }
+            _ => Err(self.unexpected(&answer, "a call result")),
         }
     }
 
@@ -552,30 +589,47 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// If the connection broke before the acknowledgement, or the server had
-    /// already ended the session (e.g. [`SessionError::SessionTimeout`] was
-    /// reported earlier: then the session is gone and `close` says so once).
+    /// If the connection broke before the acknowledgement, or the session was
+    /// already unusable ([`SessionError::Broken`], e.g. after the server
+    /// reported [`SessionError::SessionTimeout`]): then the session is gone
+    /// and `close` says so once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a later `close` resumes waiting for the acknowledgement;
+    /// dropping the session instead closes the socket.
     pub async fn close(&mut self) -> Result<(), SessionError> {
-        match self.state {
+        let result = match self.state.clone() {
             State::Closed => return Ok(()),
-            State::Broken => {
-                self.state = State::Closed;
-                let _ = self.io.get_mut().shutdown().await;
-                return Err(SessionError::ConnectionLost { source: None });
-            }
-            State::Open => {}
-        }
-        let id = self.new_id();
-        let result = async {
-            self.send(&Request::Close { id }).await?;
-            match self.reply(id, self.request_timeout).await? {
-                Reply::Closed => Ok(()),
-                _ => Err(SessionError::protocol("expected Closed")),
-            }
-        }
-        .await;
+            State::Broken(reason) => Err(SessionError::Broken { reason }),
+            State::Closing(id) => self.await_closed(id).await,
+            State::Open => match self.begin().await {
+                Ok(id) => {
+                    self.state = State::Closing(id);
+                    match self.write(msg_frame(&Request::Close { id }), true).await {
+                        Ok(()) => self.await_closed(id).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            },
+        };
         self.state = State::Closed;
         let _ = self.io.get_mut().shutdown().await;
         result
     }
+
+    async fn await_closed(&mut self, id: u64) -> Result<(), SessionError> {
+        let answer = self.answer(id, self.request_timeout).await?;
+        match answer.decode() {
+            Some(Response::Closed { .. }) => Ok(()),
+            _ => Err(SessionError::protocol("expected Closed")),
+        }
+    }
+}
+
+/// Where an upload's bytes come from.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    File { file: tokio::fs::File, path: &'a Path },
 }

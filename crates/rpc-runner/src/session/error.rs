@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use popen_pool::{ExitInfo, PoolError};
 
-use super::proto::WireError;
 use crate::tracker::TrackerError;
+use crate::wire::error::WireError;
 
 /// Everything that can go wrong with a session, from the client's side.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +107,44 @@ pub enum SessionError {
     /// The session was already closed.
     #[error("the session is closed")]
     Closed,
+    /// An earlier error left the session unusable (the connection broke, the
+    /// server ended the session, or the protocol lost sync); every method
+    /// fails fast with this until the session is dropped or closed.
+    #[error("the session is unusable after an earlier error: {reason}")]
+    Broken {
+        /// The earlier error, as text.
+        reason: String,
+    },
+    /// A frame is larger than a limit: a request larger than the server
+    /// accepts (checked before sending), or a frame from the server larger
+    /// than this client accepts (reported by whichever side saw it).
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// The frame's payload size.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A reply (call output, download into memory) is larger than
+    /// [`ConnectOptions::max_reply_bytes`](crate::ConnectOptions::max_reply_bytes).
+    #[error("reply of {len} bytes exceeds this client's limit of {limit} bytes")]
+    ReplyTooLarge {
+        /// The reply's size.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The server accepted the connection but could not set up a session
+    /// (e.g. its work dir is missing or unwritable); it takes itself out of
+    /// its tracker until it can serve again.
+    #[error("the device server cannot set up a session: {message}")]
+    SetupFailed {
+        /// The server's reason.
+        message: String,
+    },
+    /// The server refused the connection: it is at its connection limit.
+    #[error("the device server refused the connection: it is at its connection limit")]
+    AtCapacity,
     /// The server broke the protocol.
     #[error("session protocol error: {message}")]
     Protocol {
@@ -152,25 +190,9 @@ impl SessionError {
             }
             WireError::ServerShutdown => SessionError::ServerShutdown,
             WireError::Protocol { message } => SessionError::Protocol { message },
-        }
-    }
-}
-
-impl WireError {
-    /// How a pool error travels to the client.
-    pub(crate) fn from_pool(e: PoolError) -> Self {
-        match e {
-            PoolError::Timeout { limit } => {
-                WireError::TaskTimeout { limit_ms: limit.as_millis() as u64 }
-            }
-            PoolError::WorkerDied { exit } => match exit {
-                ExitInfo::Code(c) => WireError::WorkerDied { code: Some(c), signal: None },
-                ExitInfo::Signal(s) => WireError::WorkerDied { code: None, signal: Some(s) },
-                _ => WireError::WorkerDied { code: None, signal: None },
-            },
-            PoolError::Task { kind, message } => WireError::Task { kind, message },
-            PoolError::UnknownTask { name, known } => WireError::UnknownTask { name, known },
-            other => WireError::Worker { message: other.to_string() },
+            WireError::FrameTooLarge { len, limit } => SessionError::FrameTooLarge { len, limit },
+            WireError::SetupFailed { message } => SessionError::SetupFailed { message },
+            WireError::Cancelled => SessionError::protocol("the server cancelled a live request"),
         }
     }
 }

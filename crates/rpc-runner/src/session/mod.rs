@@ -1,15 +1,17 @@
-//! Sessions with a device server: TVM's handshake, then our own framed
-//! protocol (`proto.rs`); the client (`client.rs`) and its errors (`error.rs`);
-//! leasing through a tracker (`lease.rs`).
+//! Sessions with a device server, the client side: the client
+//! (`client.rs`, the request/answer plumbing in `io.rs`), its errors
+//! (`error.rs`) and leasing through a tracker (`lease.rs`). The wire
+//! protocol it shares with the server is in [`wire`](crate::wire).
 
 pub(crate) mod client;
 pub(crate) mod error;
-pub(crate) mod handshake;
+mod io;
 mod lease;
-pub(crate) mod proto;
 
+pub use crate::wire::{
+    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, DirEntry,
+    RPC_MAGIC,
+};
 pub use client::{ConnectOptions, Session};
 pub use error::SessionError;
-pub use handshake::{CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, RPC_MAGIC};
 pub use lease::RequestOptions;
-pub use proto::DirEntry;

@@ -17,6 +17,8 @@ pub const CODE_DUPLICATE: i32 = RPC_MAGIC + 1;
 pub const CODE_MISMATCH: i32 = RPC_MAGIC + 2;
 /// Handshake answer (ours): the server requires a token and this one is wrong.
 pub const CODE_UNAUTHORIZED: i32 = RPC_MAGIC + 3;
+/// Handshake answer (ours): the server is at its connection limit.
+pub const CODE_AT_CAPACITY: i32 = RPC_MAGIC + 4;
 
 /// Longest key string accepted in a handshake.
 pub(crate) const MAX_KEY_LEN: usize = 4096;

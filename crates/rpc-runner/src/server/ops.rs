@@ -1,0 +1,336 @@
+//! The long-running operations of a server session, each a small state
+//! machine the session loop polls: an upload (chunks written on a blocking
+//! thread), a streamed answer (a download, or a call output larger than a
+//! chunk) and a call running in the session's worker.
+//!
+//! Every step is cancel-safe: the loop drops a step's future whenever a
+//! frame arrives and polls a fresh one afterwards, and no progress is lost.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, SinkExt};
+use popen_pool::{ErasedTask, PoolError, PopenWorker};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedWrite;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::DirEntry;
+use crate::wire::codec::FrameCodec;
+use crate::wire::error::WireError;
+use crate::wire::proto::{CHUNK, CHUNK_VARIANT, data_frame};
+
+pub(super) type Tx = FramedWrite<OwnedWriteHalf, FrameCodec>;
+
+/// Most entries a listing returns.
+pub(super) const MAX_LISTING: usize = 100_000;
+
+/// An upload in progress.
+pub(super) struct Upload {
+    pub(super) id: u64,
+    /// `None` once it failed (the error was sent); later chunks are dropped.
+    pub(super) writer: Option<Writer>,
+    pub(super) expected: u64,
+    pub(super) written: u64,
+    pub(super) path: PathBuf,
+}
+
+/// Writes an upload's chunks to its file on a blocking thread, straight from
+/// the received frames, while the session goes on reading the next ones.
+pub(super) struct Writer {
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
+    done: JoinHandle<std::io::Result<()>>,
+}
+
+impl Writer {
+    /// Creates `target` (and its parent dirs), reserves `len` bytes for it,
+    /// and starts the writer thread.
+    pub(super) async fn create(target: PathBuf, len: u64) -> std::io::Result<Writer> {
+        let file = blocking(move || {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::File::create(&target)
+        })
+        .await?;
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = file;
+            // Reserve the blocks up front: the writes then only fill them.
+            if len > 0 {
+                let _ = nix::fcntl::posix_fallocate(&file, 0, i64::try_from(len).unwrap_or(0));
+            }
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        Ok(Writer { chunks, done })
+    }
+
+    /// Queues a chunk; `Err` with the writer's own error if it stopped.
+    /// Cancel-safe only in the sense that a dropped call loses this chunk:
+    /// the session ends whenever it drops one.
+    pub(super) async fn write(&mut self, chunk: Bytes) -> Result<(), WireError> {
+        if self.chunks.send(chunk).await.is_ok() {
+            return Ok(());
+        }
+        Err(match (&mut self.done).await {
+            Ok(Err(e)) => WireError::Io { message: e.to_string() },
+            Ok(Ok(())) => WireError::Io { message: "upload writer stopped early".into() },
+            Err(e) => WireError::Io { message: format!("upload writer failed: {e}") },
+        })
+    }
+
+    /// Waits until every chunk is written and the file is closed.
+    pub(super) async fn finish(self) -> Result<(), WireError> {
+        let Writer { chunks, done } = self;
+        drop(chunks);
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WireError::Io { message: e.to_string() }),
+            Err(e) => Err(WireError::Io { message: format!("upload writer failed: {e}") }),
+        }
+    }
+}
+
+impl Upload {
+    /// Stops the upload and removes its partial file.
+    pub(super) async fn discard(mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.finish().await;
+        }
+        let path = self.path;
+        let _ = blocking(move || std::fs::remove_file(path)).await;
+    }
+}
+
+/// Where a streamed answer's bytes come from.
+pub(super) enum Source {
+    File { file: Option<std::fs::File>, reading: Option<JoinHandle<Read>> },
+    Bytes(Bytes),
+}
+
+type Read = (std::fs::File, std::io::Result<Bytes>);
+
+/// An answer streamed in `Chunk`s: a download, or a large call output.
+pub(super) struct Stream {
+    pub(super) id: u64,
+    source: Source,
+    remaining: u64,
+    /// The next chunk, read but not yet queued.
+    chunk: Option<Bytes>,
+}
+
+/// How a step of a stream ended.
+pub(super) enum Step {
+    More,
+    Done,
+    /// Reading the source failed: answer `Error` (the client is waiting for chunks).
+    Failed(WireError),
+    /// The connection broke.
+    Gone,
+}
+
+impl Stream {
+    pub(super) fn file(id: u64, file: std::fs::File, len: u64) -> Self {
+        Stream {
+            id,
+            source: Source::File { file: Some(file), reading: None },
+            remaining: len,
+            chunk: None,
+        }
+    }
+
+    pub(super) fn bytes(id: u64, data: Bytes) -> Self {
+        let remaining = data.len() as u64;
+        Stream { id, source: Source::Bytes(data), remaining, chunk: None }
+    }
+
+    /// Queues the next chunk (flushing when the last one is queued).
+    /// Cancel-safe: progress is recorded only once a chunk is queued.
+    pub(super) async fn step(&mut self, tx: &mut Tx) -> Step {
+        if self.remaining == 0 {
+            return match tx.flush().await {
+                Ok(()) => Step::Done,
+                Err(_) => Step::Gone,
+            };
+        }
+        if self.chunk.is_none() {
+            let want = CHUNK.min(self.remaining as usize);
+            match &mut self.source {
+                Source::Bytes(data) => self.chunk = Some(data.split_to(want)),
+                Source::File { file, reading } => {
+                    if reading.is_none() {
+                        let Some(mut f) = file.take() else {
+                            return Step::Failed(WireError::Io {
+                                message: "download source lost".into(),
+                            });
+                        };
+                        *reading = Some(tokio::task::spawn_blocking(move || {
+                            use std::io::Read;
+                            let mut buf = vec![0u8; want];
+                            let r = f.read_exact(&mut buf).map(|()| Bytes::from(buf));
+                            (f, r)
+                        }));
+                    }
+                    let joined = reading.as_mut().expect("just set").await;
+                    *reading = None;
+                    match joined {
+                        Ok((f, Ok(data))) => {
+                            *file = Some(f);
+                            self.chunk = Some(data);
+                        }
+                        Ok((_, Err(e))) => {
+                            let message = format!("reading the file failed mid-download: {e}");
+                            return Step::Failed(WireError::Io { message });
+                        }
+                        Err(e) => {
+                            return Step::Failed(WireError::Io {
+                                message: format!("read failed: {e}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let chunk = self.chunk.as_ref().expect("just read");
+        if tx.feed(data_frame(CHUNK_VARIANT, self.id, chunk)).await.is_err() {
+            return Step::Gone;
+        }
+        self.remaining -= chunk.len() as u64;
+        self.chunk = None;
+        Step::More
+    }
+}
+
+/// What a call's future gives back: the worker, and the task's outcome
+/// (`None`: cancelled, the worker was killed and reaped).
+pub(super) type CallOutcome = (PopenWorker, Option<Result<Bytes, PoolError>>);
+
+/// A call running in the session's worker.
+pub(super) struct Call {
+    pub(super) id: u64,
+    cancel: CancellationToken,
+    fut: BoxFuture<'static, CallOutcome>,
+}
+
+impl Call {
+    /// Runs `task` in `worker` until it ends or the call is cancelled.
+    pub(super) fn start(
+        id: u64,
+        mut worker: PopenWorker,
+        task: ErasedTask,
+        limit: Option<Duration>,
+    ) -> Self {
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let fut = async move {
+            let outcome = tokio::select! {
+                r = worker.run_erased(&task, limit) => Some(r),
+                () = token.cancelled() => None,
+            };
+            if outcome.is_none() {
+                // The dropped run killed the process group; reap it.
+                worker.kill().await;
+            }
+            (worker, outcome)
+        }
+        .boxed();
+        Call { id, cancel, fut }
+    }
+
+    /// Asks the call to stop; [`wait`](Call::wait) then returns soon.
+    pub(super) fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Waits for the call to end. Cancel-safe.
+    pub(super) async fn wait(&mut self) -> CallOutcome {
+        (&mut self.fut).await
+    }
+}
+
+/// Lists `dir`, sorted by name, on a blocking thread.
+pub(super) async fn list(dir: PathBuf) -> std::io::Result<Vec<DirEntry>> {
+    blocking(move || {
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            if entries.len() == MAX_LISTING {
+                return Err(std::io::Error::other(format!(
+                    "the directory has more than {MAX_LISTING} entries"
+                )));
+            }
+            let meta = e.metadata()?;
+            entries.push(DirEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                is_dir: meta.is_dir(),
+                size: if meta.is_dir() { 0 } else { meta.len() },
+            });
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    })
+    .await
+}
+
+/// Opens a regular file for download: the file and its length.
+pub(super) async fn open_for_download(path: PathBuf) -> std::io::Result<(std::fs::File, u64)> {
+    blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok((file, meta.len()))
+    })
+    .await
+}
+
+/// Removes a file or a directory tree.
+pub(super) async fn remove(path: PathBuf) -> std::io::Result<()> {
+    blocking(move || match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+        Ok(_) => std::fs::remove_file(&path),
+        Err(e) => Err(e),
+    })
+    .await
+}
+
+/// Runs filesystem work on a blocking thread (never on the runtime's).
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(format!("blocking task failed: {e}"))),
+    }
+}
+
+/// The error a client sees for a failed filesystem operation on `path`.
+pub(super) fn io_error(e: &std::io::Error, path: &str) -> WireError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        WireError::NotFound { path: path.to_owned() }
+    } else {
+        WireError::Io { message: format!("{path:?}: {e}") }
+    }
+}
+
+/// Whether `dir` can hold session dirs: creates and removes a probe dir.
+pub(crate) async fn probe_work_root(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    blocking(move || {
+        let probe = tempfile::Builder::new().prefix("rpc-probe-").tempdir_in(&dir)?;
+        probe.close()
+    })
+    .await
+}
