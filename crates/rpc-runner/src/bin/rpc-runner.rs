@@ -59,9 +59,13 @@ enum Command {
         /// Shared token clients must present (recommended on any shared network).
         #[arg(long, env = "RPC_RUNNER_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// Upper bound of every session, in seconds.
-        #[arg(long)]
-        session_timeout: Option<f64>,
+        /// Upper bound of every session, in seconds (0: none).
+        #[arg(long, value_parser = parse_secs)]
+        session_timeout: Option<Duration>,
+        /// Most connections handled at once (the session plus clients in
+        /// their handshake); more are refused.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        max_connections: u32,
         /// Largest upload accepted, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_upload_mib: u64,
@@ -78,6 +82,15 @@ enum Command {
         #[arg(long, default_value_t = 9190)]
         port: u16,
     },
+}
+
+/// Seconds as a duration: finite, >= 0 and at most 10^9 (0: none).
+fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s} is out of range: give 0 to 1e9 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 async fn bind_range(host: &str, port: u16, port_end: u16) -> Result<TcpListener> {
@@ -146,6 +159,7 @@ async fn main() -> Result<()> {
             custom_addr,
             token,
             session_timeout,
+            max_connections,
             max_upload_mib,
             work_dir,
         } => {
@@ -154,10 +168,11 @@ async fn main() -> Result<()> {
             config.tracker = tracker;
             config.custom_addr = custom_addr;
             config.token = token;
-            config.session_timeout =
-                session_timeout.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64);
+            config.session_timeout = session_timeout.filter(|d| !d.is_zero());
+            config.max_connections = max_connections as usize;
             config.max_upload_bytes = max_upload_mib.saturating_mul(1 << 20);
             config.work_root = work_dir;
+            config.check().await.context("the server cannot serve")?;
             println!("server listening on {}", local(&listener)?);
             DeviceServer::run(listener, config, shutdown_signal())
                 .await

@@ -89,6 +89,19 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Checks that a server with this configuration can serve sessions at
+    /// all: its work dir can hold session dirs and its worker program
+    /// exists. [`DeviceServer::run`] and [`DeviceServer::start`] check it too.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::WorkDir`] or [`ServerError::WorkerProgram`].
+    pub async fn check(&self) -> Result<(), ServerError> {
+        validate(self).await
+    }
+}
+
 /// What a device server is doing, observable through [`ServerHandle::status`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -454,12 +467,18 @@ async fn handle_conn(
     tracing::info!(%peer, timeout = ?hello.timeout, "session started");
     let mut accepted = code.to_le_bytes().to_vec();
     let _ = write_str(&mut accepted, &format!("server:{}", shared.cfg.key)).await;
-    if stream.write_all(&accepted).await.is_ok() {
-        session::run(&shared, stream, hello.timeout, stop).await;
-    }
+    let farewell = match stream.write_all(&accepted).await {
+        Ok(()) => Some(session::run(&shared, stream, hello.timeout, stop).await),
+        Err(_) => None,
+    };
+    // Everything of the session is gone: the device is free, before the
+    // connection is drained.
     shared.update(|st| {
         st.busy = false;
         st.sessions += 1;
     });
     shared.rekey.notify_one();
+    if let Some(farewell) = farewell {
+        farewell.drain().await;
+    }
 }

@@ -110,15 +110,36 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The connection of an ended session, still to be drained (see [`Farewell::drain`]).
+#[must_use = "drain the connection"]
+pub(crate) struct Farewell {
+    tx: Tx,
+    rx: Rx,
+}
+
+impl Farewell {
+    /// Closes our side, then reads (discarding) until the client closes, for
+    /// at most [`DRAIN`], so the client reads our last frame rather than a
+    /// connection reset. The device is free already.
+    pub(crate) async fn drain(mut self) {
+        let _ = self.tx.get_mut().shutdown().await;
+        let _ = tokio::time::timeout(DRAIN, async {
+            while let Some(Ok(_)) = self.rx.next().await {}
+        })
+        .await;
+    }
+}
+
 /// Runs a session on `stream` (handshake done) until it ends, then kills its
-/// worker and removes its temp dir. If the temp dir cannot be made, the
-/// client is told why and the server marks itself unavailable.
+/// worker, removes its temp dir and sends the last frame (`Closed` or
+/// `Terminated`). If the temp dir cannot be made, the client is told why and
+/// the server marks itself unavailable.
 pub(crate) async fn run(
     shared: &Shared,
     stream: TcpStream,
     timeout: Option<Duration>,
     shutdown: CancellationToken,
-) {
+) -> Farewell {
     let cfg = &shared.cfg;
     let (rd, wr) = stream.into_split();
     let mut rx = FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME));
@@ -140,8 +161,8 @@ pub(crate) async fn run(
             shared.update(|st| st.unavailable = Some(message.clone()));
             shared.recheck.notify_one();
             let error = WireError::SetupFailed { message };
-            farewell(&mut tx, &mut rx, Some(Response::Terminated { error })).await;
-            return;
+            last_frame(&mut tx, Response::Terminated { error }).await;
+            return Farewell { tx, rx };
         }
     };
     let limit = match (timeout, cfg.session_timeout) {
@@ -175,18 +196,16 @@ pub(crate) async fn run(
         End::Close(id) => Some(Response::Closed { id }),
         End::Terminate(error) => Some(Response::Terminated { error }),
     };
-    farewell(&mut session.tx, &mut rx, last).await;
+    if let Some(msg) = last {
+        last_frame(&mut session.tx, msg).await;
+    }
     tracing::info!(dir = %dir_path.display(), "session ended");
+    Farewell { tx: session.tx, rx }
 }
 
-/// Sends the last frame, closes our side, then reads (discarding) until
-/// the client closes, for at most [`DRAIN`].
-async fn farewell(tx: &mut Tx, rx: &mut Rx, last: Option<Response<'_>>) {
-    if let Some(msg) = last {
-        let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(msg_frame(&msg))).await;
-    }
-    let _ = tx.get_mut().shutdown().await;
-    let _ = tokio::time::timeout(DRAIN, async { while let Some(Ok(_)) = rx.next().await {} }).await;
+/// Sends the session's last frame (bounded: the client may not read).
+async fn last_frame(tx: &mut Tx, msg: Response<'_>) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(msg_frame(&msg))).await;
 }
 
 impl Session<'_> {

@@ -4,7 +4,9 @@
 
 mod builder;
 mod cli;
+mod chaos;
 mod common;
+mod edges;
 mod kernels;
 mod runners;
 mod server_input;

@@ -108,6 +108,21 @@ impl Task for CrashOrCompile {
     }
 }
 
+/// Returns `len` bytes, each `byte` (a large output from a small task).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Fill {
+    pub(crate) len: usize,
+    pub(crate) byte: u8,
+}
+
+impl Task for Fill {
+    const NAME: &'static str = "test.fill";
+    type Output = serde_bytes::ByteBuf;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        Ok(serde_bytes::ByteBuf::from(vec![self.byte; self.len]))
+    }
+}
+
 /// rpc-runner's session tasks plus the test tasks.
 pub(crate) fn registry() -> Registry {
     rpc_runner::worker::registry()
@@ -118,4 +133,5 @@ pub(crate) fn registry() -> Registry {
         .register::<ReadFile>()
         .register::<CopyPrebuilt>()
         .register::<CrashOrCompile>()
+        .register::<Fill>()
 }
