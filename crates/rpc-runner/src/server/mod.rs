@@ -468,7 +468,7 @@ async fn handle_conn(
     let mut accepted = code.to_le_bytes().to_vec();
     let _ = write_str(&mut accepted, &format!("server:{}", shared.cfg.key)).await;
     let farewell = match stream.write_all(&accepted).await {
-        Ok(()) => Some(session::run(&shared, stream, hello.timeout, stop).await),
+        Ok(()) => Some(session::run(&shared, stream, hello.timeout, stop.clone()).await),
         Err(_) => None,
     };
     // Everything of the session is gone: the device is free, before the
@@ -479,6 +479,9 @@ async fn handle_conn(
     });
     shared.rekey.notify_one();
     if let Some(farewell) = farewell {
-        farewell.drain().await;
+        farewell.drain(&stop).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -72,13 +72,13 @@ impl Op {
 
 /// What the running operation did.
 enum Progress {
-    Call(ops::CallOutcome),
+    Call(Box<ops::CallOutcome>),
     Stream(Step),
 }
 
 async fn progress(op: &mut Op, tx: &mut Tx) -> Progress {
     match op {
-        Op::Call(c) => Progress::Call(c.wait().await),
+        Op::Call(c) => Progress::Call(Box::new(c.wait().await)),
         Op::Stream(s) => Progress::Stream(s.step(tx).await),
         Op::Idle | Op::Upload(_) => std::future::pending().await,
     }
@@ -120,13 +120,15 @@ pub(crate) struct Farewell {
 impl Farewell {
     /// Closes our side, then reads (discarding) until the client closes, for
     /// at most [`DRAIN`], so the client reads our last frame rather than a
-    /// connection reset. The device is free already.
-    pub(crate) async fn drain(mut self) {
+    /// connection reset. The device is free already. Ends at once when the
+    /// server shuts down.
+    pub(crate) async fn drain(mut self, shutdown: &CancellationToken) {
         let _ = self.tx.get_mut().shutdown().await;
-        let _ = tokio::time::timeout(DRAIN, async {
-            while let Some(Ok(_)) = self.rx.next().await {}
-        })
-        .await;
+        let drained = async { while let Some(Ok(_)) = self.rx.next().await {} };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            _ = tokio::time::timeout(DRAIN, drained) => {}
+        }
     }
 }
 
@@ -293,7 +295,8 @@ impl Session<'_> {
     /// The running operation made progress.
     async fn progressed(&mut self, p: Progress) -> Result<(), End> {
         match p {
-            Progress::Call((worker, outcome)) => {
+            Progress::Call(done) => {
+                let (worker, outcome) = *done;
                 let Op::Call(call) = std::mem::replace(&mut self.op, Op::Idle) else {
                     unreachable!("only a call reports a call outcome")
                 };
@@ -400,7 +403,6 @@ impl Session<'_> {
                 // A new request implicitly cancels the running operation;
                 // it is handled once that is answered.
                 let winding_down = matches!(op, Op::Call(c) if c.is_cancelled());
-                drop(req);
                 self.held = Some(Inbound::Frame(BytesMut::from(&frame[..])));
                 return if winding_down { Ok(()) } else { self.cancel_op().await };
             }

@@ -106,19 +106,18 @@ async fn random_operations_with_random_cancellation() {
         let outcome: Option<Result<bool, SessionError>> = {
             let fut = async {
                 match op {
-                    0..=24 => {
-                        session.upload_bytes(&content(name), &format!("f{name}")).await.map(|()| true)
-                    }
-                    25..=44 => {
-                        match session.download(&format!("f{name}")).await {
-                            Ok(data) => {
-                                assert_eq!(data, content(name), "op {ops} seed {seed}: f{name}");
-                                Ok(true)
-                            }
-                            Err(SessionError::NotFound { .. }) => Ok(false),
-                            Err(e) => Err(e),
+                    0..=24 => session
+                        .upload_bytes(&content(name), &format!("f{name}"))
+                        .await
+                        .map(|()| true),
+                    25..=44 => match session.download(&format!("f{name}")).await {
+                        Ok(data) => {
+                            assert_eq!(data, content(name), "op {ops} seed {seed}: f{name}");
+                            Ok(true)
                         }
-                    }
+                        Err(SessionError::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(e),
+                    },
                     45..=64 => {
                         let out = session.call(Echo(payload.clone()), None).await?;
                         assert_eq!(out.as_ref(), &payload[..], "op {ops} seed {seed}: echo");
@@ -132,15 +131,13 @@ async fn random_operations_with_random_cancellation() {
                         assert!(session.call(Count, None).await? >= 1);
                         Ok(true)
                     }
-                    76..=77 => {
-                        match session.call(Segfault, None).await {
-                            Err(SessionError::Task(popen_pool::PoolError::WorkerDied { .. })) => {
-                                Ok(false)
-                            }
-                            Err(e) => Err(e),
-                            Ok(()) => panic!("op {ops} seed {seed}: a segfault succeeded"),
+                    76..=77 => match session.call(Segfault, None).await {
+                        Err(SessionError::Task(popen_pool::PoolError::WorkerDied { .. })) => {
+                            Ok(false)
                         }
-                    }
+                        Err(e) => Err(e),
+                        Ok(()) => panic!("op {ops} seed {seed}: a segfault succeeded"),
+                    },
                     78..=87 => {
                         let listing = session.listdir("").await?;
                         for e in listing {
@@ -149,16 +146,12 @@ async fn random_operations_with_random_cancellation() {
                         }
                         Ok(true)
                     }
-                    88..=93 => {
-                        match session.remove(&format!("f{name}")).await {
-                            Ok(()) => Ok(true),
-                            Err(SessionError::NotFound { .. }) => Ok(false),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    94..=96 => {
-                        session.close().await.map(|()| true)
-                    }
+                    88..=93 => match session.remove(&format!("f{name}")).await {
+                        Ok(()) => Ok(true),
+                        Err(SessionError::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(e),
+                    },
+                    94..=96 => session.close().await.map(|()| true),
                     _ => Ok(true),
                 }
             };

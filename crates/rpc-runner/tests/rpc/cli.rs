@@ -166,3 +166,46 @@ fn cli_help_and_bad_arguments() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot query the tracker"));
 }
+
+/// Runs `rpc-runner ARGS` to its end (bounded); returns (exit code, stderr).
+fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rpc-runner starts");
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rpc-runner {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn bad_server_arguments_are_clear_errors_not_panics() {
+    let missing = std::env::temp_dir().join(format!("rpc-no-such-dir-{}", std::process::id()));
+    let cases: [(&[&str], &str); 4] = [
+        (&["server", "--port", "0", "--session-timeout", "1e20"], "out of range"),
+        (&["server", "--port", "0", "--session-timeout=-1"], "out of range"),
+        (&["server", "--port", "0", "--session-timeout", "soon"], "not a number"),
+        (&["server", "--port", "0", "--work-dir", missing.to_str().unwrap()], "work dir"),
+    ];
+    for (args, says) in cases {
+        let (code, stderr) = run_to_end(args);
+        assert!(matches!(code, Some(1 | 2)), "{args:?} exited with {code:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(stderr.contains(says), "{args:?} should say {says:?}: {stderr}");
+    }
+}

@@ -42,7 +42,10 @@ async fn abandoning_calls_in_a_loop_leaves_server_and_session_usable() {
     }
     assert!(abandoned > 100, "only {abandoned} calls were abandoned");
     // The session is in sync: a call answers with its own result.
-    assert_eq!(within("echo", sess.call(Echo(b"after".to_vec()), None)).await.unwrap(), b"after"[..]);
+    assert_eq!(
+        within("echo", sess.call(Echo(b"after".to_vec()), None)).await.unwrap(),
+        b"after"[..]
+    );
     // A cancelled call killed the worker: the count starts again.
     assert_eq!(within("count", sess.call(Count, None)).await.unwrap(), 1);
     within("close", sess.close()).await.unwrap();
@@ -76,7 +79,10 @@ async fn large_call_outputs_stream_and_over_limit_ones_are_typed_errors() {
         other => panic!("expected ReplyTooLarge, got {other:?}"),
     }
     // The rest of the refused reply is skipped: the session is in sync.
-    assert_eq!(within("echo", small.call(Echo(b"next".to_vec()), None)).await.unwrap(), b"next"[..]);
+    assert_eq!(
+        within("echo", small.call(Echo(b"next".to_vec()), None)).await.unwrap(),
+        b"next"[..]
+    );
     // A task larger than the server accepts fails before anything is sent.
     match within("70 MiB task", small.call(Echo(vec![0; 70 << 20]), None)).await {
         Err(SessionError::FrameTooLarge { len, limit }) => assert!(len > limit, "{len} {limit}"),
@@ -109,14 +115,18 @@ async fn cancelled_transfers_leave_the_session_usable() {
             assert_eq!(e.size, big.len() as u64, "{e:?} in round {round}");
         }
         let _ = tokio::time::timeout(cut, sess.download("big.bin")).await;
-        match within("echo after a cancelled download", sess.call(Echo(vec![round as u8]), None)).await
+        match within("echo after a cancelled download", sess.call(Echo(vec![round as u8]), None))
+            .await
         {
             Ok(out) => assert_eq!(out.as_ref(), &[round as u8]),
-            Err(e) => panic!("session out of sync after a cancelled download: {:.200}", e.to_string()),
+            Err(e) => {
+                panic!("session out of sync after a cancelled download: {:.200}", e.to_string())
+            }
         }
     }
     // A cancelled upload's partial file is removed (the last complete one may stay).
-    let _ = tokio::time::timeout(Duration::from_millis(2), sess.upload_bytes(&big, "cut.bin")).await;
+    let _ =
+        tokio::time::timeout(Duration::from_millis(2), sess.upload_bytes(&big, "cut.bin")).await;
     let names: Vec<_> =
         within("listdir", sess.listdir("")).await.unwrap().into_iter().map(|e| e.name).collect();
     assert!(!names.contains(&"cut.bin".to_owned()), "partial upload left behind: {names:?}");
@@ -209,7 +219,8 @@ async fn a_refused_handshake_gives_the_lease_back_at_once() {
     // Before the fix the lease stayed burnt until the unused-lease timeout (120 s here).
     let mut right = rpc_runner::RequestOptions::new(1, None);
     right.connect = right.connect.token(Some("right".into()));
-    let mut sess = within("lease with the right token", tc.request_with("cpu", &right)).await.unwrap();
+    let mut sess =
+        within("lease with the right token", tc.request_with("cpu", &right)).await.unwrap();
     within("close", sess.close()).await.unwrap();
     drop(s);
 }
@@ -270,7 +281,8 @@ async fn huge_durations_from_callers_do_not_panic() {
     let mut sess = within("connect", Session::connect(&addr, "dev", &opts)).await.unwrap();
     let out = within("call", sess.call(Echo(b"x".to_vec()), Some(Duration::MAX))).await;
     assert_eq!(out.unwrap(), b"x"[..]);
-    let out = within("call", sess.call(SleepMs(1), Some(Duration::from_secs(u64::MAX / 1000)))).await;
+    let out =
+        within("call", sess.call(SleepMs(1), Some(Duration::from_secs(u64::MAX / 1000)))).await;
     assert_eq!(out.unwrap(), 1);
     within("close", sess.close()).await.unwrap();
     within("shutdown", s.shutdown()).await.unwrap();

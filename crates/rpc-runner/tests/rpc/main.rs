@@ -3,8 +3,8 @@
 //! this test binary, re-run through `popen_pool::test_support!`.
 
 mod builder;
-mod cli;
 mod chaos;
+mod cli;
 mod common;
 mod edges;
 mod kernels;
