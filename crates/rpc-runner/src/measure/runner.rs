@@ -230,7 +230,9 @@ pub struct StageContext {
 /// [`cleanup`](Pipeline::cleanup) always runs: after success, error, timeout,
 /// and when the caller drops the measurement's future.
 pub trait Pipeline: Send + Sync + 'static {
-    /// Leases a device and opens its session (bounded by the session timeout).
+    /// Leases a device and opens its session. The default waits for a free
+    /// device without a bound; connecting to the server and its handshake
+    /// are bounded by 10 s.
     fn create_session(
         &self,
         ctx: &StageContext,
