@@ -80,14 +80,15 @@ impl ArgInfo {
         ArgInfo { dtype, shape: shape.into() }
     }
 
-    /// Number of elements.
+    /// Number of elements (saturating at `usize::MAX` for absurd shapes;
+    /// negative dimensions count as 0).
     pub fn numel(&self) -> usize {
-        self.shape.iter().map(|&d| d.max(0) as usize).product()
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(usize::try_from(d).unwrap_or(0)))
     }
 
-    /// Size in bytes.
+    /// Size in bytes (saturating, as [`numel`](ArgInfo::numel)).
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.bytes()
+        self.numel().saturating_mul(self.dtype.bytes())
     }
 
     /// TVM's JSON form, `["TENSOR", "float32", [m, n]]`.
@@ -135,5 +136,19 @@ impl ArgInfo {
             .enumerate()
             .map(|(i, a)| Self::from_json(a).map_err(|e| format!("arg {i}: {e}")))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_of_absurd_shapes_saturate_instead_of_overflowing() {
+        let huge = ArgInfo::tensor(DType::F64, [i64::MAX, i64::MAX, 3]);
+        assert_eq!(huge.numel(), usize::MAX);
+        assert_eq!(huge.nbytes(), usize::MAX);
+        assert_eq!(ArgInfo::tensor(DType::F32, [4, -2]).numel(), 0);
+        assert_eq!(ArgInfo::tensor(DType::F32, [4, 5]).nbytes(), 80);
     }
 }

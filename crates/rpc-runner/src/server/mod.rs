@@ -2,6 +2,7 @@
 //! time, and isolates each session's work in a `PopenWorker`.
 
 mod error;
+mod handlers;
 mod ops;
 mod paths;
 mod registration;
@@ -63,7 +64,7 @@ pub struct ServerConfig {
     pub tracker_poll: Duration,
     /// Most connections handled at once: the session plus clients in their
     /// handshake (default 64). Beyond it a client is refused with
-    /// [`CODE_AT_CAPACITY`](crate::session::CODE_AT_CAPACITY)
+    /// [`CODE_AT_CAPACITY`](crate::wire::CODE_AT_CAPACITY)
     /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
     pub max_connections: usize,
 }

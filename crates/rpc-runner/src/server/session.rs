@@ -21,14 +21,12 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::ops::{self, Call, Step, Stream, Tx, Upload, Writer, io_error};
-use super::paths::resolve;
+use super::ops::{self, Call, Step, Stream, Tx, Upload};
 use super::{ServerConfig, Shared};
 use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::error::WireError;
 use crate::wire::proto::{
-    CALL_DONE, CHUNK, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, data_frame,
-    msg_frame, peek_id,
+    CALL_DONE, CHUNK, MAX_SESSION_FRAME, Request, Response, data_frame, msg_frame, peek_id,
 };
 
 type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
@@ -42,7 +40,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const MAX_CALL_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why the request loop stopped.
-enum End {
+pub(super) enum End {
     /// The client closed the connection (or it broke).
     Gone,
     /// The client sent `Close { id }`.
@@ -52,7 +50,7 @@ enum End {
 }
 
 /// The operation in progress.
-enum Op {
+pub(super) enum Op {
     Idle,
     Upload(Upload),
     Stream(Stream),
@@ -84,19 +82,19 @@ async fn progress(op: &mut Op, tx: &mut Tx) -> Progress {
     }
 }
 
-struct Session<'a> {
-    cfg: &'a ServerConfig,
-    dir: PathBuf,
-    tx: Tx,
+pub(super) struct Session<'a> {
+    pub(super) cfg: &'a ServerConfig,
+    pub(super) dir: PathBuf,
+    pub(super) tx: Tx,
     /// The session's worker, while no call holds it.
-    worker: Option<PopenWorker>,
-    op: Op,
+    pub(super) worker: Option<PopenWorker>,
+    pub(super) op: Op,
     /// A request that arrived while the previous one was being cancelled.
-    held: Option<Inbound>,
+    pub(super) held: Option<Inbound>,
     /// The highest request id seen.
-    last_id: u64,
-    deadline: Option<Instant>,
-    limit: Option<Duration>,
+    pub(super) last_id: u64,
+    pub(super) deadline: Option<Instant>,
+    pub(super) limit: Option<Duration>,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -106,7 +104,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -213,7 +211,7 @@ async fn last_frame(tx: &mut Tx, msg: Response<'_>) {
 impl Session<'_> {
     /// Sends a small answer. A reply too large for a frame is answered with
     /// `FrameTooLarge` instead.
-    async fn send(&mut self, msg: &Response<'_>) -> Result<(), End> {
+    pub(super) async fn send(&mut self, msg: &Response<'_>) -> Result<(), End> {
         let frame = msg_frame(msg);
         let (len, limit) = (frame.len() as u64, MAX_SESSION_FRAME as u64);
         let frame = match msg.id() {
@@ -225,7 +223,7 @@ impl Session<'_> {
         self.tx.send(frame).await.map_err(|_| End::Gone)
     }
 
-    async fn send_error(&mut self, id: u64, error: WireError) -> Result<(), End> {
+    pub(super) async fn send_error(&mut self, id: u64, error: WireError) -> Result<(), End> {
         self.send(&Response::Error { id, error }).await
     }
 
@@ -455,153 +453,6 @@ impl Session<'_> {
                 self.cancel_op().await
             }
         }
-    }
-
-    async fn hello(&mut self, version: u32) -> Result<(), End> {
-        if version != SESSION_PROTOCOL_VERSION {
-            return Err(End::Terminate(WireError::Protocol {
-                message: format!(
-                    "client speaks session protocol {version}, server {SESSION_PROTOCOL_VERSION}"
-                ),
-            }));
-        }
-        let hello = Response::Hello {
-            version: SESSION_PROTOCOL_VERSION,
-            key: self.cfg.key.clone(),
-            workdir: self.dir.display().to_string(),
-            max_upload: self.cfg.max_upload_bytes,
-            session_timeout_ms: self.limit.map(millis),
-            max_frame: MAX_SESSION_FRAME as u64,
-        };
-        self.send(&hello).await
-    }
-
-    async fn upload_begin(&mut self, id: u64, path: &str, len: u64) -> Result<(), End> {
-        let limit = self.cfg.max_upload_bytes;
-        let target = resolve(&self.dir, path, false);
-        let mut up = Upload { id, writer: None, expected: len, written: 0, path: PathBuf::new() };
-        let result = match target {
-            _ if len > limit => Err(WireError::UploadTooLarge { len, limit }),
-            Err(e) => Err(e),
-            Ok(target) => {
-                up.path = target.clone();
-                Writer::create(target, len).await.map_err(|e| io_error(&e, path))
-            }
-        };
-        match result {
-            Ok(w) => {
-                up.writer = Some(w);
-                self.op = Op::Upload(up);
-                Ok(())
-            }
-            Err(e) => {
-                // Failed: its chunks are dropped until `UploadEnd`.
-                self.op = Op::Upload(up);
-                self.send_error(id, e).await
-            }
-        }
-    }
-
-    async fn upload_chunk(&mut self, data: Bytes) -> Result<(), End> {
-        let Op::Upload(up) = &mut self.op else { unreachable!("checked by the caller") };
-        let id = up.id;
-        let Some(writer) = up.writer.as_mut() else { return Ok(()) }; // failed: drop the rest
-        up.written += data.len() as u64;
-        let result = if up.written > up.expected {
-            Err(WireError::Protocol {
-                message: format!("upload {id} sent more than the {} bytes announced", up.expected),
-            })
-        } else {
-            writer.write(data).await
-        };
-        if let Err(e) = result {
-            if let Some(w) = up.writer.take() {
-                let _ = w.finish().await;
-            }
-            return self.send_error(id, e).await;
-        }
-        Ok(())
-    }
-
-    async fn upload_end(&mut self) -> Result<(), End> {
-        let Op::Upload(mut up) = std::mem::replace(&mut self.op, Op::Idle) else {
-            unreachable!("checked by the caller")
-        };
-        let id = up.id;
-        let Some(writer) = up.writer.take() else {
-            return Ok(()); // the error was already sent
-        };
-        let written = writer.finish().await;
-        if up.written != up.expected {
-            let message = format!("upload {id} sent {} of {} bytes", up.written, up.expected);
-            up.discard().await;
-            return self.send_error(id, WireError::Protocol { message }).await;
-        }
-        match written {
-            Ok(()) => self.send(&Response::Ok { id }).await,
-            Err(e) => self.send_error(id, e).await,
-        }
-    }
-
-    async fn download(&mut self, id: u64, path: &str) -> Result<(), End> {
-        let target = match resolve(&self.dir, path, false) {
-            Ok(t) => t,
-            Err(e) => return self.send_error(id, e).await,
-        };
-        match ops::open_for_download(target).await {
-            Ok((file, len)) => {
-                self.send(&Response::DownloadBegin { id, len }).await?;
-                self.op = Op::Stream(Stream::file(id, file, len));
-                Ok(())
-            }
-            Err(e) => self.send_error(id, io_error(&e, path)).await,
-        }
-    }
-
-    async fn remove(&mut self, id: u64, path: &str) -> Result<(), End> {
-        let target = match resolve(&self.dir, path, false) {
-            Ok(t) => t,
-            Err(e) => return self.send_error(id, e).await,
-        };
-        match ops::remove(target).await {
-            Ok(()) => self.send(&Response::Ok { id }).await,
-            Err(e) => self.send_error(id, io_error(&e, path)).await,
-        }
-    }
-
-    async fn listdir(&mut self, id: u64, path: &str) -> Result<(), End> {
-        let target = match resolve(&self.dir, path, true) {
-            Ok(t) => t,
-            Err(e) => return self.send_error(id, e).await,
-        };
-        match ops::list(target).await {
-            Ok(entries) => self.send(&Response::Listing { id, entries }).await,
-            Err(e) => self.send_error(id, io_error(&e, path)).await,
-        }
-    }
-
-    async fn call(
-        &mut self,
-        id: u64,
-        task: ErasedTask,
-        limit: Option<Duration>,
-    ) -> Result<(), End> {
-        let worker = match self.worker.take() {
-            Some(w) => w,
-            None => {
-                let program = self.cfg.worker.clone().current_dir(&self.dir);
-                let built = PopenWorker::builder(program)
-                    .stdout(self.cfg.worker_output)
-                    .stderr(self.cfg.worker_output)
-                    .build();
-                match built {
-                    Ok(w) => w,
-                    Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
-                }
-            }
-        };
-        self.op = Op::Call(Call::start(id, worker, task, limit));
-        Ok(())
     }
 }
 

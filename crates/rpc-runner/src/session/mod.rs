@@ -7,11 +7,13 @@ pub(crate) mod client;
 pub(crate) mod error;
 mod io;
 mod lease;
+mod options;
 
 pub use crate::wire::{
     CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, DirEntry,
     RPC_MAGIC,
 };
-pub use client::{ConnectOptions, Session};
+pub use client::Session;
 pub use error::SessionError;
 pub use lease::RequestOptions;
+pub use options::ConnectOptions;
