@@ -64,7 +64,7 @@ pub struct ServerConfig {
     pub tracker_poll: Duration,
     /// Most connections handled at once: the session plus clients in their
     /// handshake (default 64). Beyond it a client is refused with
-    /// [`CODE_AT_CAPACITY`](crate::wire::CODE_AT_CAPACITY)
+    /// [`CODE_AT_CAPACITY`]
     /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
     pub max_connections: usize,
 }
