@@ -347,7 +347,10 @@ mod tests {
     #[test]
     fn invalid_utf8_and_json_are_rejected() {
         let mut src = frame(b"[\"\xff\xfe\"]");
-        assert!(matches!(JsonFrameCodec::new().decode(&mut src), Err(TrackerError::InvalidUtf8 { .. })));
+        assert!(matches!(
+            JsonFrameCodec::new().decode(&mut src),
+            Err(TrackerError::InvalidUtf8 { .. })
+        ));
         for body in [&b"[1,"[..], b"{", b"nope", b"[1] [2]", b" "] {
             let mut src = frame(body);
             let err = JsonFrameCodec::new().decode(&mut src).unwrap_err();
@@ -360,9 +363,15 @@ mod tests {
         let mut empty = BytesMut::new();
         assert_eq!(JsonFrameCodec::new().decode_eof(&mut empty).unwrap(), None);
         let mut src = BytesMut::from(&frame(b"[1, 2]")[..6]);
-        assert!(matches!(JsonFrameCodec::new().decode_eof(&mut src), Err(TrackerError::BadFrame { .. })));
+        assert!(matches!(
+            JsonFrameCodec::new().decode_eof(&mut src),
+            Err(TrackerError::BadFrame { .. })
+        ));
         let mut src = BytesMut::from(&[1u8, 0][..]);
-        assert!(matches!(JsonFrameCodec::new().decode_eof(&mut src), Err(TrackerError::BadFrame { .. })));
+        assert!(matches!(
+            JsonFrameCodec::new().decode_eof(&mut src),
+            Err(TrackerError::BadFrame { .. })
+        ));
     }
 
     #[test]

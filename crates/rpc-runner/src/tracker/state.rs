@@ -557,7 +557,7 @@ mod tests {
         s.request(a, "x", 0).unwrap();
         let err = s.request(a, "y", 0).unwrap_err();
         assert!(err.contains("limit is 4"), "{err}");
-        assert_eq!(s.summary()["queue_info"]["x"]["pending"], json!(2));
+        assert_eq!(s.summary()["queue_info"]["x"]["pending"], json!(3));
 
         let (c, _crx) = conn(&mut s);
         let long = "k".repeat(MAX_KEY_LEN + 1);
