@@ -383,6 +383,45 @@ mod tests {
         assert_eq!(&dst[..], b"keep");
     }
 
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        assert!(!json_depth_exceeds(b"1", 0));
+        assert!(json_depth_exceeds(b"[]", 0));
+        assert!(!json_depth_exceeds(b"[[],{\"a\":[]}]", 3));
+        assert!(json_depth_exceeds(b"[[[]]]", 2));
+        assert!(!json_depth_exceeds(br#"["[[[[", "\"[[[", {"{{{": "]]]"}]"#, 2));
+        let deep = format!("{}{}", "[".repeat(1_000_000), "]".repeat(1_000_000));
+        assert!(json_depth_exceeds(deep.as_bytes(), 128), "a million levels, no stack overflow");
+    }
+
+    #[test]
+    fn too_deep_is_typed_and_the_request_decoder_stays_in_sync() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let mut src = frame(deep.as_bytes());
+        let err = JsonFrameCodec::new().decode(&mut src).unwrap_err();
+        assert!(matches!(err, TrackerError::TooDeep { limit: MAX_REPLY_DEPTH }), "{err:?}");
+
+        let mut codec = RequestCodec(JsonFrameCodec::tracker(4));
+        let mut src = frame(b"[[[[[1]]]]]");
+        src.extend_from_slice(&frame(b"[1]"));
+        let first = codec.decode(&mut src).unwrap().unwrap();
+        assert!(matches!(first, Err(TrackerError::TooDeep { limit: 4 })), "{first:?}");
+        assert_eq!(codec.decode(&mut src).unwrap().unwrap().unwrap(), json!([1]));
+    }
+
+    #[test]
+    fn the_client_reads_replies_larger_than_requests() {
+        let big = Value::String("x".repeat(MAX_FRAME + 10));
+        let mut buf = BytesMut::new();
+        assert!(JsonFrameCodec::client().encode(&big, &mut buf).is_err(), "requests stay small");
+        JsonFrameCodec::tracker(0).encode(&big, &mut buf).unwrap();
+        assert!(JsonFrameCodec::new().decode(&mut buf.clone()).is_err());
+        assert_eq!(JsonFrameCodec::client().decode(&mut buf).unwrap(), Some(big));
+        let mut src = BytesMut::from(&(MAX_REPLY as i32 + 1).to_le_bytes()[..]);
+        let err = JsonFrameCodec::client().decode(&mut src).unwrap_err();
+        assert!(matches!(err, TrackerError::FrameTooLarge { limit: MAX_REPLY, .. }), "{err:?}");
+    }
+
     fn arb_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),

@@ -65,6 +65,17 @@ mod server;
 mod state;
 mod summary;
 
+/// Internals the fuzz targets (`crate::fuzzing`) drive directly.
+pub(crate) mod fuzz_support {
+    pub(crate) use super::codec::JsonFrameCodec;
+    pub(crate) use super::proto::{TrackerRequest, expect_success};
+    pub(crate) use super::server::{TRACKER_DEPTH, request_codec};
+    pub(crate) use super::state::{
+        Applied, ConnId, Delivery, Limits, MAX_KEY_LEN, MAX_MATCHKEY_LEN, State,
+    };
+    pub(crate) use super::summary::text_summary_of;
+}
+
 pub use client::{DEFAULT_TIMEOUT, ReconnectPolicy, TrackerClient, TrackerLink};
 pub use codec::{
     JsonFrameCodec, MAX_FRAME, MAX_REPLY, MAX_REPLY_DEPTH, RPC_MAGIC, TRACKER_AT_CAPACITY,

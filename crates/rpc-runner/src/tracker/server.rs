@@ -30,6 +30,17 @@ use super::state::{Applied, ConnId, Delivery, Limits, State};
 /// levels down, and clients parse at most 128 levels.
 const MAX_INFO_DEPTH_CAP: usize = 100;
 
+/// The default `max_info_depth`.
+const DEFAULT_MAX_INFO_DEPTH: usize = 32;
+
+/// The request depth limit of a default tracker (an info inside the request array).
+pub(crate) const TRACKER_DEPTH: usize = DEFAULT_MAX_INFO_DEPTH + 1;
+
+/// The request decoder of a default tracker.
+pub(crate) fn request_codec() -> RequestCodec {
+    TrackerConfig::default().request_codec()
+}
+
 /// At most this many refusals (connections over the limit being told so)
 /// are in progress at once; beyond it a connection is closed unanswered.
 const MAX_REFUSING: usize = 64;
@@ -91,7 +102,7 @@ impl Default for TrackerConfig {
             max_keys: limits.max_keys,
             max_per_connection: limits.max_per_connection,
             max_info_bytes: limits.max_info_bytes,
-            max_info_depth: 32,
+            max_info_depth: DEFAULT_MAX_INFO_DEPTH,
         }
     }
 }
