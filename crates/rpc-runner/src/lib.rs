@@ -36,8 +36,12 @@
 //! - `measure/`: the measurement pipeline: argument info, the kernel tasks
 //!   and time evaluator run by session workers, the builder and the runners.
 //! - `worker.rs`: the task types every session worker serves.
+//! - `fuzzing.rs` (hidden from the docs): the protocol fuzz targets that
+//!   `examples/fuzz_protocols.rs` and `fuzz/` drive (`docs/fuzzing.md`).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod measure;
 pub mod server;
 pub mod session;

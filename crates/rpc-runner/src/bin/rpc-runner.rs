@@ -35,6 +35,10 @@ enum Command {
         /// Ports up to (excluding) this one are tried in turn.
         #[arg(long, default_value_t = 9199)]
         port_end: u16,
+        /// Most connections served at once; more are refused at the
+        /// handshake (a TVM client then reports "... is not RPC Tracker").
+        #[arg(long, default_value_t = TrackerConfig::default().max_connections)]
+        max_connections: usize,
     },
     /// Run a device server (TVM's `python -m tvm.exec.rpc_server`).
     Server {
@@ -144,9 +148,9 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Tracker { host, port, port_end } => {
+        Command::Tracker { host, port, port_end, max_connections } => {
             let listener = bind_range(&host, port, port_end).await?;
-            let config = TrackerConfig::default();
+            let config = TrackerConfig { max_connections, ..TrackerConfig::default() };
             println!("tracker listening on {}", local(&listener)?);
             Tracker::run(listener, config, shutdown_signal()).await.context("tracker failed")?;
         }

@@ -151,8 +151,9 @@ pub enum SessionError {
         /// What was wrong.
         message: String,
     },
-    /// Talking to the tracker failed.
-    #[error("tracker error")]
+    /// Talking to the tracker failed (the message is the tracker error's,
+    /// which carries its cause).
+    #[error(transparent)]
     Tracker(#[from] TrackerError),
 }
 

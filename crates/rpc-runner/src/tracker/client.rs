@@ -5,7 +5,14 @@
 //! [`TrackerClient::request_lease`], which waits for a free server for as
 //! long as it takes; wrap it in `tokio::time::timeout` (or drop it) to give
 //! up. A call that is cancelled or fails midway closes the connection, so a
-//! reply can never be read as the answer to a later request.
+//! reply can never be read as the answer to a later request. Replies are
+//! read up to [`MAX_REPLY`](super::MAX_REPLY) bytes (TVM's tracker sends
+//! summaries above 1 MiB); requests are sent up to 1 MiB.
+//!
+//! `request_lease` survives a tracker restart: when the connection is lost
+//! while it waits, it reconnects and asks again, a bounded number of times
+//! with backoff ([`ReconnectPolicy`], like the `max_retry` of TVM's
+//! `TrackerSession.request`).
 
 use std::time::Duration;
 
@@ -14,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use super::codec::{JsonFrameCodec, TRACKER_MAGIC, read_magic, write_magic};
+use super::codec::{JsonFrameCodec, TRACKER_AT_CAPACITY, TRACKER_MAGIC, read_magic, write_magic};
 use super::error::TrackerError;
 use super::proto::{Lease, TrackerRequest, expect_success, success_body};
 use super::summary::{Summary, text_summary_of};
@@ -35,7 +42,13 @@ async fn dial(addr: &str, limit: Duration) -> Result<Transport, TrackerError> {
     let _ = stream.set_nodelay(true);
     let handshake = async {
         write_magic(&mut stream, TRACKER_MAGIC).await?;
-        read_magic(&mut stream).await
+        let magic = read_magic(&mut stream).await?;
+        if magic != TRACKER_AT_CAPACITY {
+            return Ok((magic, None));
+        }
+        // Our tracker follows the refusal with its limit; tolerate its absence.
+        let limit = read_magic(&mut stream).await.ok().and_then(|n| u32::try_from(n).ok());
+        Ok::<_, std::io::Error>((magic, limit))
     };
     match tokio::time::timeout(limit, handshake).await {
         Err(_) => Err(TrackerError::Timeout { what: "the tracker handshake", limit }),
@@ -43,9 +56,58 @@ async fn dial(addr: &str, limit: Duration) -> Result<Transport, TrackerError> {
             Err(TrackerError::Closed)
         }
         Ok(Err(err)) => Err(err.into()),
-        Ok(Ok(magic)) if magic != TRACKER_MAGIC => Err(TrackerError::BadMagic { got: magic }),
-        Ok(Ok(_)) => Ok(Framed::new(stream, JsonFrameCodec)),
+        Ok(Ok((TRACKER_AT_CAPACITY, limit))) => Err(TrackerError::AtCapacity { limit }),
+        Ok(Ok((magic, _))) if magic != TRACKER_MAGIC => Err(TrackerError::BadMagic { got: magic }),
+        Ok(Ok(_)) => Ok(Framed::new(stream, JsonFrameCodec::client())),
     }
+}
+
+/// How [`TrackerClient::request_lease`] (and so `request`, `request_with`,
+/// `request_and_run`) reconnects when the tracker connection is lost while
+/// it waits: up to `max_reconnects` reconnects per call, the first after
+/// `initial_backoff`, each next one after twice the previous wait, at most
+/// `max_backoff`. After a reconnect the request is sent again (it keeps its
+/// priority, not its place in line: the old tracker's queue is gone).
+///
+/// The default, 5 reconnects from 0.5 s up to 5 s (12.5 s of waiting in
+/// all), mirrors TVM's `max_retry=5`. `max_reconnects: 0` disables it.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rpc_runner::tracker::ReconnectPolicy;
+///
+/// let patient = ReconnectPolicy { max_reconnects: 20, ..ReconnectPolicy::default() };
+/// assert_eq!(patient.initial_backoff, Duration::from_millis(500));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// Reconnects tried per call before giving up.
+    pub max_reconnects: u32,
+    /// The wait before the first reconnect.
+    pub initial_backoff: Duration,
+    /// The longest wait between two reconnects.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            max_reconnects: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// No reconnect: a lost connection fails the call at once.
+    pub const NEVER: ReconnectPolicy = ReconnectPolicy {
+        max_reconnects: 0,
+        initial_backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+    };
 }
 
 /// A request-reply connection. The transport is taken out for the duration
@@ -121,6 +183,7 @@ impl Channel {
 #[derive(Debug)]
 pub struct TrackerClient {
     channel: Channel,
+    reconnect: ReconnectPolicy,
 }
 
 impl TrackerClient {
@@ -142,12 +205,31 @@ impl TrackerClient {
     ///
     /// As [`connect`](Self::connect).
     pub async fn connect_with_timeout(addr: &str, timeout: Duration) -> Result<Self, TrackerError> {
-        Ok(TrackerClient { channel: Channel::connect(addr, timeout).await? })
+        let channel = Channel::connect(addr, timeout).await?;
+        Ok(TrackerClient { channel, reconnect: ReconnectPolicy::default() })
     }
 
     /// The tracker's address, as given to `connect`.
     pub fn addr(&self) -> &str {
         &self.channel.addr
+    }
+
+    /// Sets how [`request_lease`](Self::request_lease) reconnects after
+    /// losing the tracker (default: [`ReconnectPolicy::default`]).
+    pub fn set_reconnect(&mut self, policy: ReconnectPolicy) {
+        self.reconnect = policy;
+    }
+
+    /// As [`set_reconnect`](Self::set_reconnect), by value.
+    #[must_use]
+    pub fn with_reconnect(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// The reconnect policy of [`request_lease`](Self::request_lease).
+    pub fn reconnect_policy(&self) -> ReconnectPolicy {
+        self.reconnect
     }
 
     async fn call(
@@ -201,21 +283,55 @@ impl TrackerClient {
     /// Higher `priority` is served first; equal priorities in arrival order.
     ///
     /// This waits as long as it takes: wrap it in `tokio::time::timeout`.
-    /// Cancelling it closes the connection, which withdraws the request (a
-    /// lease already sent is lost to this client; TVM servers re-register a
-    /// matchkey nobody used after a few seconds, ours as well).
+    /// If the connection is lost meanwhile (the tracker restarted, the
+    /// network broke) or cannot be made, it reconnects and sends the request
+    /// again, as the [`ReconnectPolicy`] says.
+    ///
+    /// Cancel safety: cancelling it (also during a reconnect's backoff)
+    /// closes the connection, which withdraws the request (a lease already
+    /// sent is lost to this client; TVM servers re-register a matchkey
+    /// nobody used after a few seconds, ours as well). The next call
+    /// reconnects.
     ///
     /// # Errors
     ///
-    /// Connection and protocol errors.
+    /// [`TrackerError::ConnectionLost`] once the reconnects are spent (its
+    /// message names the key and the last cause); [`TrackerError::Refused`]
+    /// when the tracker refuses the request (e.g. over one of its limits);
+    /// protocol errors.
     pub async fn request_lease(&mut self, key: &str, priority: i32) -> Result<Lease, TrackerError> {
         let request = TrackerRequest::Request {
             key: key.to_owned(),
             user: String::new(),
             priority: priority.into(),
-        };
-        let reply = self.call(&request.to_json(), None).await?;
-        Lease::from_reply(&reply)
+        }
+        .to_json();
+        let policy = self.reconnect;
+        let mut reconnects = 0;
+        let mut backoff = policy.initial_backoff;
+        loop {
+            // `call` dials first when the connection is closed: the first
+            // round reuses the open connection, later ones are reconnects.
+            let err = match self.call(&request, None).await {
+                Ok(reply) => return Lease::from_reply(&reply),
+                Err(err) if err.is_transient() => err,
+                Err(err) => return Err(err),
+            };
+            if reconnects >= policy.max_reconnects {
+                return Err(TrackerError::ConnectionLost {
+                    key: key.to_owned(),
+                    reconnects,
+                    source: Box::new(err),
+                });
+            }
+            tracing::warn!(
+                tracker = %self.channel.addr, key, error = %err, reconnects,
+                "tracker connection lost while waiting for a device; reconnecting"
+            );
+            reconnects += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(policy.max_backoff);
+        }
     }
 
     /// `STOP`: stops the tracker, given its stop key.

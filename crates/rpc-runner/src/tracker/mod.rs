@@ -7,7 +7,9 @@
 //! in `docs/tracker.md`; in short:
 //!
 //! - TCP. The client sends the magic `0x2F271` (`i32` LE), the tracker echoes
-//!   it. Then frames `[i32 LE length][UTF-8 JSON]`, `0 < length <= 1 MiB`.
+//!   it (or, at its connection limit, answers [`TRACKER_AT_CAPACITY`]). Then
+//!   frames `[i32 LE length][UTF-8 JSON]`: requests `0 < length <= 1 MiB`,
+//!   replies up to [`MAX_REPLY`].
 //! - Requests are arrays whose first element is a [`TrackerCode`]: `PING`,
 //!   `STOP`, `PUT` (a server is free), `REQUEST` (lease one; the reply comes
 //!   when a server is free), `UPDATE_INFO`, `SUMMARY`, `GET_PENDING_MATCHKEYS`.
@@ -15,7 +17,9 @@
 //!   requests are served by priority (higher first), then arrival.
 //! - A connection that breaks the protocol is closed; nobody else notices.
 //!   A closed server connection withdraws its servers; a closed client
-//!   connection withdraws its requests.
+//!   connection withdraws its requests. What one peer can make the tracker
+//!   hold (keys, info, outstanding requests, connections) is bounded by
+//!   [`TrackerConfig`]; a request over a limit is answered `[-1, reason]`.
 //!
 //! # Examples
 //!
@@ -50,7 +54,7 @@
 //! - `summary.rs`: [`Summary`] and TVM's text layout of it.
 //! - `state.rs`: queues and matching rules (no I/O).
 //! - `server.rs`: [`Tracker`], [`TrackerConfig`], [`TrackerHandle`].
-//! - `client.rs`: [`TrackerClient`] and [`TrackerLink`].
+//! - `client.rs`: [`TrackerClient`] (with its [`ReconnectPolicy`]) and [`TrackerLink`].
 //! - `error.rs`: [`TrackerError`].
 
 mod client;
@@ -61,8 +65,22 @@ mod server;
 mod state;
 mod summary;
 
-pub use client::{DEFAULT_TIMEOUT, TrackerClient, TrackerLink};
-pub use codec::{JsonFrameCodec, MAX_FRAME, RPC_MAGIC, TRACKER_MAGIC};
+/// Internals the fuzz targets (`crate::fuzzing`) drive directly.
+pub(crate) mod fuzz_support {
+    pub(crate) use super::codec::JsonFrameCodec;
+    pub(crate) use super::proto::{TrackerRequest, expect_success};
+    pub(crate) use super::server::{TRACKER_DEPTH, request_codec};
+    pub(crate) use super::state::{
+        Applied, ConnId, Delivery, Limits, MAX_KEY_LEN, MAX_MATCHKEY_LEN, State,
+    };
+    pub(crate) use super::summary::text_summary_of;
+}
+
+pub use client::{DEFAULT_TIMEOUT, ReconnectPolicy, TrackerClient, TrackerLink};
+pub use codec::{
+    JsonFrameCodec, MAX_FRAME, MAX_REPLY, MAX_REPLY_DEPTH, RPC_MAGIC, TRACKER_AT_CAPACITY,
+    TRACKER_MAGIC,
+};
 pub use error::TrackerError;
 pub use proto::{Lease, TrackerCode, TrackerRequest, random_matchkey};
 pub use server::{Tracker, TrackerConfig, TrackerHandle};

@@ -339,11 +339,30 @@ impl Lease {
     }
 }
 
+/// True for a failure reply: TVM's bare `-1`, or our `[-1, reason]`.
+fn is_fail(reply: &Value) -> bool {
+    reply.as_i64() == Some(-1)
+        || matches!(reply.as_array().map(Vec::as_slice), Some([code, ..]) if code.as_i64() == Some(-1))
+}
+
+fn refused(reply: &Value, request: &'static str) -> TrackerError {
+    let mut text = reply.to_string();
+    if text.len() > 300 {
+        let mut end = 300;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    TrackerError::Refused { request, reply: text }
+}
+
 /// Checks a bare `0` reply (PING, STOP, PUT, UPDATE_INFO).
 pub(crate) fn expect_success(reply: &Value, request: &'static str) -> Result<(), TrackerError> {
     match reply.as_i64() {
         Some(0) => Ok(()),
-        Some(-1) => Err(TrackerError::Refused { request, reply: reply.to_string() }),
+        _ if is_fail(reply) => Err(refused(reply, request)),
         _ => Err(TrackerError::protocol(format!("unexpected reply to {request}: {reply}"))),
     }
 }
@@ -355,9 +374,7 @@ pub(crate) fn success_body<'a>(
 ) -> Result<&'a Value, TrackerError> {
     match reply.as_array().map(Vec::as_slice) {
         Some([code, body]) if code.as_i64() == Some(0) => Ok(body),
-        _ if reply.as_i64() == Some(-1) => {
-            Err(TrackerError::Refused { request, reply: reply.to_string() })
-        }
+        _ if is_fail(reply) => Err(refused(reply, request)),
         _ => Err(TrackerError::protocol(format!("unexpected reply to {request}: {reply}"))),
     }
 }
@@ -465,6 +482,9 @@ mod tests {
     fn replies() {
         assert!(expect_success(&json!(0), "PING").is_ok());
         assert!(matches!(expect_success(&json!(-1), "STOP"), Err(TrackerError::Refused { .. })));
+        let err = expect_success(&json!([-1, "too big"]), "UPDATE_INFO").unwrap_err();
+        assert_eq!(err.to_string(), "the tracker refused UPDATE_INFO: it replied [-1,\"too big\"]");
+        assert!(matches!(Lease::from_reply(&json!([-1, "r"])), Err(TrackerError::Refused { .. })));
         assert!(matches!(expect_success(&json!([0]), "PING"), Err(TrackerError::Protocol { .. })));
         let lease = Lease::from_reply(&json!([0, ["1.2.3.4", 9090, "k:0.3"]])).unwrap();
         assert_eq!(lease, Lease { host: "1.2.3.4".into(), port: 9090, matchkey: "k:0.3".into() });

@@ -12,16 +12,38 @@ use serde_json::{Value, json};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::codec::{JsonFrameCodec, TRACKER_MAGIC, read_magic, write_magic};
+use super::codec::{
+    JsonFrameCodec, RequestCodec, TRACKER_AT_CAPACITY, TRACKER_MAGIC, read_magic, write_magic,
+};
 use super::error::TrackerError;
 use super::proto::{TrackerRequest, random_matchkey};
-use super::state::{ConnId, Delivery, State};
+use super::state::{Applied, ConnId, Delivery, Limits, State};
+
+/// The deepest `max_info_depth` honoured: the summary nests an info 3
+/// levels down, and clients parse at most 128 levels.
+const MAX_INFO_DEPTH_CAP: usize = 100;
+
+/// The default `max_info_depth`.
+const DEFAULT_MAX_INFO_DEPTH: usize = 32;
+
+/// The request depth limit of a default tracker (an info inside the request array).
+pub(crate) const TRACKER_DEPTH: usize = DEFAULT_MAX_INFO_DEPTH + 1;
+
+/// The request decoder of a default tracker.
+pub(crate) fn request_codec() -> RequestCodec {
+    TrackerConfig::default().request_codec()
+}
+
+/// At most this many refusals (connections over the limit being told so)
+/// are in progress at once; beyond it a connection is closed unanswered.
+const MAX_REFUSING: usize = 64;
 
 /// How a tracker runs.
 ///
@@ -44,15 +66,60 @@ pub struct TrackerConfig {
     /// How long one reply may take to be written before its connection is
     /// closed (a peer that does not read must not hold a lease). Default 10 s.
     pub write_timeout: Duration,
+    /// The most connections served at once (at least 1). One more is
+    /// answered with [`TRACKER_AT_CAPACITY`](super::TRACKER_AT_CAPACITY) and
+    /// the limit instead of the magic echo, then closed; our clients report
+    /// [`TrackerError::AtCapacity`]. Default 4096 (the process's file
+    /// descriptor limit must allow it).
+    pub max_connections: usize,
+    /// The most device keys known at once; a `PUT` or `REQUEST` naming a new
+    /// key beyond it is refused (`[-1, reason]`). A key with no free server,
+    /// no waiting request and no open connection that put a server to it is
+    /// forgotten at once, so this bounds the idle keys too. Default 4096.
+    pub max_keys: usize,
+    /// The most free servers plus waiting requests one connection may have;
+    /// a `PUT` or `REQUEST` beyond it is refused. Default 1024.
+    pub max_per_connection: usize,
+    /// The largest info one connection may describe itself with (its merged
+    /// `UPDATE_INFO` objects, as JSON bytes); an `UPDATE_INFO` beyond it is
+    /// refused and nothing is merged. Default 4096 (TVM servers send ~50).
+    pub max_info_bytes: usize,
+    /// The deepest nesting of an `UPDATE_INFO` info object (at most 100); a
+    /// request frame nested deeper than this plus one (the request array)
+    /// is answered `[-1, reason]` unparsed, and the connection is served on.
+    /// Default 32.
+    pub max_info_depth: usize,
 }
 
 impl Default for TrackerConfig {
     fn default() -> Self {
+        let limits = Limits::default();
         TrackerConfig {
             stop_key: None,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_keys: limits.max_keys,
+            max_per_connection: limits.max_per_connection,
+            max_info_bytes: limits.max_info_bytes,
+            max_info_depth: DEFAULT_MAX_INFO_DEPTH,
         }
+    }
+}
+
+impl TrackerConfig {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_keys: self.max_keys,
+            max_per_connection: self.max_per_connection,
+            max_info_bytes: self.max_info_bytes,
+        }
+    }
+
+    /// The request codec: frames up to 1 MiB nested at most one level
+    /// deeper than an info may be.
+    fn request_codec(&self) -> RequestCodec {
+        RequestCodec(JsonFrameCodec::tracker(self.max_info_depth.min(MAX_INFO_DEPTH_CAP) + 1))
     }
 }
 
@@ -71,7 +138,9 @@ impl Tracker {
     ///
     /// A connection that breaks the protocol (bad magic, bad frame, invalid
     /// JSON, an ill-typed request, an unknown code) is logged and closed;
-    /// the others are not affected.
+    /// the others are not affected. A request over one of the config's
+    /// limits is answered `[-1, reason]` and the connection is served on.
+    /// Connections beyond `max_connections` are refused at the handshake.
     ///
     /// # Errors
     ///
@@ -227,12 +296,15 @@ async fn serve(
     tracing::info!(addr = ?local, "tracker listening");
     tracing::debug!(%stop_key, "tracker stop key");
     let shared = Arc::new(Shared {
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State::new(config.limits())),
         stop_key,
         config,
         stop: stop.clone(),
     });
     let handlers = TaskTracker::new();
+    let max_connections = shared.config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -241,7 +313,21 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let span = tracing::debug_span!("tracker_conn", %peer);
-                    handlers.spawn(handle_conn(stream, peer, Arc::clone(&shared)).instrument(span));
+                    match Arc::clone(&slots).try_acquire_owned() {
+                        Ok(slot) => {
+                            let conn = handle_conn(stream, peer, Arc::clone(&shared), slot);
+                            handlers.spawn(conn.instrument(span));
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, limit = max_connections, "tracker at its connection limit: refusing a connection");
+                            if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                                let refusal = refuse(stream, max_connections, Arc::clone(&shared), permit);
+                                handlers.spawn(refusal.instrument(span));
+                            }
+                            // Else: too many refusals in flight; dropping the
+                            // stream closes it unanswered.
+                        }
+                    }
                 }
                 Err(err) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -259,7 +345,41 @@ async fn serve(
     Ok(())
 }
 
-async fn handle_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Tells a connection over the limit so: reads its magic, answers
+/// `TRACKER_AT_CAPACITY` and the limit, closes. Bounded by the handshake
+/// timeout (at most 2 s) and by the tracker's stop.
+async fn refuse(
+    mut stream: TcpStream,
+    limit: usize,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let bound = shared.config.handshake_timeout.min(Duration::from_secs(2));
+    let answer = async {
+        // Read the client's magic first: closing with it unread would reset
+        // the connection, and the client might lose the answer.
+        read_magic(&mut stream).await?;
+        let mut bytes = TRACKER_AT_CAPACITY.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&i32::try_from(limit).unwrap_or(i32::MAX).to_le_bytes());
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &bytes).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+    };
+    tokio::select! {
+        () = shared.stop.cancelled() => {}
+        res = tokio::time::timeout(bound, answer) => {
+            if let Ok(Err(err)) = res {
+                tracing::debug!(error = %err, "refusing a connection failed");
+            }
+        }
+    }
+}
+
+async fn handle_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+) {
     match serve_conn(stream, peer, &shared).await {
         Ok(()) => tracing::debug!("tracker connection closed"),
         Err(err) if err.is_disconnect() => {
@@ -314,8 +434,8 @@ async fn serve_conn(
     let mut conn = Conn {
         id,
         peer_host,
-        reader: FramedRead::new(read, JsonFrameCodec),
-        writer: FramedWrite::new(write, JsonFrameCodec),
+        reader: FramedRead::new(read, shared.config.request_codec()),
+        writer: FramedWrite::new(write, JsonFrameCodec::tracker(0)),
         shared,
     };
     let result = conn.run(&mut leases).await;
@@ -335,19 +455,9 @@ async fn serve_conn(
 struct Conn<'a> {
     id: ConnId,
     peer_host: String,
-    reader: FramedRead<OwnedReadHalf, JsonFrameCodec>,
+    reader: FramedRead<OwnedReadHalf, RequestCodec>,
     writer: FramedWrite<OwnedWriteHalf, JsonFrameCodec>,
     shared: &'a Shared,
-}
-
-/// What a request is answered with.
-enum Reply {
-    /// Send this value.
-    Send(Value),
-    /// Nothing now (a `REQUEST`: the lease comes later).
-    Later,
-    /// Send success, then stop the tracker.
-    Stop,
 }
 
 impl Conn<'_> {
@@ -362,18 +472,32 @@ impl Conn<'_> {
                         None => return Ok(()),
                         Some(frame) => frame?,
                     };
-                    let request = TrackerRequest::parse(&value)?;
-                    tracing::trace!(conn = self.id, code = request.code().name(), "tracker request");
-                    let reply = self.handle(request);
+                    let applied = match value {
+                        Ok(value) => {
+                            let request = TrackerRequest::parse(&value)?;
+                            tracing::trace!(conn = self.id, code = request.code().name(), "tracker request");
+                            self.shared.state().apply(self.id, request, &self.shared.stop_key)
+                        }
+                        // A frame nested too deep (consumed whole): refused.
+                        Err(err) => Applied::Refused(err.to_string()),
+                    };
                     // As in TVM, a lease this request triggered for this very
                     // connection is written before the request's own reply.
                     while let Ok(delivery) = leases.try_recv() {
                         self.deliver(delivery).await?;
                     }
-                    match reply {
-                        Reply::Send(value) => self.send(&value).await?,
-                        Reply::Later => {}
-                        Reply::Stop => {
+                    match applied {
+                        Applied::Send(value) => self.send_reply(&value).await?,
+                        Applied::Later => {}
+                        Applied::Refused(reason) => {
+                            tracing::warn!(conn = self.id, peer = %self.peer_host, %reason, "tracker request refused");
+                            self.send(&json!([-1, reason])).await?;
+                        }
+                        Applied::WrongStopKey => {
+                            tracing::warn!(peer = %self.peer_host, "STOP with a wrong stop key refused");
+                            self.send(&json!(-1)).await?;
+                        }
+                        Applied::Stop => {
                             self.send(&json!(0)).await?;
                             tracing::info!(peer = %self.peer_host, "tracker stopped by a STOP request");
                             self.shared.stop.cancel();
@@ -385,34 +509,15 @@ impl Conn<'_> {
         }
     }
 
-    fn handle(&mut self, request: TrackerRequest) -> Reply {
-        let mut state = self.shared.state();
-        match request {
-            TrackerRequest::Ping => Reply::Send(json!(0)),
-            TrackerRequest::Stop { stop_key } => {
-                if stop_key == self.shared.stop_key {
-                    Reply::Stop
-                } else {
-                    tracing::warn!(peer = %self.peer_host, "STOP with a wrong stop key refused");
-                    Reply::Send(json!(-1))
-                }
+    /// Sends a reply; one too large for a frame (it cannot happen within
+    /// the default limits) is answered `[-1, reason]` instead.
+    async fn send_reply(&mut self, value: &Value) -> Result<(), TrackerError> {
+        match self.send(value).await {
+            Err(err @ TrackerError::FrameTooLarge { .. }) => {
+                tracing::warn!(conn = self.id, error = %err, "tracker reply too large");
+                self.send(&json!([-1, err.to_string()])).await
             }
-            TrackerRequest::Put { key, port, matchkey, custom_addr } => {
-                state.put(self.id, &key, port, matchkey, custom_addr);
-                Reply::Send(json!(0))
-            }
-            TrackerRequest::Request { key, priority, .. } => {
-                state.request(self.id, &key, priority);
-                Reply::Later
-            }
-            TrackerRequest::UpdateInfo { info } => {
-                state.update_info(self.id, info);
-                Reply::Send(json!(0))
-            }
-            TrackerRequest::Summary => Reply::Send(json!([0, state.summary()])),
-            TrackerRequest::GetPendingMatchkeys => {
-                Reply::Send(json!(state.pending_matchkeys(self.id)))
-            }
+            other => other,
         }
     }
 

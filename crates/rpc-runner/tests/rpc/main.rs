@@ -14,5 +14,6 @@ mod sessions;
 mod tasks;
 mod tracker;
 mod tracker_interop;
+mod tracker_limits;
 
 popen_pool::test_support!(tasks::registry());

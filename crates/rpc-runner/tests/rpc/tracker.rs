@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rpc_runner::tracker::{
-    Lease, MAX_FRAME, TRACKER_MAGIC, Tracker, TrackerClient, TrackerConfig, TrackerError,
-    TrackerLink,
+    Lease, MAX_FRAME, ReconnectPolicy, TRACKER_MAGIC, Tracker, TrackerClient, TrackerConfig,
+    TrackerError, TrackerLink,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -167,7 +167,8 @@ async fn a_closed_server_connection_is_removed() {
     drop(gone);
     eventually("the closed server to disappear", async || {
         let s = observer.summary().await.unwrap();
-        s.server_info.is_empty() && s.queue_info["k"].free == 0
+        // Its key has no server, no request and no holder left: forgotten.
+        s.server_info.is_empty() && !s.queue_info.contains_key("k")
     })
     .await;
 
@@ -308,15 +309,16 @@ async fn stop_with_a_wrong_key_is_refused_and_the_right_key_stops() {
     raw.send_json(&json!([1])).await;
     assert_eq!(raw.recv_json().await, json!(0));
 
-    // A waiting request learns that the tracker went away.
-    let mut waiter = client(&addr).await;
+    // A waiting request (that does not reconnect) learns that the tracker went away.
+    let mut waiter = client(&addr).await.with_reconnect(ReconnectPolicy::NEVER);
     let waiting = tokio::spawn(async move { waiter.request_lease("k", 0).await });
     wait_pending(&mut c, "k", 1).await;
 
     c.stop(STOP_KEY).await.unwrap();
     within("tracker to stop", tracker.wait()).await.unwrap();
     let err = within("waiter", waiting).await.unwrap().unwrap_err();
-    assert!(matches!(err, TrackerError::Closed | TrackerError::Io(_)), "{err:?}");
+    let TrackerError::ConnectionLost { source, .. } = &err else { panic!("{err:?}") };
+    assert!(matches!(**source, TrackerError::Closed | TrackerError::Io(_)), "{err:?}");
     assert!(raw.closed_by_tracker().await.is_empty());
     let err = TrackerClient::connect(&addr).await.unwrap_err();
     assert!(matches!(err, TrackerError::Connect { .. }), "{err:?}");
@@ -631,7 +633,8 @@ async fn text_summary_has_tvms_layout() {
     rasp_b.put("rasp4", 65535, "rasp4:0.2", Some("192.168.100.200")).await.unwrap();
 
     let mut c = client(&addr).await;
-    // A key seen once stays listed (with nothing to show, its row is omitted).
+    // A key requested and given up is forgotten (TVM would keep it, with
+    // nothing to show: its row is omitted from the text either way).
     assert!(
         tokio::time::timeout(Duration::from_millis(50), c.request_lease("idle", 0)).await.is_err()
     );
@@ -661,7 +664,7 @@ rasp4      2      2     0      \n\
 ";
     assert_eq!(c.text_summary().await.unwrap(), want);
     assert_eq!(c.summary().await.unwrap().to_text(), want);
-    assert!(c.summary().await.unwrap().queue_info.contains_key("idle"));
+    assert!(!c.summary().await.unwrap().queue_info.contains_key("idle"));
 }
 
 #[tokio::test]

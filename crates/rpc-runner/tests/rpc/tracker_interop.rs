@@ -370,3 +370,50 @@ async fn our_server_and_sessions_work_through_tvms_tracker() {
     drop(tvm_tracker);
     assert_group_gone(pgid).await;
 }
+
+/// TVM's tracker caps only what it receives: after 30,000 keys requested
+/// once, its summary is 1.4 MB, and our client must read it.
+#[tokio::test]
+async fn our_client_reads_a_tvm_summary_above_a_request_frame() {
+    let python = require_tvm!();
+    let (tvm_tracker, port, mut client) = start_tvm_tracker(&python).await;
+    let pgid = tvm_tracker.pgid();
+    let mut raw = crate::common::RawConn::handshake(&format!("127.0.0.1:{port}")).await;
+    let mut bytes = Vec::new();
+    for i in 0..30_000 {
+        let body = serde_json::json!([4, format!("device-key-{i:013}"), "", 0]).to_string();
+        bytes.extend_from_slice(&(body.len() as i32).to_le_bytes());
+        bytes.extend_from_slice(body.as_bytes());
+    }
+    raw.send_bytes(&bytes).await;
+    raw.send_json(&serde_json::json!([1])).await;
+    assert_eq!(raw.recv_json().await, serde_json::json!(0), "the requests were handled");
+
+    let summary = within("a 1.4 MB summary", client.summary()).await.unwrap();
+    assert_eq!(summary.queue_info.len(), 30_000);
+    assert!(summary.raw.to_string().len() > rpc_runner::tracker::MAX_FRAME);
+    within("its text", client.text_summary()).await.unwrap();
+    drop(tvm_tracker);
+    assert_group_gone(pgid).await;
+}
+
+/// What a TVM client sees when our tracker is at its connection limit.
+#[tokio::test]
+async fn a_tvm_client_sees_our_tracker_at_capacity_as_not_a_tracker() {
+    let python = require_tvm!();
+    let config = rpc_runner::tracker::TrackerConfig {
+        max_connections: 1,
+        ..rpc_runner::tracker::TrackerConfig::default()
+    };
+    let tracker = rpc_runner::tracker::Tracker::start("127.0.0.1:0", config).await.unwrap();
+    let port = tracker.addr().port();
+    let _held = TrackerLink::connect(&addr_of(&tracker)).await.unwrap();
+    let code = format!(
+        "import tvm.rpc\n\
+         try:\n    tvm.rpc.connect_tracker('127.0.0.1', {port})\n    print('connected')\n\
+         except Exception as e:\n    print(type(e).__name__ + ': ' + str(e))\n"
+    );
+    let out = run_python(&python, &["-c", &code]).await;
+    assert_eq!(out.trim(), format!("RuntimeError: ('127.0.0.1', {port}) is not RPC Tracker"));
+    tracker.shutdown().await.unwrap();
+}
