@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::session::handshake::{ClientHello, MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str};
+use crate::wire::handshake::{ClientHello, MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str};
 use crate::tracker::TrackerError;
 use crate::tracker::fuzz_support::{
     Applied, ConnId, Delivery, JsonFrameCodec, Limits, MAX_KEY_LEN as MAX_DEVICE_KEY,
@@ -43,6 +43,7 @@ pub struct Target {
 pub const TARGETS: &[Target] = &[
     Target { name: "tracker_frame", run: tracker_frame, seeds: tracker_frame_seeds, frames_at: 0 },
     Target { name: "handshake", run: handshake, seeds: handshake_seeds, frames_at: 4 },
+    Target { name: "session_frame", run: session_frame, seeds: session_frame_seeds, frames_at: 0 },
 ];
 
 /// Small limits, so that inputs of a few hundred bytes reach them.
@@ -348,6 +349,107 @@ pub fn handshake_seeds() -> Vec<Vec<u8>> {
         seed
     })
     .collect()
+}
+
+/// Payload limit of the session codec under fuzzing: small, so that inputs of
+/// a few hundred bytes reach the oversized-frame path.
+const SESSION_FUZZ_MAX: usize = 96;
+
+/// Session data-plane frames (`[u32 BE len][postcard]`), as either side
+/// would receive them after the handshake.
+///
+/// The bytes go through the real frame decoder (the one client and server
+/// use, with a small limit) in two chunks, then every frame through the
+/// request and the response decoders, and every oversized frame's head
+/// through the id peek the server answers it with. Invariants: the decoder
+/// never buffers more than one frame within the limit; a frame is within the
+/// limit, an oversized one is reported with its length and at most
+/// [`HEAD`](crate::wire::codec::HEAD) bytes; the decoder accounts for every
+/// input byte; a decoded message re-encodes to the same bytes.
+///
+/// # Panics
+///
+/// When an invariant breaks.
+pub fn session_frame(data: &[u8]) {
+    use crate::wire::codec::{FrameCodec, HEAD, Inbound};
+    use crate::wire::proto::{Request, Response, peek_id};
+
+    let mut codec = FrameCodec::new(SESSION_FUZZ_MAX);
+    let split = data.first().map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let mut buf = BytesMut::new();
+    let mut accounted = 0usize;
+    for piece in [&data[..split], &data[split..]] {
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.len();
+            let item = codec.decode(&mut buf).expect("the frame decoder never fails");
+            assert!(buf.len() <= 4 + SESSION_FUZZ_MAX, "buffered {} bytes", buf.len());
+            accounted += before - buf.len();
+            let Some(item) = item else { break };
+            match item {
+                Inbound::Frame(frame) => {
+                    assert!(frame.len() <= SESSION_FUZZ_MAX);
+                    if let Ok(req) = postcard::from_bytes::<Request<'_>>(&frame) {
+                        let again = postcard::to_stdvec(&req).expect("requests encode");
+                        assert_eq!(&again[..], &frame[..again.len()], "{}", req.kind());
+                    }
+                    if let Ok(resp) = postcard::from_bytes::<Response<'_>>(&frame) {
+                        let again = postcard::to_stdvec(&resp).expect("responses encode");
+                        assert_eq!(&again[..], &frame[..again.len()], "{}", resp.kind());
+                        let _ = resp.id();
+                    }
+                }
+                Inbound::TooLarge { len, head } => {
+                    assert!(len > SESSION_FUZZ_MAX as u64 && head.len() <= HEAD);
+                    let _ = peek_id(&head);
+                }
+            }
+        }
+    }
+    // What is left is an incomplete frame (or the rest of an oversized one).
+    assert!(accounted + buf.len() == data.len(), "bytes lost by the decoder");
+    let _ = codec.decode_eof(&mut buf);
+}
+
+/// Valid session frames of both directions (one frame per seed, and a
+/// whole upload as one seed).
+pub fn session_frame_seeds() -> Vec<Vec<u8>> {
+    use crate::wire::error::WireError;
+    use crate::wire::proto::{
+        CHUNK_VARIANT, Request, Response, UPLOAD_CHUNK, data_frame, msg_frame,
+    };
+
+    let encoded = |frames: Vec<crate::wire::codec::Outbound<'_>>| {
+        let mut codec = crate::wire::codec::FrameCodec::new(usize::MAX);
+        let mut out = BytesMut::new();
+        for f in frames {
+            codec.encode(f, &mut out).expect("seed frames encode");
+        }
+        out.to_vec()
+    };
+    let error = WireError::FrameTooLarge { len: 1 << 30, limit: 64 };
+    vec![
+        encoded(vec![msg_frame(&Request::Hello { version: 2 })]),
+        encoded(vec![
+            msg_frame(&Request::UploadBegin { id: 2, path: "a/b.so", len: 5 }),
+            data_frame(UPLOAD_CHUNK, 2, b"12345"),
+            msg_frame(&Request::UploadEnd { id: 2 }),
+        ]),
+        encoded(vec![msg_frame(&Request::Call {
+            id: 3,
+            name: "rpc_runner.time_kernel",
+            payload: &[1, 2, 3],
+            timeout_ms: Some(1000),
+        })]),
+        encoded(vec![msg_frame(&Request::Cancel { id: 3 }), msg_frame(&Request::Close { id: 4 })]),
+        encoded(vec![
+            msg_frame(&Response::DownloadBegin { id: 5, len: 3 }),
+            data_frame(CHUNK_VARIANT, 5, b"xyz"),
+        ]),
+        encoded(vec![msg_frame(&Response::Error { id: 6, error })]),
+        encoded(vec![msg_frame(&Response::Terminated { error: WireError::ServerShutdown })]),
+        encoded(vec![data_frame(UPLOAD_CHUNK, 7, &[9u8; 200])]),
+    ]
 }
 
 #[cfg(test)]

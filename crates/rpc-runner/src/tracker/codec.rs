@@ -16,9 +16,9 @@ use super::error::TrackerError;
 /// an `i32` little-endian first thing (TVM's `RPC_TRACKER_MAGIC`).
 pub const TRACKER_MAGIC: i32 = 0x2F271;
 
-/// The handshake magic of an RPC server (data plane, TVM's `RPC_MAGIC`). A
-/// server answers a matching `client:<matchkey>` with this same value.
-pub const RPC_MAGIC: i32 = 0xFF271;
+/// The handshake magic of an RPC server (data plane, TVM's `RPC_MAGIC`),
+/// defined with the rest of the session handshake in [`wire`](crate::wire).
+pub use crate::wire::handshake::RPC_MAGIC;
 
 /// The largest request frame body, in bytes, the tracker accepts and our
 /// clients send: 1 MiB (TVM's `MAX_TRACKER_MSG_BYTES`, which TVM's tracker
