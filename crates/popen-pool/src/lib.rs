@@ -74,6 +74,7 @@
 //! - `worker.rs`: [`PopenWorker`]; `pool.rs`: [`PopenPool`], [`TaskHandle`].
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+mod cgroup;
 mod child;
 mod codec;
 mod config;
@@ -87,6 +88,7 @@ mod task;
 mod unix;
 mod worker;
 
+pub use cgroup::Containment;
 pub use codec::DEFAULT_MAX_FRAME;
 pub use config::{OutputMode, WorkerProgram};
 pub use core::PoolStats;

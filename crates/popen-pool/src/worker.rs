@@ -61,11 +61,8 @@ impl WorkerBuilder {
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());
-        let shared = Arc::new(CoreShared {
-            launcher: ProcessLauncher::new(self.program, Arc::clone(&opts)),
-            opts,
-            counters: Arc::clone(&counters),
-        });
+        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts));
+        let shared = Arc::new(CoreShared::new(launcher, opts, Arc::clone(&counters)));
         Ok(PopenWorker { core: WorkerCore::new(shared), counters, default_timeout })
     }
 }
@@ -131,6 +128,12 @@ impl PopenWorker {
     /// The pid of the current worker process, if one is running.
     pub fn pid(&self) -> Option<u32> {
         self.core.pid()
+    }
+
+    /// How the worker's processes are contained (see
+    /// [`PopenPool::containment`](crate::PopenPool::containment)).
+    pub fn containment(&self) -> crate::Containment {
+        self.core.containment()
     }
 
     /// The worker's counters.
