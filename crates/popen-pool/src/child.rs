@@ -150,7 +150,9 @@ impl ProcessLauncher {
                 None
             }
         };
-        unix::prepare_command(&mut cmd, child_end.into(), std::process::id() as i32, placement);
+        let pdeathsig = !unix::have_pidfd();
+        let me = std::process::id() as i32;
+        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig);
         // The spawner drops `cmd`, closing our copy of the child's end, right
         // after the fork: from then on EOF on our end means the worker is gone.
         // If this future is dropped, the spawner kills and reaps the child,

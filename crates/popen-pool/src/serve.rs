@@ -101,23 +101,30 @@ fn contain(cgroup: Option<&Path>, me: bool) {
 
 /// The worker-side guard: when the parent process dies, kill the whole task
 /// (cgroup, or tree and group) and this worker. Watches the parent through
-/// a pidfd; once the watch is up, the parent-death signal (which would kill
-/// this worker before it could act) is cleared. Without pidfds the signal
-/// stays, and only the worker's own process group dies with the parent.
+/// a pidfd from a thread of its own. (Where pidfds are missing the parent
+/// set a parent-death signal instead, which kills this worker but not what
+/// left its process group.)
 fn start_guard(cgroup: Option<PathBuf>) {
     let Some(parent) = std::env::var(ENV_MARKER).ok().and_then(|v| v.parse::<u32>().ok()) else {
         return;
     };
-    let Ok(pidfd) = unix::pidfd_open(parent) else { return };
+    if !unix::have_pidfd() {
+        return;
+    }
+    let Ok(pidfd) = unix::pidfd_open(parent) else {
+        contain(cgroup.as_deref(), true); // it is gone already
+        return;
+    };
     if unix::parent_pid() != parent as i32 {
         contain(cgroup.as_deref(), true); // it died before we watched it
     }
+    let watched = cgroup.clone();
     let spawned = std::thread::Builder::new().name("popen-pool-guard".into()).spawn(move || {
         unix::wait_pidfd(&pidfd);
-        contain(cgroup.as_deref(), true);
+        contain(watched.as_deref(), true);
     });
-    if spawned.is_ok() {
-        unix::clear_pdeathsig();
+    if spawned.is_err() {
+        contain(cgroup.as_deref(), true); // unguarded: refuse to serve
     }
 }
 

@@ -41,8 +41,11 @@ pub(crate) fn read_report(read_end: &OwnedFd) -> Option<io::Error> {
 
 /// Makes `cmd` start its child as the leader of a new process group and a
 /// child subreaper, in its cgroup (if `placement`), with the channel at fd
-/// 3, and (on Linux) SIGKILLed when the spawning thread's process goes away
-/// (until the worker's own guard takes over; see `serve`).
+/// 3. With `pdeathsig` (Linux without pidfds) the child is SIGKILLed when the
+/// spawning thread's process goes away; otherwise the worker's own guard
+/// watches the parent (see `serve`): a parent-death signal would kill the
+/// worker before the guard could kill the task's processes, and it cannot
+/// be cleared from another thread (it is a per-thread setting).
 ///
 /// `cmd` takes ownership of the child's end of the channel: it stays open
 /// exactly as long as the command (through the fork), so its fd number cannot
@@ -52,6 +55,7 @@ pub(crate) fn prepare_command(
     child_end: OwnedFd,
     parent_pid: i32,
     placement: Option<Placement>,
+    pdeathsig: bool,
 ) {
     cmd.process_group(0);
     let child_fd = child_end.as_raw_fd();
@@ -76,7 +80,9 @@ pub(crate) fn prepare_command(
             }
             #[cfg(target_os = "linux")]
             {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                if pdeathsig
+                    && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 // The parent may have died before prctl took effect.
@@ -90,7 +96,7 @@ pub(crate) fn prepare_command(
                 }
             }
             #[cfg(not(target_os = "linux"))]
-            let _ = parent_pid;
+            let _ = (parent_pid, pdeathsig);
             if child_fd == CHANNEL_FD {
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
                 if flags < 0
@@ -226,6 +232,12 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     }
 }
 
+/// True if this kernel has pidfds (then workers guard themselves).
+pub(crate) fn have_pidfd() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| pidfd_open(std::process::id()).is_ok())
+}
+
 /// Blocks until the process behind `pidfd` has exited.
 pub(crate) fn wait_pidfd(pidfd: &OwnedFd) {
     let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -235,15 +247,6 @@ pub(crate) fn wait_pidfd(pidfd: &OwnedFd) {
         if n > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return;
         }
-    }
-}
-
-/// Clears this process's parent-death signal.
-pub(crate) fn clear_pdeathsig() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain prctl.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, 0 as libc::c_ulong);
     }
 }
 
