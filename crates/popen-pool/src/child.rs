@@ -141,7 +141,8 @@ impl ProcessLauncher {
         let placement = match &cgroup {
             Some(cg) => {
                 cmd.env(ENV_CGROUP, cg.path());
-                let (read, write) = unix::report_pipe().map_err(|e| fail("cannot create pipe", e))?;
+                let (read, write) =
+                    unix::report_pipe().map_err(|e| fail("cannot create pipe", e))?;
                 report = Some(read);
                 Some(Placement { procs: cg.procs().clone(), report: write })
             }
@@ -272,16 +273,12 @@ fn channel_error(e: CodecError) -> PoolError {
     }
 }
 
-fn frame_or_eof(
-    next: Option<Result<BytesMut, CodecError>>,
-) -> Result<Option<BytesMut>, PoolError> {
+fn frame_or_eof(next: Option<Result<BytesMut, CodecError>>) -> Result<Option<BytesMut>, PoolError> {
     match next {
         None => Ok(None),
         Some(Ok(frame)) => Ok(Some(frame)),
         // A reset means the worker is gone, like EOF.
-        Some(Err(CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            Ok(None)
-        }
+        Some(Err(CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
         Some(Err(e)) => Err(channel_error(e)),
     }
 }

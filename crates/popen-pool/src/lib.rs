@@ -82,6 +82,7 @@ mod core;
 mod error;
 mod pool;
 mod protocol;
+mod sererr;
 mod serve;
 mod spawner;
 mod task;

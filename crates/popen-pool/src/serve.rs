@@ -4,8 +4,8 @@ use std::cell::RefCell;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 
 use crate::codec::{CodecError, DEFAULT_MAX_FRAME, read_frame, write_frame};
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};

@@ -185,9 +185,9 @@ pub(crate) fn kill_tree(root: u32, spare_root: bool) {
                 stack.push(c);
             }
         }
-        let settled = found.iter().all(|p| {
-            table.get(p).is_none_or(|&(_, state)| matches!(state, 'T' | 't' | 'Z' | 'X'))
-        });
+        let settled = found
+            .iter()
+            .all(|p| table.get(p).is_none_or(|&(_, state)| matches!(state, 'T' | 't' | 'Z' | 'X')));
         if !fresh && settled {
             break;
         }

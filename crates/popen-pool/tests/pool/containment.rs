@@ -49,7 +49,8 @@ async fn daemon_dies_with_a_timeout(cgroups: bool, setsid: bool) {
     let pool = daemon_pool(&file, cgroups);
     assert_mode(&pool, cgroups);
     let limit = Duration::from_secs(2);
-    let handle = pool.submit_with_timeout(Daemonize { setsid, then_sleep_ms: 600_000 }, Some(limit));
+    let handle =
+        pool.submit_with_timeout(Daemonize { setsid, then_sleep_ms: 600_000 }, Some(limit));
     let daemon = read_pid_file(&file).await;
     assert!(alive(daemon), "the daemon {daemon} runs while its task does");
     assert_eq!(comm_of(daemon), "sleep");
@@ -148,8 +149,9 @@ fn daemon_parent_program_entry() {
             daemons.push(pool.submit(Daemonize { setsid: i % 2 == 0, then_sleep_ms: 0 }));
         }
         // And two running tasks whose daemons are still their children's.
-        let running: Vec<_> =
-            (0..2).map(|_| pool.submit(Daemonize { setsid: true, then_sleep_ms: 600_000 })).collect();
+        let running: Vec<_> = (0..2)
+            .map(|_| pool.submit(Daemonize { setsid: true, then_sleep_ms: 600_000 }))
+            .collect();
         let mut pids = Vec::new();
         for d in daemons {
             pids.push(d.await.unwrap());
@@ -265,7 +267,12 @@ async fn no_cgroup_dir_outlives_its_pool() {
                     h.abort();
                 }
                 pool.shutdown().await;
-                assert!(!dir.exists(), "{} outlived shutdown(): {:?}", dir.display(), worker_dirs(&dir));
+                assert!(
+                    !dir.exists(),
+                    "{} outlived shutdown(): {:?}",
+                    dir.display(),
+                    worker_dirs(&dir)
+                );
             }
             "kill" => {
                 pool.kill().await;
@@ -319,7 +326,8 @@ async fn cgroup_containment_is_on_where_available_and_can_be_turned_off() {
         assert!(line.contains(&name), "worker {pid} is in {line}, not under {}", dir.display());
     }
     pool.shutdown().await;
-    let off = PopenPool::builder(test_worker_program()).max_workers(1).cgroups(false).build().unwrap();
+    let off =
+        PopenPool::builder(test_worker_program()).max_workers(1).cgroups(false).build().unwrap();
     assert_mode(&off, false);
     assert_eq!(off.submit(Int(2)).await, Ok(2));
     off.shutdown().await;

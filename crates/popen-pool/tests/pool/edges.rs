@@ -9,7 +9,9 @@ use futures::StreamExt;
 use popen_pool::{ExitInfo, PoolError, PopenPool};
 
 use crate::common::*;
-use crate::hygiene::{SOON, TempDir, alive, eventually, read_pid_file, settle, wait_running, warm_up};
+use crate::hygiene::{
+    SOON, TempDir, alive, eventually, read_pid_file, settle, wait_running, warm_up,
+};
 use crate::test_worker_program;
 
 /// A task forks (no exec) a child that keeps the channel open, then the
@@ -84,7 +86,7 @@ async fn kill_with_running_tasks_starts_no_spare() {
 /// zombies.
 #[test]
 fn a_pool_dropped_as_its_runtime_ends_leaves_no_zombie() {
-    for round in 0..10u64 {
+    for round in 0..24u64 {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let pool = PopenPool::builder(test_worker_program()).max_workers(2).build().unwrap();
@@ -92,8 +94,16 @@ fn a_pool_dropped_as_its_runtime_ends_leaves_no_zombie() {
             let _running = pool.submit(Sleep(600_000));
             wait_running(&pool, 1).await;
             drop(pool);
-            // Let the drivers see the kill for a varying moment, then end.
-            tokio::time::sleep(Duration::from_millis(round)).await;
+            // Let the drivers see the kill for a varying moment, then end:
+            // a few polls (the dead worker's slot starts a spare), or a
+            // few milliseconds.
+            if round < 12 {
+                for _ in 0..round * 4 {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(round - 11)).await;
+            }
         });
         drop(rt);
     }
@@ -183,5 +193,35 @@ async fn garbage_written_to_fd_3_does_not_reach_the_channel() {
         assert_eq!(got, Ok(garbage.len()));
     }
     assert_eq!(pool.submit(Pid).await, Ok(worker), "the same worker serves on");
+    pool.shutdown().await;
+}
+
+fn refuse<S: serde::Serializer>(_: &u8, _: S) -> Result<S::Ok, S::Error> {
+    Err(serde::ser::Error::custom("refusing: this handle cannot leave the process"))
+}
+
+/// A task whose `Serialize` fails with a custom message.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Unserializable(#[serde(serialize_with = "refuse")] u8);
+
+impl popen_pool::Task for Unserializable {
+    const NAME: &'static str = "unserializable";
+    type Output = ();
+    fn run(self, _: &mut popen_pool::WorkerContext) -> Result<(), popen_pool::TaskFailure> {
+        Ok(())
+    }
+}
+
+/// postcard drops the text of a custom serializer error.
+#[tokio::test]
+async fn custom_serializer_errors_keep_their_text() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    match pool.submit(Unserializable(1)).await {
+        Err(PoolError::Codec { message }) => {
+            assert!(message.contains("this handle cannot leave the process"), "{message}");
+            assert!(message.contains("unserializable"), "{message}");
+        }
+        other => panic!("expected Codec, got {other:?}"),
+    }
     pool.shutdown().await;
 }
