@@ -528,7 +528,7 @@ impl<L: Launcher> WorkerCore<L> {
         }
     }
 
-    /// Kills the worker process group (and any spare) now and reaps it.
+    /// Kills the worker and its task's processes (and any spare) now and reaps it.
     pub(crate) async fn kill(&mut self) {
         if let Some(mut live) = self.live.take() {
             live.child.kill().await;

@@ -179,7 +179,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 ///
 /// Each task runs in one of `max_workers` worker processes under the pool's
 /// (or its own) time limit. A timeout, crash or abort fails that task alone:
-/// the worker's process group is killed and a fresh worker takes its place.
+/// the worker and its task's processes are killed and a fresh worker takes its place.
 /// Dropping the pool kills every worker.
 ///
 /// # Examples

@@ -1,7 +1,7 @@
 //! A process-lifetime thread that forks every worker.
 //!
-//! Linux delivers PR_SET_PDEATHSIG when the *thread* that forked the child
-//! exits, not the process. Tokio's blocking threads come and go, and a test's
+//! Where pidfds are missing, workers get PR_SET_PDEATHSIG, which Linux
+//! delivers when the *thread* that forked the child exits, not the process. Tokio's blocking threads come and go, and a test's
 //! runtime thread ends with the test, so forking from them could kill healthy
 //! workers. All forks therefore happen on this one thread, which lives as long
 //! as the process; the child is still registered with the caller's runtime

@@ -12,8 +12,9 @@ use crate::task::{ErasedTask, Task};
 /// One worker process that runs one task at a time, restarted as needed.
 ///
 /// The process starts on the first task (or [`start`](PopenWorker::start)). A
-/// timeout, crash or abort kills its whole process group and the next task runs
-/// in a fresh process. Dropping the worker kills its process group.
+/// timeout, crash or abort kills it and its task's processes (see
+/// [`containment`](PopenWorker::containment)) and the next task runs in a
+/// fresh process. Dropping the worker kills them too.
 ///
 /// # Examples
 ///
@@ -141,7 +142,7 @@ impl PopenWorker {
         self.counters.snapshot()
     }
 
-    /// Kills the worker's process group now and reaps it; the next task starts
+    /// Kills the worker and its task's processes now and reaps it; the next task starts
     /// a fresh process.
     pub async fn kill(&mut self) {
         self.core.kill().await;
