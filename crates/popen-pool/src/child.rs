@@ -342,7 +342,14 @@ impl Child for ProcessChild {
 
     async fn kill(&mut self) -> ExitInfo {
         if self.reaped.is_none() {
-            kill_everything(self.pid, self.cgroup.as_deref());
+            let gone = self.pidfd.as_ref().is_some_and(|fd| unix::pidfd_exited(fd.get_ref()));
+            if gone && self.cgroup.is_none() {
+                // Its tree is orphaned already (nothing to walk): the group
+                // is what is left to reach.
+                unix::kill_group(self.pid);
+            } else {
+                kill_everything(self.pid, self.cgroup.as_deref());
+            }
         }
         self.io = None;
         let exit = self.wait().await;

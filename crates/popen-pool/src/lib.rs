@@ -58,7 +58,7 @@
 //! Every worker leads its own process group, is a child subreaper, and (on
 //! Linux with a writable cgroup2 hierarchy) runs in a cgroup of its own that
 //! is killed as a whole; see [`Containment`] and [`PopenPool::containment`].
-//! It talks over a private socketpair (fd 3 at exec, moved to a high
+//! It talks over a private socketpair (fd 3 at exec, moved to a higher
 //! close-on-exec fd at once, so neither a task printing to stdout nor one
 //! writing to fd 3 can corrupt frames). A guard thread in the worker watches
 //! the parent through a pidfd: a killed parent leaves neither workers nor

@@ -19,8 +19,10 @@ pub(crate) const ENV_MAX_FRAME: &str = "POPEN_POOL_MAX_FRAME";
 /// Set in a worker's environment to its cgroup directory, if it has one.
 pub(crate) const ENV_CGROUP: &str = "POPEN_POOL_CGROUP";
 
-/// The lowest fd number the worker moves its channel to.
-const HIGH_FD: i32 = 512;
+/// The lowest fd number the worker moves its channel to: high enough to be
+/// out of the way, low enough to fit the initial fd table of 64 (growing a
+/// table shared by threads waits for an RCU grace period, ~10 ms).
+const HIGH_FD: i32 = 50;
 
 /// True when this process was started by a popen-pool parent as a worker.
 ///

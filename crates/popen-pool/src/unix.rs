@@ -238,6 +238,13 @@ pub(crate) fn have_pidfd() -> bool {
     *HAVE.get_or_init(|| pidfd_open(std::process::id()).is_ok())
 }
 
+/// True if the process behind `pidfd` has exited (without waiting).
+pub(crate) fn pidfd_exited(pidfd: &impl AsRawFd) -> bool {
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, no timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
 /// Blocks until the process behind `pidfd` has exited.
 pub(crate) fn wait_pidfd(pidfd: &OwnedFd) {
     let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
