@@ -2,7 +2,8 @@
 //! measuring the same workloads as TVM's `PopenPoolExecutor` there.
 //!
 //! `cargo run --release -p popen-pool --example pool_bench [-- --quick]`
-//! (`--quick`: fewer repetitions and tasks, for CI smoke runs; env
+//! (`--quick`: fewer repetitions and tasks, for CI smoke runs; `--no-cgroups`:
+//! workers without a cgroup each, to see what cgroup containment costs; env
 //! `POOL_BENCH_N` sets the task count of the throughput runs).
 //!
 //! Each figure is the median of several repetitions:
@@ -53,6 +54,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn builder() -> popen_pool::PoolBuilder {
+    let cgroups = !std::env::args().any(|a| a == "--no-cgroups");
+    PopenPool::builder(program()).cgroups(cgroups)
+}
+
 fn program() -> WorkerProgram {
     WorkerProgram::current_exe().expect("current exe")
 }
@@ -88,13 +94,13 @@ async fn main() -> anyhow::Result<()> {
     let mut cold = Vec::new();
     for _ in 0..reps {
         let start = Instant::now();
-        let pool = PopenPool::builder(program()).max_workers(2).build()?;
+        let pool = builder().max_workers(2).build()?;
         pool.submit(Identity(1)).await?;
         cold.push(start.elapsed().as_secs_f64());
         pool.shutdown().await;
     }
 
-    let pool = PopenPool::builder(program()).max_workers(2).build()?;
+    let pool = builder().max_workers(2).build()?;
     throughput(&pool, 1000, false).await;
     let mut submit = Vec::new();
     let mut map = Vec::new();
@@ -104,10 +110,7 @@ async fn main() -> anyhow::Result<()> {
     }
     pool.shutdown().await;
 
-    let pool = PopenPool::builder(program())
-        .max_workers(1)
-        .timeout(Some(Duration::from_millis(50)))
-        .build()?;
+    let pool = builder().max_workers(1).timeout(Some(Duration::from_millis(50))).build()?;
     let mut observed = Vec::new();
     let mut respawn = Vec::new();
     for _ in 0..reps {
@@ -123,8 +126,7 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
 
     let m = if quick { 50 } else { 200 };
-    let pool =
-        PopenPool::builder(program()).max_workers(2).maximum_process_uses(Some(1)).build()?;
+    let pool = builder().max_workers(2).maximum_process_uses(Some(1)).build()?;
     throughput(&pool, 10, false).await;
     let mut recycle = Vec::new();
     for _ in 0..reps {

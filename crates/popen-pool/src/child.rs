@@ -1,22 +1,27 @@
 //! The worker process behind a small trait, so the state machine in
 //! [`core`](crate::core) is unit-tested with a fake child; and the real one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::codec::Framed;
 
+use crate::cgroup::{Containment, PoolCgroup, WorkerCgroup};
 use crate::codec::{CodecError, FrameCodec};
 use crate::config::{OutputMode, WorkerOptions, WorkerProgram};
 use crate::error::{ExitInfo, PoolError};
 use crate::protocol::ToWorker;
-use crate::serve::{ENV_MARKER, ENV_MAX_FRAME};
+use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME};
+use crate::unix::Placement;
 use crate::{spawner, unix};
 
 /// One started worker process, seen from the parent.
@@ -25,9 +30,9 @@ pub(crate) trait Child: Send + 'static {
     fn pid(&self) -> u32;
     /// Sends one message.
     fn send(&mut self, msg: &ToWorker<'_>) -> impl Future<Output = Result<(), PoolError>> + Send;
-    /// The next frame; `Ok(None)` when the worker closed its channel.
+    /// The next frame; `Ok(None)` when the worker closed its channel or exited.
     fn recv(&mut self) -> impl Future<Output = Result<Option<BytesMut>, PoolError>> + Send;
-    /// Kills the worker's whole process group now and reaps the worker.
+    /// Kills the worker and every process of its task now and reaps the worker.
     fn kill(&mut self) -> impl Future<Output = ExitInfo> + Send;
     /// After the channel closed: kills leftovers of the group and reaps.
     fn reap(&mut self) -> impl Future<Output = ExitInfo> + Send;
@@ -43,31 +48,52 @@ pub(crate) trait Launcher: Send + Sync + 'static {
     type Child: Child;
     /// Starts one process (the handshake is the caller's job).
     fn launch(&self) -> impl Future<Output = Result<Self::Child, PoolError>> + Send;
+    /// The program it starts, for error messages.
+    fn program(&self) -> String {
+        "the worker program".to_owned()
+    }
+    /// How the processes it starts are contained.
+    fn containment(&self) -> Containment {
+        Containment::ProcessTree { reason: "not a process launcher".to_owned() }
+    }
     /// Kills every process this launcher started that is still alive, now.
     fn kill_all(&self) {}
 }
 
-/// Pids of live workers, so a dropped pool can kill them synchronously.
+/// Live workers (pid and cgroup), so a dropped pool can kill them synchronously.
 #[derive(Debug, Default)]
-pub(crate) struct LivePids(Mutex<HashSet<u32>>);
+pub(crate) struct LivePids(Mutex<HashMap<u32, Option<Arc<WorkerCgroup>>>>);
 
 impl LivePids {
-    fn add(&self, pid: u32) {
-        self.0.lock().expect("live pid set").insert(pid);
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Option<Arc<WorkerCgroup>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn add(&self, pid: u32, cgroup: Option<Arc<WorkerCgroup>>) {
+        self.lock().insert(pid, cgroup);
     }
     fn remove(&self, pid: u32) {
-        self.0.lock().expect("live pid set").remove(&pid);
+        self.lock().remove(&pid);
     }
     fn snapshot(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.0.lock().expect("live pid set").iter().copied().collect();
+        let mut pids: Vec<u32> = self.lock().keys().copied().collect();
         pids.sort_unstable();
         pids
     }
     pub(crate) fn kill_all(&self) {
-        for &pid in self.0.lock().expect("live pid set").iter() {
-            unix::kill_group(pid);
+        for (&pid, cgroup) in self.lock().iter() {
+            kill_everything(pid, cgroup.as_deref());
         }
     }
+}
+
+/// Kills worker `pid` (not yet reaped) and every process of its task: its
+/// cgroup if it has one, else its process tree; and its process group.
+fn kill_everything(pid: u32, cgroup: Option<&WorkerCgroup>) {
+    match cgroup {
+        Some(cg) => cg.kill(),
+        None => unix::kill_tree(pid, false),
+    }
+    unix::kill_group(pid);
 }
 
 /// Starts real worker processes.
@@ -76,15 +102,99 @@ pub(crate) struct ProcessLauncher {
     program: WorkerProgram,
     opts: Arc<WorkerOptions>,
     live: Arc<LivePids>,
+    cgroups: Arc<PoolCgroup>,
 }
 
 impl ProcessLauncher {
     pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>) -> Self {
-        ProcessLauncher { program, opts, live: Arc::default() }
+        let cgroups = PoolCgroup::new(opts.cgroups);
+        ProcessLauncher { program, opts, live: Arc::default(), cgroups }
     }
 
     pub(crate) fn live_pids(&self) -> Vec<u32> {
         self.live.snapshot()
+    }
+
+    /// One fork+exec. `Ok(Err(..))`: the child started but could not join its
+    /// cgroup (it was killed and reaped; try again).
+    async fn launch_once(&self) -> Result<Result<ProcessChild, ()>, PoolError> {
+        let path = &self.program.path;
+        let fail = |what: &str, e: std::io::Error| {
+            PoolError::spawn(format!("{what} for worker program {}: {e}", path.display()))
+        };
+        let (parent_end, child_end) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| fail("cannot create channel", e))?;
+        let mut cmd = tokio::process::Command::new(path);
+        cmd.args(&self.program.args)
+            .envs(self.program.env.iter().map(|(k, v)| (k, v)))
+            .env(ENV_MARKER, std::process::id().to_string())
+            .env(ENV_MAX_FRAME, self.opts.max_frame_bytes.to_string())
+            .stdin(Stdio::null())
+            .stdout(stdio(self.opts.stdout))
+            .stderr(stdio(self.opts.stderr))
+            .kill_on_drop(true);
+        if let Some(dir) = &self.program.current_dir {
+            cmd.current_dir(dir);
+        }
+        let cgroup = self.cgroups.worker().map(Arc::new);
+        let mut report = None;
+        let placement = match &cgroup {
+            Some(cg) => {
+                cmd.env(ENV_CGROUP, cg.path());
+                let (read, write) =
+                    unix::report_pipe().map_err(|e| fail("cannot create pipe", e))?;
+                report = Some(read);
+                Some(Placement { procs: cg.procs().clone(), report: write })
+            }
+            None => {
+                cmd.env_remove(ENV_CGROUP);
+                None
+            }
+        };
+        let pdeathsig = !unix::have_pidfd();
+        let me = std::process::id() as i32;
+        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig);
+        // The spawner drops `cmd`, closing our copy of the child's end, right
+        // after the fork: from then on EOF on our end means the worker is gone.
+        // If this future is dropped, the spawner kills and reaps the child,
+        // then drops its reference to the cgroup (which removes it).
+        let keep = cgroup.clone().map(|c| Box::new(c) as spawner::Keep);
+        let mut child = spawner::spawn(cmd, keep).await.map_err(|e| fail("cannot start", e))?;
+        if let (Some(read), Some(cg)) = (&report, &cgroup) {
+            if let Some(err) = unix::read_report(read) {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                if let Some(dir) = cg.path().parent() {
+                    self.cgroups.placement_failed(dir, &err);
+                }
+                return Ok(Err(()));
+            }
+        }
+        let pid = child.id().ok_or_else(|| PoolError::spawn("worker exited during spawn"))?;
+        self.live.add(pid, cgroup.clone());
+        let pidfd = unix::pidfd_open(pid).ok().and_then(|fd| {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
+            // returns the same fd number for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
+        });
+        let mut proc = ProcessChild {
+            child,
+            pid,
+            io: None,
+            reaped: None,
+            live: Arc::clone(&self.live),
+            cgroup,
+            pidfd,
+            exited: false,
+            grace: self.opts.kill_grace,
+        };
+        parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
+        let stream = tokio::net::UnixStream::from_std(parent_end)
+            .map_err(|e| fail("cannot register channel", e))?;
+        proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
+        forward_lines(proc.child.stdout.take(), pid, false);
+        forward_lines(proc.child.stderr.take(), pid, true);
+        Ok(Ok(proc))
     }
 }
 
@@ -114,39 +224,24 @@ impl Launcher for ProcessLauncher {
     type Child = ProcessChild;
 
     async fn launch(&self) -> Result<ProcessChild, PoolError> {
-        let path = &self.program.path;
-        let fail = |what: &str, e: std::io::Error| {
-            PoolError::spawn(format!("{what} for worker program {}: {e}", path.display()))
-        };
-        let (parent_end, child_end) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| fail("cannot create channel", e))?;
-        let mut cmd = tokio::process::Command::new(path);
-        cmd.args(&self.program.args)
-            .envs(self.program.env.iter().map(|(k, v)| (k, v)))
-            .env(ENV_MARKER, std::process::id().to_string())
-            .env(ENV_MAX_FRAME, self.opts.max_frame_bytes.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdio(self.opts.stdout))
-            .stderr(stdio(self.opts.stderr))
-            .kill_on_drop(true);
-        if let Some(dir) = &self.program.current_dir {
-            cmd.current_dir(dir);
+        // At most: own cgroup refused, sibling refused, then no cgroup.
+        for _ in 0..3 {
+            if let Ok(child) = self.launch_once().await? {
+                return Ok(child);
+            }
         }
-        unix::prepare_command(&mut cmd, child_end.into(), std::process::id() as i32);
-        // The spawner drops `cmd`, closing our copy of the child's end, right
-        // after the fork: from then on EOF on our end means the worker is gone.
-        let child = spawner::spawn(cmd).await.map_err(|e| fail("cannot start", e))?;
-        let pid = child.id().ok_or_else(|| PoolError::spawn("worker exited during spawn"))?;
-        self.live.add(pid);
-        let mut proc =
-            ProcessChild { child, pid, io: None, reaped: None, live: Arc::clone(&self.live) };
-        parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
-        let stream = tokio::net::UnixStream::from_std(parent_end)
-            .map_err(|e| fail("cannot register channel", e))?;
-        proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
-        forward_lines(proc.child.stdout.take(), pid, false);
-        forward_lines(proc.child.stderr.take(), pid, true);
-        Ok(proc)
+        Err(PoolError::spawn(format!(
+            "cannot place worker program {} in a cgroup",
+            self.program.path.display()
+        )))
+    }
+
+    fn program(&self) -> String {
+        self.program.path.display().to_string()
+    }
+
+    fn containment(&self) -> Containment {
+        self.cgroups.containment()
     }
 
     fn kill_all(&self) {
@@ -154,7 +249,8 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-/// A real worker process: leader of its own process group, channel on fd 3.
+/// A real worker process: leader of its own process group and a child
+/// subreaper, in its own cgroup where one is available.
 #[derive(Debug)]
 pub(crate) struct ProcessChild {
     child: tokio::process::Child,
@@ -162,12 +258,28 @@ pub(crate) struct ProcessChild {
     io: Option<Framed<tokio::net::UnixStream, FrameCodec>>,
     reaped: Option<ExitInfo>,
     live: Arc<LivePids>,
+    cgroup: Option<Arc<WorkerCgroup>>,
+    /// Readable once the process has exited (zombie, not yet reaped).
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    /// The process was seen to exit while the channel was still open.
+    exited: bool,
+    grace: Duration,
 }
 
 fn channel_error(e: CodecError) -> PoolError {
     match e {
         CodecError::TooLarge { len, max } => PoolError::FrameTooLarge { len, max },
         other => PoolError::protocol(other.to_string()),
+    }
+}
+
+fn frame_or_eof(next: Option<Result<BytesMut, CodecError>>) -> Result<Option<BytesMut>, PoolError> {
+    match next {
+        None => Ok(None),
+        Some(Ok(frame)) => Ok(Some(frame)),
+        // A reset means the worker is gone, like EOF.
+        Some(Err(CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+        Some(Err(e)) => Err(channel_error(e)),
     }
 }
 
@@ -196,25 +308,55 @@ impl Child for ProcessChild {
         io.send(msg).await.map_err(channel_error)
     }
 
+    /// The next frame, or `None` once the channel closed or the process
+    /// exited. A death is learned from the exit too (a forked child of the
+    /// task may hold the channel open): then the rest of the task's
+    /// processes are killed and whatever the worker sent before dying is
+    /// still read, up to EOF (waiting at most the kill grace for it).
     async fn recv(&mut self) -> Result<Option<BytesMut>, PoolError> {
-        let io = self.io.as_mut().ok_or_else(|| PoolError::protocol("channel closed"))?;
-        match io.next().await {
-            None => Ok(None),
-            Some(Ok(frame)) => Ok(Some(frame)),
-            // A reset means the worker is gone, like EOF.
-            Some(Err(CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                Ok(None)
+        let ProcessChild { io, pid, cgroup, pidfd, exited, grace, reaped, .. } = self;
+        let io = io.as_mut().ok_or_else(|| PoolError::protocol("channel closed"))?;
+        if !*exited {
+            let watch = async {
+                match pidfd {
+                    Some(fd) if reaped.is_none() => {
+                        let _ = fd.readable().await;
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                next = io.next() => return frame_or_eof(next),
+                () = watch => {
+                    *exited = true;
+                    kill_everything(*pid, cgroup.as_deref());
+                }
             }
-            Some(Err(e)) => Err(channel_error(e)),
+        }
+        match tokio::time::timeout(*grace, io.next()).await {
+            Ok(next) => frame_or_eof(next),
+            Err(_) => Ok(None),
         }
     }
 
     async fn kill(&mut self) -> ExitInfo {
         if self.reaped.is_none() {
-            unix::kill_group(self.pid);
+            let gone = self.pidfd.as_ref().is_some_and(|fd| unix::pidfd_exited(fd.get_ref()));
+            if gone && self.cgroup.is_none() {
+                // Its tree is orphaned already (nothing to walk): the group
+                // is what is left to reach.
+                unix::kill_group(self.pid);
+            } else {
+                kill_everything(self.pid, self.cgroup.as_deref());
+            }
         }
         self.io = None;
-        self.wait().await
+        let exit = self.wait().await;
+        if let Some(cg) = &self.cgroup {
+            cg.remove(self.grace.max(Duration::from_secs(1))).await;
+        }
+        exit
     }
 
     async fn reap(&mut self) -> ExitInfo {
@@ -248,10 +390,13 @@ impl Child for ProcessChild {
 impl Drop for ProcessChild {
     fn drop(&mut self) {
         if self.reaped.is_none() {
-            // Last line of defence: tokio's kill_on_drop signals only the
-            // leader and reaps it in the background; take the group down too.
-            unix::kill_group(self.pid);
+            // Last line of defence (a dropped pool, an ending runtime): kill
+            // everything and reap the worker here, without the runtime, so
+            // that no zombie is left to a reaper that may never run.
+            kill_everything(self.pid, self.cgroup.as_deref());
+            spawner::kill_and_reap_blocking(&mut self.child, Duration::from_millis(200));
             self.live.remove(self.pid);
         }
+        // Then the cgroup (if this was its last user) is removed.
     }
 }

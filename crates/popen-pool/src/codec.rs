@@ -1,4 +1,7 @@
-//! Framing: `[u32 big-endian length][postcard body]`, with a maximum frame size.
+//! Framing: `[magic "PPv2"][u32 big-endian length][postcard body]`, with a
+//! maximum frame size. The magic makes a misaligned or garbage header (bytes
+//! a task wrote into the channel) an error as soon as its first bytes
+//! arrive, instead of a length the reader waits for.
 //!
 //! The parent uses [`FrameCodec`] through tokio-util's `Framed`; the worker,
 //! which is plain blocking code, uses [`read_frame`] and [`write_frame`] with
@@ -10,7 +13,9 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
 use tokio_util::codec::{Decoder, Encoder};
 
-const HEADER: usize = 4;
+/// Leads every frame, both ways.
+pub(crate) const MAGIC: [u8; 4] = *b"PPv2";
+const HEADER: usize = 8;
 
 /// The default maximum frame size: 256 MiB (a 64 MiB payload fits with room).
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
@@ -25,6 +30,12 @@ pub(crate) enum CodecError {
     /// A frame exceeds the maximum size.
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
     TooLarge { len: usize, max: usize },
+    /// The bytes at a frame boundary are not a frame header.
+    #[error(
+        "garbage on the channel: expected a frame header, got bytes {found:02x?} \
+         (did task code write to the channel's fd?)"
+    )]
+    BadMagic { found: Vec<u8> },
     /// A message could not be serialized.
     #[error("cannot encode message: {0}")]
     Encode(#[source] postcard::Error),
@@ -47,10 +58,11 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, CodecError> {
+        check_magic(src)?;
         if src.len() < HEADER {
             return Ok(None);
         }
-        let len = u32::from_be_bytes(src[..HEADER].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_be_bytes(src[4..HEADER].try_into().expect("4 bytes")) as usize;
         if len > self.max {
             return Err(CodecError::TooLarge { len, max: self.max });
         }
@@ -68,6 +80,7 @@ impl<T: Serialize> Encoder<&T> for FrameCodec {
 
     fn encode(&mut self, item: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
         let start = dst.len();
+        dst.put_slice(&MAGIC);
         dst.put_u32(0);
         postcard::to_io(item, dst.writer()).map_err(CodecError::Encode)?;
         let len = dst.len() - start - HEADER;
@@ -75,8 +88,18 @@ impl<T: Serialize> Encoder<&T> for FrameCodec {
             dst.truncate(start);
             return Err(CodecError::TooLarge { len, max: self.max });
         }
-        dst[start..start + HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+        dst[start + 4..start + HEADER].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
+    }
+}
+
+/// Fails as soon as the bytes present at a frame boundary differ from the magic.
+fn check_magic(src: &[u8]) -> Result<(), CodecError> {
+    let n = src.len().min(MAGIC.len());
+    if src[..n] == MAGIC[..n] {
+        Ok(())
+    } else {
+        Err(CodecError::BadMagic { found: src[..n].to_vec() })
     }
 }
 
@@ -92,12 +115,15 @@ pub(crate) fn read_frame(
         match r.read(&mut header[got..]) {
             Ok(0) if got == 0 => return Ok(false),
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-            Ok(n) => got += n,
+            Ok(n) => {
+                got += n;
+                check_magic(&header[..got])?;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
-    let len = u32::from_be_bytes(header) as usize;
+    let len = u32::from_be_bytes(header[4..].try_into().expect("4 bytes")) as usize;
     if len > max {
         return Err(CodecError::TooLarge { len, max });
     }
@@ -115,13 +141,14 @@ pub(crate) fn write_frame<T: Serialize>(
     max: usize,
 ) -> Result<(), CodecError> {
     scratch.clear();
-    scratch.extend_from_slice(&[0; HEADER]);
+    scratch.extend_from_slice(&MAGIC);
+    scratch.extend_from_slice(&[0; HEADER - 4]);
     postcard::to_io(msg, &mut *scratch).map_err(CodecError::Encode)?;
     let len = scratch.len() - HEADER;
     if len > max {
         return Err(CodecError::TooLarge { len, max });
     }
-    scratch[..HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    scratch[4..HEADER].copy_from_slice(&(len as u32).to_be_bytes());
     w.write_all(scratch)?;
     Ok(())
 }
@@ -162,7 +189,7 @@ mod tests {
     #[test]
     fn partial_frames_wait_for_more_bytes() {
         let mut codec = FrameCodec::new(1024);
-        let mut src = BytesMut::from(&[0u8, 0, 0, 5, 1, 2][..]);
+        let mut src = BytesMut::from(&b"PPv2\0\0\0\x05\x01\x02"[..]);
         assert!(codec.decode(&mut src).unwrap().is_none());
         src.extend_from_slice(&[3, 4, 5]);
         assert_eq!(&codec.decode(&mut src).unwrap().unwrap()[..], &[1, 2, 3, 4, 5]);
@@ -171,7 +198,7 @@ mod tests {
     #[test]
     fn oversized_frames_are_rejected_on_both_sides() {
         let mut codec = FrameCodec::new(16);
-        let mut src = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
+        let mut src = BytesMut::from(&b"PPv2\x7f\xff\xff\xff"[..]);
         assert!(matches!(
             codec.decode(&mut src),
             Err(CodecError::TooLarge { len: 0x7fff_ffff, max: 16 })
@@ -182,7 +209,7 @@ mod tests {
         assert!(matches!(err, Err(CodecError::TooLarge { max: 16, .. })));
         assert!(dst.is_empty(), "a refused frame leaves nothing behind");
         let mut frame = Vec::new();
-        let err = read_frame(&mut &[0u8, 0, 1, 0][..], &mut frame, 16);
+        let err = read_frame(&mut &b"PPv2\0\0\x01\0"[..], &mut frame, 16);
         assert!(matches!(err, Err(CodecError::TooLarge { len: 256, max: 16 })));
         let mut scratch = Vec::new();
         let err = write_frame(
@@ -198,7 +225,28 @@ mod tests {
     fn truncated_frame_is_an_error_not_a_clean_eof() {
         let mut frame = Vec::new();
         assert!(!read_frame(&mut &[][..], &mut frame, 16).unwrap());
-        assert!(read_frame(&mut &[0u8, 0][..], &mut frame, 16).is_err());
-        assert!(read_frame(&mut &[0u8, 0, 0, 4, 1][..], &mut frame, 16).is_err());
+        assert!(read_frame(&mut &b"PP"[..], &mut frame, 16).is_err());
+        assert!(read_frame(&mut &b"PPv2\0\0\0\x04\x01"[..], &mut frame, 16).is_err());
+    }
+
+    /// Before the magic, a stray `[0, 0, 0x10, 0]` written by task code
+    /// into the channel read as a 4096-byte frame: the reader waited for
+    /// bytes that never came (a timeout, or a hang without one).
+    #[test]
+    fn garbage_before_a_frame_is_an_error_at_once() {
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut wire = BytesMut::from(&[0u8, 0, 0x10, 0][..]);
+        let msg = FromWorker::Done { id: 1, outcome: Outcome::Ok(b"x") };
+        let mut scratch = Vec::new();
+        let mut good = Vec::new();
+        write_frame(&mut good, &msg, &mut scratch, 1 << 20).unwrap();
+        wire.extend_from_slice(&good);
+        assert!(matches!(codec.decode(&mut wire), Err(CodecError::BadMagic { .. })));
+        // Even one byte of garbage is caught before a whole header is in.
+        let mut one = BytesMut::from(&b"x"[..]);
+        assert!(matches!(codec.decode(&mut one), Err(CodecError::BadMagic { .. })));
+        let mut frame = Vec::new();
+        let err = read_frame(&mut &b"PQ"[..], &mut frame, 16);
+        assert!(matches!(err, Err(CodecError::BadMagic { .. })));
     }
 }

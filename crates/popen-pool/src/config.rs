@@ -124,6 +124,7 @@ pub(crate) struct WorkerOptions {
     pub(crate) stderr: OutputMode,
     pub(crate) kill_grace: Duration,
     pub(crate) start_timeout: Duration,
+    pub(crate) cgroups: bool,
 }
 
 impl Default for WorkerOptions {
@@ -139,6 +140,7 @@ impl Default for WorkerOptions {
             stderr: OutputMode::Inherit,
             kill_grace: Duration::from_secs(2),
             start_timeout: Duration::from_secs(30),
+            cgroups: true,
         }
     }
 }
@@ -234,6 +236,16 @@ macro_rules! worker_option_setters {
         #[must_use]
         pub fn kill_grace(mut self, grace: std::time::Duration) -> Self {
             self.opts.kill_grace = grace;
+            self
+        }
+
+        /// Contain each worker in its own cgroup v2 where a writable cgroup2
+        /// hierarchy is available (Linux; default: on). Off, or where none
+        /// is, workers are contained by process group and process tree; see
+        /// `containment()` on the pool or worker for what is in effect.
+        #[must_use]
+        pub fn cgroups(mut self, on: bool) -> Self {
+            self.opts.cgroups = on;
             self
         }
 

@@ -9,7 +9,7 @@
 //! [`PopenPool`]: crate::PopenPool
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,6 +87,23 @@ pub(crate) struct CoreShared<L> {
     pub(crate) launcher: L,
     pub(crate) opts: Arc<WorkerOptions>,
     pub(crate) counters: Arc<Counters>,
+    /// Set once the pool is shutting down, killed or dropped: from then on
+    /// no spare is started ahead of need.
+    pub(crate) closing: AtomicBool,
+}
+
+impl<L> CoreShared<L> {
+    pub(crate) fn new(launcher: L, opts: Arc<WorkerOptions>, counters: Arc<Counters>) -> Self {
+        CoreShared { launcher, opts, counters, closing: AtomicBool::new(false) }
+    }
+
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
 }
 
 /// A started, handshaken (and initialized) worker.
@@ -251,26 +268,34 @@ async fn exchange<C: Child>(
 }
 
 /// Waits for the worker's `Hello` and returns the task names it serves.
-async fn handshake<C: Child>(child: &mut C) -> Result<Arc<[String]>, PoolError> {
+async fn handshake<C: Child>(child: &mut C, program: &str) -> Result<Arc<[String]>, PoolError> {
     let frame = match child.recv().await {
         Ok(Some(frame)) => frame,
         Ok(None) => {
             let exit = child.reap().await;
             return Err(PoolError::spawn(format!(
-                "worker program exited before its handshake ({exit}); does its main call \
-                 popen_pool::serve_if_worker (or serve) first?"
+                "worker program {program} exited before its handshake ({exit}); does its main \
+                 call popen_pool::serve_if_worker (or serve) first?"
             )));
         }
-        Err(e) => return Err(PoolError::spawn(format!("handshake failed: {e}"))),
+        Err(e) => {
+            return Err(PoolError::spawn(format!(
+                "handshake with worker program {program} failed: {e} (is it built with the \
+                 same popen-pool version?)"
+            )));
+        }
     };
     match postcard::from_bytes::<FromWorker<'_>>(&frame) {
         Ok(FromWorker::Hello { version, tasks, .. }) if version == PROTOCOL_VERSION => {
             Ok(tasks.into())
         }
         Ok(FromWorker::Hello { version, .. }) => Err(PoolError::spawn(format!(
-            "worker speaks protocol version {version}, this parent speaks {PROTOCOL_VERSION}"
+            "worker program {program} speaks protocol version {version}, this parent speaks \
+             {PROTOCOL_VERSION}"
         ))),
-        _ => Err(PoolError::spawn("worker did not start with a handshake")),
+        _ => Err(PoolError::spawn(format!(
+            "worker program {program} did not start with a handshake"
+        ))),
     }
 }
 
@@ -278,8 +303,9 @@ async fn handshake<C: Child>(child: &mut C) -> Result<Arc<[String]>, PoolError> 
 async fn prepare<C: Child>(
     child: &mut C,
     opts: &WorkerOptions,
+    program: &str,
 ) -> Result<Arc<[String]>, PoolError> {
-    let tasks = handshake(child).await?;
+    let tasks = handshake(child, program).await?;
     if let Some(Ok(init)) = &opts.initializer {
         let ex = exchange(child, &tasks, 0, init, None, None).await;
         if let Err(e) = ex.result {
@@ -297,20 +323,27 @@ async fn start_child<L: Launcher>(
     stop: CancellationToken,
 ) -> Result<Live<L::Child>, PoolError> {
     let opts = &shared.opts;
+    if stop.is_cancelled() {
+        return Err(PoolError::Cancelled);
+    }
     // Launching is a fork+exec on the spawner thread: short, and not
     // interrupted, so a started process is never dropped unreaped.
     let mut child = shared.launcher.launch().await?;
     bump(&shared.counters.spawned);
+    let program = shared.launcher.program();
     let prepared = tokio::select! {
         biased;
         () = stop.cancelled() => Err(PoolError::Cancelled),
-        r = tokio::time::timeout(opts.start_timeout, prepare(&mut child, opts)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(PoolError::spawn(format!(
-                "worker did not complete its handshake and initializer within {:?}",
-                opts.start_timeout
-            ))),
-        },
+        r = tokio::time::timeout(opts.start_timeout, prepare(&mut child, opts, &program)) => {
+            match r {
+                Ok(r) => r,
+                Err(_) => Err(PoolError::spawn(format!(
+                    "worker program {program} did not complete its handshake and initializer \
+                     within {:?}",
+                    opts.start_timeout
+                ))),
+            }
+        }
     };
     match prepared {
         Ok(tasks) => Ok(Live { child, uses: 0, tasks }),
@@ -326,6 +359,11 @@ impl<L: Launcher> WorkerCore<L> {
         WorkerCore { shared, live: None, spare: None, retiring: None, next_id: 1 }
     }
 
+    /// How this core's launcher contains its workers.
+    pub(crate) fn containment(&self) -> crate::Containment {
+        self.shared.launcher.containment()
+    }
+
     /// The pid of the live worker process, if one is running.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.live.as_ref().map(|l| l.child.pid())
@@ -339,9 +377,17 @@ impl<L: Launcher> WorkerCore<L> {
         }
     }
 
-    /// Starts a worker process now if there is none (and none starting).
+    /// Starts a spare ahead of need, unless the pool is closing.
+    fn start_warm_spare(&mut self) {
+        if self.shared.opts.warm_spare && !self.shared.is_closing() {
+            self.start_spare();
+        }
+    }
+
+    /// Starts a worker process now if there is none (and none starting),
+    /// unless the pool is closing.
     pub(crate) fn prestart(&mut self) {
-        if self.live.is_none() {
+        if self.live.is_none() && !self.shared.is_closing() {
             self.start_spare();
         }
     }
@@ -425,8 +471,8 @@ impl<L: Launcher> WorkerCore<L> {
             }
         };
         let last_use = opts.maximum_process_uses.is_some_and(|max| live.uses + 1 >= max);
-        if last_use && opts.warm_spare {
-            self.start_spare();
+        if last_use {
+            self.start_warm_spare();
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -439,9 +485,7 @@ impl<L: Launcher> WorkerCore<L> {
             Err(_) => bump(&counters.failed),
         }
         if ex.lost {
-            if opts.warm_spare {
-                self.start_spare();
-            }
+            self.start_warm_spare();
             return ex.result;
         }
         if ex.ran {
@@ -467,9 +511,7 @@ impl<L: Launcher> WorkerCore<L> {
                 }
             });
             self.retiring = Some(Retiring { handle, now });
-            if opts.warm_spare {
-                self.start_spare();
-            }
+            self.start_warm_spare();
         } else {
             self.live = Some(live);
         }
@@ -486,7 +528,7 @@ impl<L: Launcher> WorkerCore<L> {
         }
     }
 
-    /// Kills the worker process group (and any spare) now and reaps it.
+    /// Kills the worker and its task's processes (and any spare) now and reaps it.
     pub(crate) async fn kill(&mut self) {
         if let Some(mut live) = self.live.take() {
             live.child.kill().await;

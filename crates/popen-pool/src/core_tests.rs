@@ -356,11 +356,8 @@ impl Harness {
         let script = Script { max_frame: opts.max_frame_bytes, ..Script::default() };
         let log = Arc::new(Mutex::new(FakeLog { script, ..FakeLog::default() }));
         let counters = Arc::new(Counters::default());
-        let shared = Arc::new(CoreShared {
-            launcher: FakeLauncher { log: Arc::clone(&log) },
-            opts: Arc::new(opts),
-            counters: Arc::clone(&counters),
-        });
+        let launcher = FakeLauncher { log: Arc::clone(&log) };
+        let shared = Arc::new(CoreShared::new(launcher, Arc::new(opts), Arc::clone(&counters)));
         Harness { core: WorkerCore::new(shared), log, counters }
     }
 

@@ -47,7 +47,7 @@ impl fmt::Display for ExitInfo {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError {
-    /// The task ran past its time limit; its worker's process group was killed.
+    /// The task ran past its time limit; its worker and the task's processes were killed.
     #[error("task timed out after {limit:?}")]
     Timeout {
         /// The limit that was exceeded.

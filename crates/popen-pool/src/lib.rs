@@ -8,9 +8,10 @@
 //!   task types; code reaches the worker by name, never as a closure.
 //! - [`PopenWorker`] drives one worker process, one task at a time;
 //!   [`PopenPool`] runs `max_workers` of them behind a queue.
-//! - The parent owns every deadline. On expiry it kills the worker's whole
-//!   process group (the task's own children too), reaps it, fails that task
-//!   with [`PoolError::Timeout`] and starts a replacement.
+//! - The parent owns every deadline. On expiry it kills the worker and every
+//!   process of its task (its cgroup, or its process tree and group; see
+//!   [`Containment`]), reaps it, fails that task with [`PoolError::Timeout`]
+//!   and starts a replacement.
 //! - Each outcome is precise: a value, [`PoolError::Task`] (an error or a caught
 //!   panic; the worker keeps serving), [`PoolError::WorkerDied`] (exit code or
 //!   signal), timeout, cancelled, shut down, spawn failed, protocol error.
@@ -54,12 +55,16 @@
 //!
 //! # Process hygiene
 //!
-//! Every worker leads its own process group and talks over a private
-//! socketpair on fd 3 (so a task printing to stdout cannot corrupt frames).
-//! On Linux it gets `PR_SET_PDEATHSIG = SIGKILL`, tied to a dedicated
-//! process-lifetime spawner thread, and it exits when its channel closes:
-//! a killed parent leaves no workers behind. Workers are reaped; nothing is
-//! left as a zombie, and no fd is leaked into workers or left open.
+//! Every worker leads its own process group, is a child subreaper, and (on
+//! Linux with a writable cgroup2 hierarchy) runs in a cgroup of its own that
+//! is killed as a whole; see [`Containment`] and [`PopenPool::containment`].
+//! It talks over a private socketpair (fd 3 at exec, moved to a higher
+//! close-on-exec fd at once, so neither a task printing to stdout nor one
+//! writing to fd 3 can corrupt frames). A guard thread in the worker watches
+//! the parent through a pidfd: a killed parent leaves neither workers nor
+//! their tasks' processes behind. Workers are reaped; nothing is left as a
+//! zombie, and no fd is leaked into workers or left open. docs/popen-pool.md
+//! states exactly what is guaranteed with and without cgroups.
 //!
 //! # Layout
 //!
@@ -68,12 +73,15 @@
 //! - `protocol.rs` and `codec.rs`: messages and length-delimited postcard frames.
 //! - `serve.rs`: the worker-side loop ([`serve`], [`serve_if_worker`]).
 //! - `child.rs`: the child-process trait and the real process; `unix.rs`:
-//!   process groups, PDEATHSIG, group kills; `spawner.rs`: the spawner thread.
+//!   process groups, subreaper, pidfds, group and tree kills; `cgroup.rs`:
+//!   per-worker cgroups ([`Containment`]); `spawner.rs`: the spawner thread.
+//! - `sererr.rs`: keeps the text of custom serializer errors.
 //! - `core.rs`: the per-worker state machine (deadline, crash, recycle, spare),
 //!   unit-tested with a fake child.
 //! - `worker.rs`: [`PopenWorker`]; `pool.rs`: [`PopenPool`], [`TaskHandle`].
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+mod cgroup;
 mod child;
 mod codec;
 mod config;
@@ -81,12 +89,14 @@ mod core;
 mod error;
 mod pool;
 mod protocol;
+mod sererr;
 mod serve;
 mod spawner;
 mod task;
 mod unix;
 mod worker;
 
+pub use cgroup::Containment;
 pub use codec::DEFAULT_MAX_FRAME;
 pub use config::{OutputMode, WorkerProgram};
 pub use core::PoolStats;

@@ -13,10 +13,11 @@ use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cgroup::Containment;
 use crate::child::{Launcher, ProcessLauncher};
 use crate::config::{WorkerOptions, WorkerProgram, worker_option_setters};
 use crate::core::{CoreShared, Counters, PoolStats, WorkerCore};
@@ -178,7 +179,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 ///
 /// Each task runs in one of `max_workers` worker processes under the pool's
 /// (or its own) time limit. A timeout, crash or abort fails that task alone:
-/// the worker's process group is killed and a fresh worker takes its place.
+/// the worker and its task's processes are killed and a fresh worker takes its place.
 /// Dropping the pool kills every worker.
 ///
 /// # Examples
@@ -206,7 +207,8 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 pub struct PopenPool {
     shared: Arc<PoolShared>,
     cores: Arc<CoreShared<ProcessLauncher>>,
-    drivers: Mutex<Vec<JoinHandle<()>>>,
+    /// The worker slots' loops; closed at build, so `wait` means "all ended".
+    drivers: TaskTracker,
     default_timeout: Option<Duration>,
     max_workers: usize,
 }
@@ -281,11 +283,8 @@ impl PoolBuilder {
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());
-        let cores = Arc::new(CoreShared {
-            launcher: ProcessLauncher::new(self.program, Arc::clone(&opts)),
-            opts,
-            counters: Arc::clone(&counters),
-        });
+        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts));
+        let cores = Arc::new(CoreShared::new(launcher, opts, Arc::clone(&counters)));
         let shared = Arc::new(PoolShared {
             queue: Mutex::default(),
             work: Notify::new(),
@@ -295,13 +294,13 @@ impl PoolBuilder {
             next_id: AtomicU64::new(1),
             max_queue: self.max_queue,
         });
-        let drivers = (0..max_workers)
-            .map(|slot| {
-                let core = WorkerCore::new(Arc::clone(&cores));
-                tokio::spawn(drive(Arc::clone(&shared), core, slot, self.prestart))
-            })
-            .collect();
-        Ok(PopenPool { shared, cores, drivers: Mutex::new(drivers), default_timeout, max_workers })
+        let drivers = TaskTracker::new();
+        for slot in 0..max_workers {
+            let core = WorkerCore::new(Arc::clone(&cores));
+            drivers.spawn(drive(Arc::clone(&shared), core, slot, self.prestart));
+        }
+        drivers.close();
+        Ok(PopenPool { shared, cores, drivers, default_timeout, max_workers })
     }
 }
 
@@ -446,9 +445,11 @@ impl PopenPool {
                 let handles: Vec<_> = tasks.into_iter().map(|t| self.submit(t)).collect();
                 stream::iter(handles).then(|h| h).left_stream()
             }
+            // As many in flight as can be queued or running at once: the
+            // queue's room paces the submissions, every worker stays busy.
             Some(capacity) => stream::iter(tasks)
                 .map(move |t| async move { self.submit_wait(t).await.await })
-                .buffered(capacity)
+                .buffered(capacity.saturating_add(self.max_workers))
                 .right_stream(),
         }
     }
@@ -468,32 +469,45 @@ impl PopenPool {
         self.cores.launcher.live_pids()
     }
 
-    async fn join_drivers(&self) {
-        let drivers = std::mem::take(&mut *self.drivers.lock().unwrap_or_else(|e| e.into_inner()));
-        for d in drivers {
-            let _ = d.await;
-        }
+    /// How the workers are contained: a cgroup per worker, or (without a
+    /// usable cgroup2 hierarchy, or with [`cgroups(false)`]) process group
+    /// and process tree. See docs/popen-pool.md for what each guarantees.
+    ///
+    /// [`cgroups(false)`]: PoolBuilder::cgroups
+    pub fn containment(&self) -> Containment {
+        self.cores.launcher.containment()
     }
 
     /// Stops taking tasks, finishes every queued and running task, then stops
-    /// the workers gracefully (grace period, then SIGKILL) and reaps them.
+    /// the workers gracefully (grace period, then SIGKILL of each worker's
+    /// cgroup or tree) and reaps them. When it returns, every process of the
+    /// pool is gone and its cgroup directories are removed.
+    ///
+    /// Cancel safety: dropping the future drops the pool (see [`Drop`]).
     pub async fn shutdown(self) {
+        self.cores.close();
         self.shared.close(false);
-        self.join_drivers().await;
+        self.drivers.wait().await;
     }
 
     /// Stops now: queued tasks fail with [`PoolError::Shutdown`], running
     /// tasks' workers are killed (their tasks fail with `Shutdown` too), and
-    /// every worker is reaped before this returns.
+    /// every worker is reaped (and its cgroup removed) before this returns,
+    /// for every caller, also when called concurrently.
+    ///
+    /// Cancel safety: dropping the future does not stop the kill; the pool
+    /// is killed and the workers are reaped in the background.
     pub async fn kill(&self) {
+        self.cores.close();
         self.shared.close(true);
         self.shared.kill.cancel();
-        self.join_drivers().await;
+        self.drivers.wait().await;
     }
 }
 
 impl Drop for PopenPool {
     fn drop(&mut self) {
+        self.cores.close();
         self.shared.close(true);
         self.shared.kill.cancel();
         // Synchronously, in case the runtime is going away too; the drivers

@@ -5,8 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a message changes shape.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+/// Bumped whenever a message or the framing changes shape (2: frames
+/// start with a magic).
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Parent to worker.
 #[derive(Debug, Serialize, Deserialize)]

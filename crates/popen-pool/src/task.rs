@@ -179,7 +179,7 @@ fn handle<T: Task>(payload: &[u8], ctx: &mut WorkerContext) -> Result<Vec<u8>, T
         TaskFailure::new("decode", format!("cannot decode task {:?}: {e}", T::NAME))
     })?;
     let output = task.run(ctx)?;
-    postcard::to_stdvec(&output).map_err(|e| {
+    crate::sererr::to_postcard(&output).map_err(|e| {
         TaskFailure::new("encode", format!("cannot encode output of {:?}: {e}", T::NAME))
     })
 }
@@ -211,7 +211,10 @@ impl ErasedTask {
     ///
     /// [`PoolError::Codec`](crate::PoolError::Codec) if the value cannot be serialized.
     pub fn new<T: Task>(task: &T) -> Result<Self, crate::PoolError> {
-        let payload = postcard::to_stdvec(task).map_err(crate::PoolError::codec)?;
+        let payload =
+            crate::sererr::to_postcard(task).map_err(|message| crate::PoolError::Codec {
+                message: format!("cannot encode task {:?}: {message}", T::NAME),
+            })?;
         Ok(ErasedTask { name: Cow::Borrowed(T::NAME), payload: payload.into() })
     }
 

@@ -12,8 +12,9 @@ use crate::task::{ErasedTask, Task};
 /// One worker process that runs one task at a time, restarted as needed.
 ///
 /// The process starts on the first task (or [`start`](PopenWorker::start)). A
-/// timeout, crash or abort kills its whole process group and the next task runs
-/// in a fresh process. Dropping the worker kills its process group.
+/// timeout, crash or abort kills it and its task's processes (see
+/// [`containment`](PopenWorker::containment)) and the next task runs in a
+/// fresh process. Dropping the worker kills them too.
 ///
 /// # Examples
 ///
@@ -61,11 +62,8 @@ impl WorkerBuilder {
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());
-        let shared = Arc::new(CoreShared {
-            launcher: ProcessLauncher::new(self.program, Arc::clone(&opts)),
-            opts,
-            counters: Arc::clone(&counters),
-        });
+        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts));
+        let shared = Arc::new(CoreShared::new(launcher, opts, Arc::clone(&counters)));
         Ok(PopenWorker { core: WorkerCore::new(shared), counters, default_timeout })
     }
 }
@@ -133,12 +131,18 @@ impl PopenWorker {
         self.core.pid()
     }
 
+    /// How the worker's processes are contained (see
+    /// [`PopenPool::containment`](crate::PopenPool::containment)).
+    pub fn containment(&self) -> crate::Containment {
+        self.core.containment()
+    }
+
     /// The worker's counters.
     pub fn stats(&self) -> PoolStats {
         self.counters.snapshot()
     }
 
-    /// Kills the worker's process group now and reaps it; the next task starts
+    /// Kills the worker and its task's processes now and reaps it; the next task starts
     /// a fresh process.
     pub async fn kill(&mut self) {
         self.core.kill().await;

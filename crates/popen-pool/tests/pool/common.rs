@@ -125,6 +125,77 @@ task!(SpawnSleeper, "spawn_sleeper", u32, |self, _ctx| {
     Ok(pid)
 });
 
+/// Starts `sleep 1000` the way a daemon does: through `sh -c '... &'` (the
+/// shell exits, so `sleep` is orphaned: a double fork), in a new session
+/// (`setsid`) or a new process group (`setpgid`), so it is outside the
+/// worker's process group. Writes the daemon's pid to `$SLEEPER_PID_FILE`,
+/// sleeps `then_sleep_ms`, returns the pid.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Daemonize {
+    pub(crate) setsid: bool,
+    pub(crate) then_sleep_ms: u64,
+}
+task!(Daemonize, "daemonize", u32, |self, _ctx| {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"]);
+    if self.setsid {
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    } else {
+        cmd.process_group(0);
+    }
+    let out = cmd.stderr(std::process::Stdio::null()).output()?;
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| TaskFailure::msg(format!("no pid from sh: {e}")))?;
+    if let Ok(file) = std::env::var("SLEEPER_PID_FILE") {
+        let tmp = format!("{file}.tmp");
+        std::fs::write(&tmp, pid.to_string()).ok();
+        std::fs::rename(&tmp, &file).ok();
+    }
+    std::thread::sleep(Duration::from_millis(self.then_sleep_ms));
+    Ok(pid)
+});
+
+/// Forks (no exec): the child keeps the channel open and sleeps; then the
+/// worker aborts. Writes the child's pid to `$SLEEPER_PID_FILE` first.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct ForkThenAbort;
+task!(ForkThenAbort, "fork_then_abort", (), |self, _ctx| {
+    // SAFETY: the child only sleeps and exits (async-signal-safe calls).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: plain syscalls in the forked child.
+        unsafe {
+            libc::sleep(600);
+            libc::_exit(0);
+        }
+    }
+    if let Ok(file) = std::env::var("SLEEPER_PID_FILE") {
+        let tmp = format!("{file}.tmp");
+        std::fs::write(&tmp, pid.to_string()).ok();
+        std::fs::rename(&tmp, &file).ok();
+    }
+    std::process::abort();
+});
+
+/// Writes its bytes to fd 3 (where the channel was when the worker
+/// started), then returns their number.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct WriteFd3(pub(crate) Vec<u8>);
+task!(WriteFd3, "write_fd3", usize, |self, _ctx| {
+    // SAFETY: a write from a valid buffer; the fd may be anything.
+    unsafe { libc::write(3, self.0.as_ptr().cast(), self.0.len()) };
+    Ok(self.0.len())
+});
+
 /// Initializer: stores a value in the worker context and counts init runs.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(crate) struct Init(pub(crate) String);
@@ -183,6 +254,9 @@ pub(crate) fn registry() -> Registry {
         .register::<Noisy>()
         .register::<Pid>()
         .register::<SpawnSleeper>()
+        .register::<Daemonize>()
+        .register::<ForkThenAbort>()
+        .register::<WriteFd3>()
         .register::<Init>()
         .register::<ReadInit>()
         .register::<MakeBytes>()

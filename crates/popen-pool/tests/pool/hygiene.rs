@@ -14,7 +14,7 @@ use crate::common::*;
 use crate::test_worker_program;
 
 /// Generous bound for anything that should happen "soon" (reaping, exits).
-const SOON: Duration = Duration::from_secs(10);
+pub(crate) const SOON: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // Helpers shared with `chaos`.
@@ -34,7 +34,7 @@ pub(crate) async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) 
 }
 
 /// Blocking [`eventually`], for tests without a runtime.
-fn eventually_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn eventually_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if cond() {
@@ -48,7 +48,7 @@ fn eventually_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool 
 }
 
 /// Fields of /proc/PID/stat after the command name: (state, ppid).
-fn proc_stat(pid: u32) -> Option<(char, u32)> {
+pub(crate) fn proc_stat(pid: u32) -> Option<(char, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;
     let mut fields = rest.split_whitespace();
@@ -68,7 +68,7 @@ fn ppid_of(pid: u32) -> Option<u32> {
     proc_stat(pid).map(|(_, ppid)| ppid)
 }
 
-fn comm_of(pid: u32) -> String {
+pub(crate) fn comm_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -171,7 +171,7 @@ impl Drop for TempDir {
 }
 
 /// Waits (bounded) for a pid written to `file` by `SpawnSleeper`.
-async fn read_pid_file(file: &Path) -> u32 {
+pub(crate) async fn read_pid_file(file: &Path) -> u32 {
     let mut pid = None;
     let found = eventually(SOON, || {
         pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok());
@@ -208,7 +208,7 @@ async fn run_and_check(pool: &PopenPool, cases: &[Case]) {
     }
 }
 
-async fn wait_running(pool: &PopenPool, n: u64) {
+pub(crate) async fn wait_running(pool: &PopenPool, n: u64) {
     assert!(
         eventually(SOON, || pool.stats().running == n).await,
         "expected {n} running tasks: {:?}",

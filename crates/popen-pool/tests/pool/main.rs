@@ -4,6 +4,8 @@
 mod basics;
 mod chaos;
 mod common;
+mod containment;
+mod edges;
 mod hygiene;
 
 popen_pool::test_support!(common::registry());
