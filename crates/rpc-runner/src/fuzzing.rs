@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::wire::handshake::{ClientHello, MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str};
 use crate::tracker::TrackerError;
 use crate::tracker::fuzz_support::{
     Applied, ConnId, Delivery, JsonFrameCodec, Limits, MAX_KEY_LEN as MAX_DEVICE_KEY,
@@ -23,6 +22,7 @@ use crate::tracker::fuzz_support::{
     text_summary_of,
 };
 use crate::tracker::{Lease, Summary};
+use crate::wire::handshake::{ClientHello, MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str};
 
 /// A fuzz target: its name, its entry function and its seed inputs.
 #[derive(Debug, Clone, Copy)]
@@ -365,7 +365,8 @@ const SESSION_FUZZ_MAX: usize = 96;
 /// never buffers more than one frame within the limit; a frame is within the
 /// limit, an oversized one is reported with its length and at most
 /// [`HEAD`](crate::wire::codec::HEAD) bytes; the decoder accounts for every
-/// input byte; a decoded message re-encodes to the same bytes.
+/// input byte; a decoded message's encoding is stable (decode, encode,
+/// decode, encode gives the same bytes twice).
 ///
 /// # Panics
 ///
@@ -383,19 +384,28 @@ pub fn session_frame(data: &[u8]) {
         loop {
             let before = buf.len();
             let item = codec.decode(&mut buf).expect("the frame decoder never fails");
-            assert!(buf.len() <= 4 + SESSION_FUZZ_MAX, "buffered {} bytes", buf.len());
             accounted += before - buf.len();
-            let Some(item) = item else { break };
+            let Some(item) = item else {
+                // Waiting for more: at most one frame within the limit is held.
+                assert!(buf.len() < 4 + SESSION_FUZZ_MAX, "buffered {} bytes", buf.len());
+                break;
+            };
             match item {
                 Inbound::Frame(frame) => {
                     assert!(frame.len() <= SESSION_FUZZ_MAX);
+                    // Postcard accepts overlong varints, so a message need not
+                    // re-encode to its input; its encoding must be stable.
                     if let Ok(req) = postcard::from_bytes::<Request<'_>>(&frame) {
                         let again = postcard::to_stdvec(&req).expect("requests encode");
-                        assert_eq!(&again[..], &frame[..again.len()], "{}", req.kind());
+                        let req2: Request<'_> = postcard::from_bytes(&again).expect("decodes");
+                        let third = postcard::to_stdvec(&req2).expect("requests encode");
+                        assert_eq!(again, third, "{}", req.kind());
                     }
                     if let Ok(resp) = postcard::from_bytes::<Response<'_>>(&frame) {
                         let again = postcard::to_stdvec(&resp).expect("responses encode");
-                        assert_eq!(&again[..], &frame[..again.len()], "{}", resp.kind());
+                        let resp2: Response<'_> = postcard::from_bytes(&again).expect("decodes");
+                        let third = postcard::to_stdvec(&resp2).expect("responses encode");
+                        assert_eq!(again, third, "{}", resp.kind());
                         let _ = resp.id();
                     }
                 }
