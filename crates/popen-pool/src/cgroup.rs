@@ -339,7 +339,8 @@ impl WorkerCgroup {
         if self.removed.load(Ordering::Relaxed) {
             return;
         }
-        let deadline = tokio::time::Instant::now() + limit;
+        // `limit` comes from the caller's kill grace: saturate, never overflow.
+        let deadline = tokio::time::Instant::now() + limit.min(Duration::from_secs(3600));
         let mut pause = Duration::from_micros(50);
         loop {
             if !populated(&self.path) {

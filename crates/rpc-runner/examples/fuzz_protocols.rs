@@ -70,8 +70,8 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if !(args.seconds.is_finite() && args.seconds >= 0.0) {
-        bail!("--seconds must be a non-negative number");
+    if !(args.seconds.is_finite() && (0.0..=1e9).contains(&args.seconds)) {
+        bail!("--seconds must be a number from 0 to 1e9");
     }
     Ok(args)
 }

@@ -225,3 +225,21 @@ async fn custom_serializer_errors_keep_their_text() {
     }
     pool.shutdown().await;
 }
+
+/// Durations from the caller saturate: a task limit or kill grace of
+/// `Duration::MAX` must not overflow an `Instant` anywhere on the kill path.
+#[tokio::test]
+async fn huge_durations_from_the_caller_do_not_panic() {
+    let pool = PopenPool::builder(test_worker_program())
+        .max_workers(1)
+        .kill_grace(Duration::MAX)
+        .timeout(Some(Duration::MAX))
+        .build()
+        .unwrap();
+    assert_eq!(tokio::time::timeout(SOON, pool.submit(Int(1))).await.unwrap(), Ok(1));
+    let timed = pool.submit_with_timeout(Sleep(60_000), Some(Duration::from_millis(50)));
+    let got = tokio::time::timeout(SOON, timed).await.expect("the timeout fires");
+    assert!(matches!(got, Err(PoolError::Timeout { .. })), "{got:?}");
+    assert_eq!(tokio::time::timeout(SOON, pool.submit(Int(2))).await.unwrap(), Ok(2));
+    tokio::time::timeout(SOON, pool.kill()).await.expect("kill returns");
+}

@@ -83,7 +83,7 @@ async fn serve(shared: &Shared, mut link: TrackerLink) -> Result<(), TrackerErro
                     unused = Duration::ZERO;
                 } else {
                     // Leased, but nobody connected: TVM's "unmatched" key.
-                    unused += cfg.tracker_poll;
+                    unused = unused.saturating_add(cfg.tracker_poll);
                     if unused >= cfg.unused_lease_timeout {
                         tracing::info!(key = %cfg.key, "leased match key unused; registering a new one");
                         put_fresh_key(shared, &mut link).await?;
