@@ -77,6 +77,8 @@ enum Command {
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
     },
+    /// Print the C header of the kernel ABI (`tuning_harness_kernel.h`).
+    KernelHeader,
     /// Print a tracker's summary (TVM's `python -m tvm.exec.query_rpc_tracker`).
     Query {
         /// Tracker host.
@@ -182,6 +184,7 @@ async fn main() -> Result<()> {
                 .await
                 .context("server failed")?;
         }
+        Command::KernelHeader => print!("{}", rpc_runner::measure::KERNEL_HEADER),
         Command::Query { host, port } => {
             let addr = format!("{host}:{port}");
             let mut client = TrackerClient::connect(&addr)

@@ -9,12 +9,14 @@
 //!   and its default build task [`CompileC`].
 //! - `dlpack.rs`, `kernel.rs`: the worker side: loading a kernel, allocating
 //!   arguments, the timing loop (session-worker task types).
+//! - `header.rs`: the C header of the kernel ABI ([`KERNEL_HEADER`]).
 //! - `runner.rs`: the [`Pipeline`] of stages, [`RpcRunner`] and [`LocalRunner`].
 
 mod args;
 mod builder;
 mod dlpack;
 mod evaluator;
+mod header;
 mod kernel;
 mod runner;
 
@@ -24,6 +26,7 @@ pub use builder::{
     BuilderResult, CompileC, LocalBuilder, LocalBuilderConfig, MAX_NAME_LEN,
 };
 pub use evaluator::EvaluatorConfig;
+pub use header::{KERNEL_HEADER, KERNEL_HEADER_NAME, write_kernel_header};
 pub use kernel::{AllocArgs, DEFAULT_ENTRY, LoadKernel, ReadArg, TimeKernel, failure_kind};
 pub use runner::{
     DefaultPipeline, LocalRunner, Measurement, Pipeline, RpcConfig, RpcRunner, RpcRunnerBuilder,

@@ -209,3 +209,15 @@ fn bad_server_arguments_are_clear_errors_not_panics() {
         assert!(stderr.contains(says), "{args:?} should say {says:?}: {stderr}");
     }
 }
+
+#[test]
+fn kernel_header_prints_the_shipped_header() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .arg("kernel-header")
+        .stdin(Stdio::null())
+        .output()
+        .expect("rpc-runner runs");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), rpc_runner::measure::KERNEL_HEADER);
+    assert!(rpc_runner::measure::KERNEL_HEADER.contains("typedef struct"));
+}
