@@ -364,7 +364,7 @@ const SESSION_FUZZ_MAX: usize = 96;
 /// through the id peek the server answers it with. Invariants: the decoder
 /// never buffers more than one frame within the limit; a frame is within the
 /// limit, an oversized one is reported with its length and at most
-/// [`HEAD`](crate::wire::codec::HEAD) bytes; the decoder accounts for every
+/// `HEAD` (24) bytes; the decoder accounts for every
 /// input byte; a decoded message's encoding is stable (decode, encode,
 /// decode, encode gives the same bytes twice).
 ///

@@ -54,12 +54,15 @@
 //! - `summary.rs`: [`Summary`] and TVM's text layout of it.
 //! - `state.rs`: queues and matching rules (no I/O).
 //! - `server.rs`: [`Tracker`], [`TrackerConfig`], [`TrackerHandle`].
-//! - `client.rs`: [`TrackerClient`] (with its [`ReconnectPolicy`]) and [`TrackerLink`].
+//! - `client.rs`: [`TrackerClient`] (with its [`ReconnectPolicy`]) and [`TrackerLink`];
+//!   `lease.rs`: leasing a device and opening its session
+//!   ([`TrackerClient::request`], `request_with`, `request_and_run`, [`RequestOptions`]).
 //! - `error.rs`: [`TrackerError`].
 
 mod client;
 mod codec;
 mod error;
+mod lease;
 mod proto;
 mod server;
 mod state;
@@ -82,6 +85,7 @@ pub use codec::{
     TRACKER_MAGIC,
 };
 pub use error::TrackerError;
+pub use lease::RequestOptions;
 pub use proto::{Lease, TrackerCode, TrackerRequest, random_matchkey};
 pub use server::{Tracker, TrackerConfig, TrackerHandle};
 pub use summary::{QueueInfo, ServerInfo, Summary};

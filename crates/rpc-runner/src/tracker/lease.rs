@@ -2,9 +2,8 @@
 
 use std::time::Duration;
 
-use super::client::{ConnectOptions, Session};
-use super::error::SessionError;
-use crate::tracker::TrackerClient;
+use super::TrackerClient;
+use crate::session::{ConnectOptions, Session, SessionError};
 
 /// How [`TrackerClient::request_with`] leases a device.
 #[derive(Debug, Clone)]
