@@ -140,10 +140,10 @@ impl Embedded {
         let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default())
             .await
             .context("cannot start the embedded tracker")?;
-        let mut cfg = ServerConfig::new(key, program);
-        cfg.tracker = Some(tracker.addr().to_string());
         // Kernels that print must not scribble over the progress bars.
-        cfg.worker_output = OutputMode::Tracing;
+        let cfg = ServerConfig::new(key, program)
+            .tracker(tracker.addr().to_string())
+            .worker_output(OutputMode::Tracing);
         let server = DeviceServer::start("127.0.0.1:0", cfg)
             .await
             .context("cannot start the embedded device server")?;

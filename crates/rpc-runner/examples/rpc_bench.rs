@@ -73,7 +73,9 @@ async fn serve_role(role: &str, tracker: Option<String>) -> anyhow::Result<()> {
         Tracker::run(listener, TrackerConfig::default(), forever).await?;
     } else {
         let mut cfg = ServerConfig::new("bench", WorkerProgram::current_exe()?);
-        cfg.tracker = tracker;
+        if let Some(addr) = tracker {
+            cfg = cfg.tracker(addr);
+        }
         DeviceServer::run(listener, cfg, forever).await?;
     }
     Ok(())
@@ -84,8 +86,7 @@ async fn embedded(
     program: &WorkerProgram,
 ) -> anyhow::Result<(rpc_runner::tracker::TrackerHandle, rpc_runner::ServerHandle, TrackerClient)> {
     let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
-    let mut cfg = ServerConfig::new("bench", program.clone());
-    cfg.tracker = Some(tracker.addr().to_string());
+    let cfg = ServerConfig::new("bench", program.clone()).tracker(tracker.addr().to_string());
     let server = DeviceServer::start("127.0.0.1:0", cfg).await?;
     let mut tc = TrackerClient::connect(&tracker.addr().to_string()).await?;
     wait_free(&mut tc, "bench").await?;

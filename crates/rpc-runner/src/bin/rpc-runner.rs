@@ -37,7 +37,7 @@ enum Command {
         port_end: u16,
         /// Most connections served at once; more are refused at the
         /// handshake (a TVM client then reports "... is not RPC Tracker").
-        #[arg(long, default_value_t = TrackerConfig::default().max_connections)]
+        #[arg(long, default_value_t = 4096)]
         max_connections: usize,
     },
     /// Run a device server (TVM's `python -m tvm.exec.rpc_server`).
@@ -152,7 +152,7 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Tracker { host, port, port_end, max_connections } => {
             let listener = bind_range(&host, port, port_end).await?;
-            let config = TrackerConfig { max_connections, ..TrackerConfig::default() };
+            let config = TrackerConfig::default().max_connections(max_connections);
             println!("tracker listening on {}", local(&listener)?);
             Tracker::run(listener, config, shutdown_signal()).await.context("tracker failed")?;
         }
@@ -170,14 +170,24 @@ async fn main() -> Result<()> {
             work_dir,
         } => {
             let listener = bind_range(&host, port, port_end).await?;
-            let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?);
-            config.tracker = tracker;
-            config.custom_addr = custom_addr;
-            config.token = token;
-            config.session_timeout = session_timeout.filter(|d| !d.is_zero());
-            config.max_connections = max_connections as usize;
-            config.max_upload_bytes = max_upload_mib.saturating_mul(1 << 20);
-            config.work_root = work_dir;
+            let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?)
+                .max_connections(max_connections as usize)
+                .max_upload_bytes(max_upload_mib.saturating_mul(1 << 20));
+            if let Some(addr) = tracker {
+                config = config.tracker(addr);
+            }
+            if let Some(addr) = custom_addr {
+                config = config.custom_addr(addr);
+            }
+            if let Some(token) = token {
+                config = config.token(token);
+            }
+            if let Some(limit) = session_timeout.filter(|d| !d.is_zero()) {
+                config = config.session_timeout(limit);
+            }
+            if let Some(dir) = work_dir {
+                config = config.work_root(dir);
+            }
             config.check().await.context("the server cannot serve")?;
             println!("server listening on {}", local(&listener)?);
             DeviceServer::run(listener, config, shutdown_signal())

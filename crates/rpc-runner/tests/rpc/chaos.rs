@@ -70,7 +70,7 @@ async fn random_operations_with_random_cancellation() {
     let t = tracker().await;
     let root = tempfile::tempdir().unwrap();
     let work = root.path().to_path_buf();
-    let s = server(Some(&t), "cpu", move |c| c.work_root = Some(work)).await;
+    let s = server(Some(&t), "cpu", move |c| c.work_root(work)).await;
     let mut tc = TrackerClient::connect(&t.addr().to_string()).await.unwrap();
     let (fds_before, children_before) = (open_fds(), children_of(std::process::id()));
 

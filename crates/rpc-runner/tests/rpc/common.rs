@@ -19,7 +19,7 @@ pub(crate) const STOP_KEY: &str = "test-stop-key";
 
 /// Starts a tracker on `127.0.0.1:0` with the stop key [`STOP_KEY`].
 pub(crate) async fn start_tracker() -> TrackerHandle {
-    let config = TrackerConfig { stop_key: Some(STOP_KEY.into()), ..Default::default() };
+    let config = TrackerConfig::default().stop_key(STOP_KEY);
     Tracker::start("127.0.0.1:0", config).await.expect("start tracker")
 }
 

@@ -24,7 +24,7 @@ async fn connect(addr: &str, key: &str) -> Session {
 /// stays usable, and a cancelled call leaves a fresh worker (its state is gone).
 #[tokio::test]
 async fn abandoning_calls_in_a_loop_leaves_server_and_session_usable() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     let mut sess = connect(&addr, "dev").await;
     assert_eq!(within("count", sess.call(Count, None)).await.unwrap(), 1);
@@ -60,7 +60,7 @@ async fn abandoning_calls_in_a_loop_leaves_server_and_session_usable() {
 /// over the client's reply limit is a typed error and the session goes on.
 #[tokio::test]
 async fn large_call_outputs_stream_and_over_limit_ones_are_typed_errors() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     let mut sess = connect(&addr, "dev").await;
     let len = 80 << 20; // over the 64 MiB session frame
@@ -98,7 +98,7 @@ async fn large_call_outputs_stream_and_over_limit_ones_are_typed_errors() {
 /// upload is removed, and no error message carries a chunk's bytes.
 #[tokio::test]
 async fn cancelled_transfers_leave_the_session_usable() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     // A short request timeout: a desynchronized session would hit it.
     let opts = ConnectOptions::default().request_timeout(Duration::from_secs(8));
@@ -138,7 +138,7 @@ async fn cancelled_transfers_leave_the_session_usable() {
 /// Item 4: the server's reason wins over a broken pipe.
 #[tokio::test]
 async fn a_session_timeout_during_an_upload_is_reported_as_such() {
-    let s = server(None, "dev", |c| c.session_timeout = Some(Duration::from_millis(300))).await;
+    let s = server(None, "dev", |c| c.session_timeout(Duration::from_millis(300))).await;
     let addr = s.addr().to_string();
     let data = vec![1u8; 256 << 20];
     // The timeout fires before the upload starts...
@@ -175,8 +175,7 @@ async fn a_session_timeout_during_an_upload_is_reported_as_such() {
 async fn a_consumed_match_key_is_refused() {
     let t = tracker().await;
     let s = server(Some(&t), "cpu", |c| {
-        c.token = Some("right".into());
-        c.unused_lease_timeout = Duration::from_secs(120);
+        c.token("right").unused_lease_timeout(Duration::from_secs(120))
     })
     .await;
     let addr = s.addr().to_string();
@@ -206,8 +205,7 @@ async fn a_consumed_match_key_is_refused() {
 async fn a_refused_handshake_gives_the_lease_back_at_once() {
     let t = tracker().await;
     let s = server(Some(&t), "cpu", |c| {
-        c.token = Some("right".into());
-        c.unused_lease_timeout = Duration::from_secs(120);
+        c.token("right").unused_lease_timeout(Duration::from_secs(120))
     })
     .await;
     let mut tc = TrackerClient::connect(&t.addr().to_string()).await.unwrap();
@@ -230,8 +228,8 @@ async fn a_refused_handshake_gives_the_lease_back_at_once() {
 #[tokio::test]
 async fn a_broken_work_dir_is_reported_and_takes_the_server_out_of_the_tracker() {
     let missing = std::env::temp_dir().join(format!("no-such-dir-{}", std::process::id()));
-    let mut cfg = rpc_runner::ServerConfig::new("cpu", crate::test_worker_program());
-    cfg.work_root = Some(missing.clone());
+    let cfg = rpc_runner::ServerConfig::new("cpu", crate::test_worker_program())
+        .work_root(missing.clone());
     match DeviceServer::start("127.0.0.1:0", cfg).await {
         Err(ServerError::WorkDir { path, .. }) => assert_eq!(path, missing),
         other => panic!("expected a WorkDir error, got {other:?}"),
@@ -242,11 +240,9 @@ async fn a_broken_work_dir_is_reported_and_takes_the_server_out_of_the_tracker()
     let work = root.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let w = work.clone();
-    let s = server(Some(&t), "cpu", move |c| {
-        c.work_root = Some(w);
-        c.tracker_poll = Duration::from_millis(100);
-    })
-    .await;
+    let s =
+        server(Some(&t), "cpu", move |c| c.work_root(w).tracker_poll(Duration::from_millis(100)))
+            .await;
     std::fs::remove_dir(&work).unwrap();
     let key = s.status().borrow().matchkey.clone();
     let addr = s.addr().to_string();
@@ -275,7 +271,7 @@ async fn a_broken_work_dir_is_reported_and_takes_the_server_out_of_the_tracker()
 /// Item 7: durations from callers are saturated, not a panic.
 #[tokio::test]
 async fn huge_durations_from_callers_do_not_panic() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     let opts = ConnectOptions::default().session_timeout(Some(Duration::MAX));
     let mut sess = within("connect", Session::connect(&addr, "dev", &opts)).await.unwrap();
@@ -292,11 +288,9 @@ async fn huge_durations_from_callers_do_not_panic() {
 /// the server serves again once they are gone.
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_clearly() {
-    let s = server(None, "dev", |c| {
-        c.max_connections = 2;
-        c.handshake_timeout = Duration::from_secs(30);
-    })
-    .await;
+    let s =
+        server(None, "dev", |c| c.max_connections(2).handshake_timeout(Duration::from_secs(30)))
+            .await;
     let addr = s.addr().to_string();
     // Two clients that stall in their handshake hold both permits.
     let a = TcpStream::connect(&addr).await.unwrap();

@@ -41,7 +41,7 @@ fn compile_kernels() -> Library {
 /// A server, a session on it, and the kernels uploaded as `kernels.so`.
 async fn setup() -> (ServerHandle, Session, Library) {
     let lib = compile_kernels();
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let mut sess =
         Session::connect(&s.addr().to_string(), "dev", &ConnectOptions::default()).await.unwrap();
     sess.upload(&lib.path, "kernels.so").await.unwrap();

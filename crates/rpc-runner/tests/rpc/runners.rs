@@ -58,7 +58,7 @@ struct Stack {
 
 async fn stack(session_timeout: Duration) -> (Stack, RpcConfig) {
     let t = tracker().await;
-    let s = server(Some(&t), "cpu", |_| {}).await;
+    let s = server(Some(&t), "cpu", |c| c).await;
     let mut rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
     rpc.session_timeout = session_timeout;
     (Stack { tracker: t, server: s, dir: tempfile::tempdir().unwrap() }, rpc)

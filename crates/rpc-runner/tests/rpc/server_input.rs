@@ -39,7 +39,7 @@ fn handshake(key: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn garbage_before_and_after_the_handshake_is_dropped() {
-    let s = server(None, "dev", |c| c.handshake_timeout = Duration::from_secs(2)).await;
+    let s = server(None, "dev", |c| c.handshake_timeout(Duration::from_secs(2))).await;
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for len in [1usize, 3, 4, 7, 64, 4096] {
         let noise: Vec<u8> = (0..len)
@@ -98,7 +98,7 @@ async fn garbage_before_and_after_the_handshake_is_dropped() {
 
 #[tokio::test]
 async fn a_silent_client_cannot_hold_the_handshake() {
-    let s = server(None, "dev", |c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let s = server(None, "dev", |c| c.handshake_timeout(Duration::from_millis(300))).await;
     let mut c = TcpStream::connect(s.addr()).await.unwrap();
     c.write_all(&RPC_MAGIC.to_le_bytes()).await.unwrap();
     // ... and never sends its key: the server drops it after the timeout.

@@ -24,12 +24,14 @@ pub(crate) async fn tracker() -> TrackerHandle {
 pub(crate) async fn server(
     tracker: Option<&TrackerHandle>,
     key: &str,
-    tweak: impl FnOnce(&mut ServerConfig),
+    tweak: impl FnOnce(ServerConfig) -> ServerConfig,
 ) -> ServerHandle {
     let mut cfg = ServerConfig::new(key, crate::test_worker_program());
-    cfg.tracker = tracker.map(|t| t.addr().to_string());
-    tweak(&mut cfg);
-    let has_tracker = cfg.tracker.is_some();
+    if let Some(t) = tracker {
+        cfg = cfg.tracker(t.addr().to_string());
+    }
+    let cfg = tweak(cfg);
+    let has_tracker = tracker.is_some();
     let handle = DeviceServer::start("127.0.0.1:0", cfg).await.expect("server starts");
     if has_tracker {
         handle.wait_for(SOON, |s| s.registered).await.expect("server registers");
@@ -56,7 +58,7 @@ async fn lease_and_forget(tc: &mut TrackerClient) -> String {
 #[tokio::test]
 async fn dropped_session_frees_the_device_at_once() {
     let t = tracker().await;
-    let s = server(Some(&t), "cpu", |c| c.session_timeout = Some(Duration::from_secs(20))).await;
+    let s = server(Some(&t), "cpu", |c| c.session_timeout(Duration::from_secs(20))).await;
     let mut tc = client(&t).await;
     let workdir = lease_and_forget(&mut tc).await;
     let start = Instant::now();
@@ -86,7 +88,7 @@ async fn dropped_session_frees_the_device_at_once() {
 
 #[tokio::test]
 async fn files_round_trip_and_stay_inside_the_session_dir() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     let mut sess = Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
     assert_eq!(sess.server_key(), "dev");
@@ -140,7 +142,7 @@ async fn files_round_trip_and_stay_inside_the_session_dir() {
 
 #[tokio::test]
 async fn upload_over_the_limit_is_refused() {
-    let s = server(None, "dev", |c| c.max_upload_bytes = 1000).await;
+    let s = server(None, "dev", |c| c.max_upload_bytes(1000)).await;
     let addr = s.addr().to_string();
     let mut sess = Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
     match sess.upload_bytes(&[0u8; 1001], "big").await {
@@ -155,7 +157,7 @@ async fn upload_over_the_limit_is_refused() {
 
 #[tokio::test]
 async fn a_crashing_kernel_fails_the_call_not_the_server() {
-    let s = server(None, "dev", |_| {}).await;
+    let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
     let mut sess = Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
     assert_eq!(sess.call(Count, None).await.unwrap(), 1);
@@ -185,7 +187,7 @@ async fn a_crashing_kernel_fails_the_call_not_the_server() {
 #[tokio::test]
 async fn session_timeout_is_enforced_by_the_server() {
     let t = tracker().await;
-    let s = server(Some(&t), "cpu", |_| {}).await;
+    let s = server(Some(&t), "cpu", |c| c).await;
     let mut tc = client(&t).await;
     let mut sess = tc.request_with("cpu", &opts(Some(Duration::from_millis(700)))).await.unwrap();
     assert_eq!(sess.session_timeout(), Some(Duration::from_millis(700)));
@@ -210,7 +212,7 @@ async fn session_timeout_is_enforced_by_the_server() {
 
 #[tokio::test]
 async fn wrong_match_key_and_wrong_token_are_refused() {
-    let s = server(None, "dev", |c| c.token = Some("s3cret".into())).await;
+    let s = server(None, "dev", |c| c.token("s3cret")).await;
     let addr = s.addr().to_string();
     let with_token = |t: &str| ConnectOptions::default().token(Some(t.to_owned()));
     match Session::connect(&addr, "dev", &ConnectOptions::default()).await {
@@ -239,7 +241,7 @@ async fn wrong_match_key_and_wrong_token_are_refused() {
 #[tokio::test]
 async fn request_and_run_always_closes() {
     let t = tracker().await;
-    let s = server(Some(&t), "cpu", |_| {}).await;
+    let s = server(Some(&t), "cpu", |c| c).await;
     let mut tc = client(&t).await;
     let dir = tc
         .request_and_run("cpu", &opts(None), async |sess| {
@@ -264,7 +266,7 @@ async fn request_and_run_always_closes() {
 #[tokio::test]
 async fn priority_decides_who_gets_the_busy_device_next() {
     let t = tracker().await;
-    let s = server(Some(&t), "cpu", |_| {}).await;
+    let s = server(Some(&t), "cpu", |c| c).await;
     let mut holder = client(&t).await;
     let sess = holder.request("cpu", 1, None).await.unwrap();
     let addr = t.addr().to_string();
@@ -301,7 +303,7 @@ async fn priority_decides_who_gets_the_busy_device_next() {
 async fn server_restarts_and_tracker_restarts_are_survived() {
     let t = tracker().await;
     let tracker_addr = t.addr();
-    let s = server(Some(&t), "cpu", |c| c.tracker_poll = Duration::from_millis(100)).await;
+    let s = server(Some(&t), "cpu", |c| c.tracker_poll(Duration::from_millis(100))).await;
     // The tracker goes away and comes back on the same port.
     t.shutdown().await.unwrap();
     s.wait_for(SOON, |st| !st.registered).await.expect("server notices the tracker is gone");
@@ -316,9 +318,9 @@ async fn server_restarts_and_tracker_restarts_are_survived() {
 async fn a_lease_nobody_uses_is_given_back() {
     let t = tracker().await;
     let s = server(Some(&t), "cpu", |c| {
-        c.tracker_poll = Duration::from_millis(50);
-        c.unused_lease_timeout = Duration::from_millis(300);
-        c.custom_addr = Some("127.0.0.1".into());
+        c.tracker_poll(Duration::from_millis(50))
+            .unused_lease_timeout(Duration::from_millis(300))
+            .custom_addr("127.0.0.1")
     })
     .await;
     let first_key = s.status().borrow().matchkey.clone();

@@ -520,11 +520,8 @@ async fn bad_input_closes_only_that_connection() {
 
 #[tokio::test]
 async fn a_connection_that_never_sends_its_magic_is_closed_after_the_handshake_timeout() {
-    let config = TrackerConfig {
-        stop_key: Some(STOP_KEY.into()),
-        handshake_timeout: Duration::from_millis(200),
-        ..Default::default()
-    };
+    let config =
+        TrackerConfig::default().stop_key(STOP_KEY).handshake_timeout(Duration::from_millis(200));
     let tracker = Tracker::start("127.0.0.1:0", config).await.unwrap();
     let addr = addr_of(&tracker);
     let silent = RawConn::connect(&addr).await;

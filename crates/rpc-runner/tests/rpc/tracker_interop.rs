@@ -341,7 +341,7 @@ async fn our_server_and_sessions_work_through_tvms_tracker() {
     let (tvm_tracker, port, mut client) = start_tvm_tracker(&python).await;
     let addr = format!("127.0.0.1:{port}");
 
-    let server = crate::sessions::server(None, "ours", |c| c.tracker = Some(addr.clone())).await;
+    let server = crate::sessions::server(None, "ours", |c| c.tracker(addr.clone())).await;
     server
         .wait_for(TVM_START, |s| s.registered)
         .await
@@ -401,10 +401,7 @@ async fn our_client_reads_a_tvm_summary_above_a_request_frame() {
 #[tokio::test]
 async fn a_tvm_client_sees_our_tracker_at_capacity_as_not_a_tracker() {
     let python = require_tvm!();
-    let config = rpc_runner::tracker::TrackerConfig {
-        max_connections: 1,
-        ..rpc_runner::tracker::TrackerConfig::default()
-    };
+    let config = rpc_runner::tracker::TrackerConfig::default().max_connections(1);
     let tracker = rpc_runner::tracker::Tracker::start("127.0.0.1:0", config).await.unwrap();
     let port = tracker.addr().port();
     let _held = TrackerLink::connect(&addr_of(&tracker)).await.unwrap();

@@ -18,7 +18,7 @@ use crate::common::{
 };
 
 async fn start_with(config: TrackerConfig) -> TrackerHandle {
-    let config = TrackerConfig { stop_key: Some(STOP_KEY.into()), ..config };
+    let config = config.stop_key(STOP_KEY);
     Tracker::start("127.0.0.1:0", config).await.expect("start tracker")
 }
 
@@ -44,7 +44,7 @@ fn big_summary(n: usize) -> Value {
 #[tokio::test]
 async fn connections_beyond_the_limit_are_refused_with_a_typed_error() {
     let fds_before = open_fds();
-    let tracker = start_with(TrackerConfig { max_connections: 3, ..Default::default() }).await;
+    let tracker = start_with(TrackerConfig::default().max_connections(3)).await;
     let addr = addr_of(&tracker);
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -183,7 +183,7 @@ async fn keys_requested_once_are_forgotten_and_new_keys_are_bounded() {
     .await;
 
     // A tracker with few keys refuses a new one, typed, and serves on.
-    let small = start_with(TrackerConfig { max_keys: 2, ..Default::default() }).await;
+    let small = start_with(TrackerConfig::default().max_keys(2)).await;
     let small_addr = addr_of(&small);
     let mut raw = RawConn::handshake(&small_addr).await;
     raw.send_json(&json!([4, "a", "", 0])).await;
@@ -244,7 +244,7 @@ fn quick(max_reconnects: u32) -> ReconnectPolicy {
 /// Starts a tracker on exactly `addr` (the old one's port), retrying while
 /// the port is still taken.
 async fn restart_on(addr: &str) -> TrackerHandle {
-    let config = TrackerConfig { stop_key: Some(STOP_KEY.into()), ..Default::default() };
+    let config = TrackerConfig::default().stop_key(STOP_KEY);
     let mut started = None;
     eventually("the tracker to restart on its port", async || {
         started = Tracker::start(addr, config.clone()).await.ok();
