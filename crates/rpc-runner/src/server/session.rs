@@ -330,8 +330,9 @@ impl Session<'_> {
         }
     }
 
-    /// Stops the running operation and answers it `Cancelled` (a call's
-    /// answer comes once its worker is reaped, through `progressed`).
+    /// Stops the running operation and answers it `Cancelled` if it was not
+    /// answered yet (a call's answer comes once its worker is reaped,
+    /// through `progressed`; a streamed answer just stops).
     async fn cancel_op(&mut self) -> Result<(), End> {
         match std::mem::replace(&mut self.op, Op::Idle) {
             Op::Idle => Ok(()),
@@ -346,10 +347,10 @@ impl Session<'_> {
                 // A failed upload was answered already.
                 if failed { Ok(()) } else { self.send_error(id, WireError::Cancelled).await }
             }
-            Op::Stream(s) => {
-                let id = s.id;
-                self.send_error(id, WireError::Cancelled).await
-            }
+            // A streamed answer just stops: it was answered (`DownloadBegin`,
+            // `CallBegin`), and writing anything now could block on chunks the
+            // client has yet to read while the client blocks writing to us.
+            Op::Stream(_) => Ok(()),
         }
     }
 

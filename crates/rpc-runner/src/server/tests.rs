@@ -146,3 +146,38 @@ async fn cancel_stops_an_upload_and_answers_stay_in_order() {
     }
     s.shutdown().await.unwrap();
 }
+
+/// A client that cancels a download and at once uploads, without reading
+/// the download's stale chunks first, must not deadlock with the server: the
+/// server keeps reading (it writes nothing for the cancelled stream).
+#[tokio::test]
+async fn cancelling_a_download_then_uploading_without_reading_does_not_deadlock() {
+    let s = start().await;
+    let mut raw = Raw::open(&s).await;
+    let big = vec![7u8; 32 << 20];
+    tokio::time::timeout(LIMIT, upload(&mut raw, 2, &big)).await.expect("first upload");
+    assert_eq!(raw.recv().await, Owned::Ok(2));
+    raw.send(msg_frame(&Request::Download { id: 3, path: "big.bin" })).await;
+    assert_eq!(raw.recv().await, Owned::Other("DownloadBegin(3, 33554432 bytes)".into()));
+    raw.send(msg_frame(&Request::Cancel { id: 3 })).await;
+    // 32 MiB up while 32 MiB of download may still be queued down.
+    tokio::time::timeout(LIMIT, upload(&mut raw, 4, &big)).await.expect("no deadlock");
+    loop {
+        match raw.recv().await {
+            Owned::Other(kind) if kind.starts_with("Chunk(3,") => continue,
+            Owned::Ok(4) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    s.shutdown().await.unwrap();
+}
+
+/// Writes a whole upload of `data` as request `id` (without reading).
+async fn upload(raw: &mut Raw, id: u64, data: &[u8]) {
+    let len = data.len() as u64;
+    raw.io.feed(msg_frame(&Request::UploadBegin { id, path: "big.bin", len })).await.unwrap();
+    for c in data.chunks(1 << 20) {
+        raw.io.feed(data_frame(UPLOAD_CHUNK, id, c)).await.unwrap();
+    }
+    raw.io.send(msg_frame(&Request::UploadEnd { id })).await.unwrap();
+}

@@ -89,8 +89,9 @@ pub(crate) enum Request<'a> {
     /// End the session; the server answers `Closed` once it has cleaned up.
     Close { id: u64 },
     /// The client gave up on request `id`: stop it (a running call's worker
-    /// is killed, an upload's partial file removed, a download stops) and
-    /// answer it with `Error { id, Cancelled }` if it was not answered yet.
+    /// is killed, an upload's partial file removed, a streamed answer stops)
+    /// and answer it with `Error { id, Cancelled }` if it was not answered
+    /// yet (a streamed answer was: its remaining chunks are just not sent).
     Cancel { id: u64 },
 }
 
