@@ -1,5 +1,6 @@
 //! The client side of a session: `Session`.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
@@ -7,12 +8,13 @@ use bytes::{Bytes, BytesMut};
 use popen_pool::Task;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::error::SessionError;
 use super::io::{ChunkSink, Got};
 pub(crate) use super::options::ConnectOptions;
-use crate::wire::codec::FrameCodec;
+use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::handshake::{
     CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello,
     MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str, write_str,
@@ -67,7 +69,12 @@ pub(super) enum State {
 /// ```
 #[derive(Debug)]
 pub struct Session {
-    pub(super) io: Framed<TcpStream, FrameCodec>,
+    pub(super) tx: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    pub(super) rx: FramedRead<OwnedReadHalf, FrameCodec>,
+    /// Frames read while a write waited (see `io.rs`).
+    pub(super) stash: VecDeque<std::io::Result<Inbound>>,
+    /// The server closed its side.
+    pub(super) rx_ended: bool,
     pub(super) state: State,
     pub(super) next_id: u64,
     /// A request sent whose answer was not read to the end (its future was
@@ -150,8 +157,12 @@ impl Session {
         }
         let server = read_str(&mut stream, MAX_KEY_LEN).await.map_err(handshake_err)?;
         let server_key = server.strip_prefix("server:").unwrap_or(&server).to_owned();
+        let (rd, wr) = stream.into_split();
         let mut sess = Session {
-            io: Framed::new(stream, FrameCodec::new(MAX_SESSION_FRAME)),
+            tx: FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME)),
+            rx: FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME)),
+            stash: VecDeque::new(),
+            rx_ended: false,
             state: State::Open,
             next_id: 1,
             in_flight: None,
@@ -554,7 +565,7 @@ impl Session {
             },
         };
         self.state = State::Closed;
-        let _ = self.io.get_mut().shutdown().await;
+        let _ = self.tx.get_mut().shutdown().await;
         result
     }
 

@@ -4,11 +4,13 @@
 //!
 //! # Cancel safety
 //!
-//! Every frame goes through the `Framed` sink, which encodes a frame into its
-//! buffer in one step: a dropped future leaves either nothing or whole frames
-//! in the buffer, and the next write flushes them first, so the byte stream
-//! never carries half a frame. Reading keeps partial frames in the `Framed`
-//! read buffer. A request whose future is dropped before its answer was read
+//! Every frame goes through the `FramedWrite` sink, which encodes a frame
+//! into its buffer in one step: a dropped future leaves either nothing or
+//! whole frames in the buffer, and the next write flushes them first, so the
+//! byte stream never carries half a frame. Reading keeps partial frames in
+//! the `FramedRead` buffer. While a write waits for the socket, reading goes
+//! on (answers to abandoned requests are dropped, a few others kept), so the
+//! client never waits for a server that is itself waiting for the client. A request whose future is dropped before its answer was read
 //! stays in `in_flight`; the next request first sends `Cancel` for it, and
 //! answers to ids below the current one are skipped. So after any dropped
 //! future the session is usable, or (if the connection broke or the server
@@ -28,6 +30,18 @@ use crate::wire::proto::{Request, Response, msg_frame, peek_id};
 /// How long a client keeps reading after a write failed, looking for the
 /// server's reason (`Terminated`).
 const SALVAGE: Duration = Duration::from_secs(2);
+
+/// Frames from the server kept while a write waits (beyond it, reading
+/// pauses until the write is done).
+const STASH: usize = 16;
+
+/// True if `frame` answers a request below `floor` (abandoned).
+fn stale(frame: &[u8], floor: u64) -> bool {
+    postcard::from_bytes::<Response<'_>>(frame)
+        .ok()
+        .and_then(|r| r.id())
+        .is_some_and(|id| id < floor)
+}
 
 /// One frame from the server, decoded enough to route it.
 pub(super) enum Got {
@@ -59,12 +73,14 @@ impl Session {
     /// then returns the new request's id (recorded as in flight).
     pub(super) async fn begin(&mut self) -> Result<u64, SessionError> {
         self.check_open()?;
-        if let Some(old) = self.in_flight {
-            self.write(msg_frame(&Request::Cancel { id: old }), false).await?;
-            self.in_flight = None;
-        }
+        let old = self.in_flight.take();
         self.next_id += 1;
         self.in_flight = Some(self.next_id);
+        if let Some(old) = old {
+            // From here on the old request's answers are stale (and dropped
+            // while we write).
+            self.write(msg_frame(&Request::Cancel { id: old }), false).await?;
+        }
         Ok(self.next_id)
     }
 
@@ -78,15 +94,26 @@ impl Session {
     /// Gives up on request `id` now (a local error mid-answer): tells the
     /// server, and its remaining answers will be skipped.
     pub(super) async fn abandon(&mut self, id: u64) {
-        if self.in_flight == Some(id)
-            && self.write(msg_frame(&Request::Cancel { id }), true).await.is_ok()
-        {
+        if self.in_flight == Some(id) {
+            // Stale from here on (also while the cancel is written).
             self.in_flight = None;
+            let _ = self.write(msg_frame(&Request::Cancel { id }), true).await;
         }
+    }
+
+    /// The lowest request id whose answers still matter.
+    fn live_floor(&self) -> u64 {
+        self.in_flight.unwrap_or(self.next_id + 1)
     }
 
     /// Queues a frame (and sends the queue if `flush`). A request larger than
     /// the server accepts fails here, before anything is written.
+    ///
+    /// While the write waits for the socket, frames from the server are read
+    /// on: answers to abandoned requests are dropped, others kept (a few) for
+    /// the next read. So a server busy writing to us never waits for us
+    /// while we wait for it. A write that cannot finish within the request
+    /// timeout breaks the session.
     pub(super) async fn write(
         &mut self,
         frame: Outbound<'_>,
@@ -96,10 +123,34 @@ impl Session {
         if len > self.server_max_frame {
             return Err(SessionError::FrameTooLarge { len, limit: self.server_max_frame });
         }
-        let result = if flush { self.io.send(frame).await } else { self.io.feed(frame).await };
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.lost(e).await),
+        let floor = self.live_floor();
+        let limit = self.request_timeout;
+        let Session { tx, rx, stash, rx_ended, .. } = self;
+        let written = async {
+            let fut = async { if flush { tx.send(frame).await } else { tx.feed(frame).await } };
+            tokio::pin!(fut);
+            loop {
+                let can_read = !*rx_ended && stash.len() < STASH;
+                tokio::select! {
+                    biased;
+                    r = &mut fut => return r,
+                    item = rx.next(), if can_read => match item {
+                        None => *rx_ended = true,
+                        Some(Ok(Inbound::Frame(f))) if stale(&f, floor) => {}
+                        Some(Ok(Inbound::TooLarge { head, .. }))
+                            if peek_id(&head).is_some_and(|(_, id)| id < floor) => {}
+                        Some(item) => stash.push_back(item),
+                    },
+                }
+            }
+        };
+        match tokio::time::timeout(limit, written).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.lost(e).await),
+            Err(_) => {
+                Err(self
+                    .fail(SessionError::Timeout { what: "writing to the device server", limit }))
+            }
         }
     }
 
@@ -107,7 +158,7 @@ impl Session {
     /// (`Terminated`) before closing; report that reason if it did.
     async fn lost(&mut self, e: std::io::Error) -> SessionError {
         let salvage = async {
-            while let Some(Ok(Inbound::Frame(f))) = self.io.next().await {
+            while let Some(Ok(Inbound::Frame(f))) = self.read_item().await {
                 if let Ok(Response::Terminated { error }) = postcard::from_bytes(&f) {
                     return Some(SessionError::from_wire(error));
                 }
@@ -119,9 +170,20 @@ impl Session {
         self.fail(err)
     }
 
+    /// The next item from the server: a frame kept while writing, or the socket's.
+    async fn read_item(&mut self) -> Option<std::io::Result<Inbound>> {
+        if let Some(item) = self.stash.pop_front() {
+            return Some(item);
+        }
+        if self.rx_ended {
+            return None;
+        }
+        self.rx.next().await
+    }
+
     /// The next frame, waiting at most `limit`.
     pub(super) async fn next(&mut self, limit: Duration) -> Result<Got, SessionError> {
-        match tokio::time::timeout(limit, self.io.next()).await {
+        match tokio::time::timeout(limit, self.read_item()).await {
             Err(_) => Err(SessionError::Timeout { what: "waiting for the device server", limit }),
             Ok(Some(item)) => self.route(item),
             Ok(None) => Err(self.fail(SessionError::ConnectionLost { source: None })),
@@ -130,7 +192,7 @@ impl Session {
 
     /// A frame that has already arrived, without waiting.
     pub(super) fn next_now(&mut self) -> Result<Option<Got>, SessionError> {
-        match self.io.next().now_or_never() {
+        match self.read_item().now_or_never() {
             None => Ok(None),
             Some(Some(item)) => self.route(item).map(Some),
             Some(None) => Err(self.fail(SessionError::ConnectionLost { source: None })),
