@@ -7,7 +7,10 @@
 //! - `evaluator.rs`: [`EvaluatorConfig`].
 //! - `builder/`: [`LocalBuilder`], compiling candidates in a process pool,
 //!   and its default build task [`CompileC`].
-//! - `dlpack.rs`, `kernel.rs`: the worker side: loading a kernel, allocating
+//! - `dlpack.rs`, `kernel/`: the worker side: the kernel tasks (`mod.rs`),
+//!   loading (`load.rs`), argument buffers (`buffers.rs`), the random fill
+//!   with its PRNG and float16 (`fill.rs`), the timing loop (`timing.rs`) and
+//!   the cache flush (`flush.rs`); allocating
 //!   arguments, the timing loop (session-worker task types).
 //! - `runner/`: the [`Runner`] trait, the [`Pipeline`] of stages,
 //!   [`RpcRunner`] and [`LocalRunner`] (its own `# Layout` says more).
