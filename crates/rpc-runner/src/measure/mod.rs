@@ -5,13 +5,13 @@
 //!
 //! - `args.rs`: [`ArgInfo`] / [`DType`] in TVM's JSON shape.
 //! - `evaluator.rs`: [`EvaluatorConfig`].
-//! - `builder/`: [`LocalBuilder`], compiling candidates in a process pool,
-//!   and its default build task [`CompileC`].
+//! - `builder/`: the worker-side build plan and its default task
+//!   [`CompileC`] (`plan.rs`), the parent-side [`LocalBuilder`] (`local.rs`),
+//!   its settings and errors.
 //! - `dlpack.rs`, `kernel/`: the worker side: the kernel tasks (`mod.rs`),
 //!   loading (`load.rs`), argument buffers (`buffers.rs`), the random fill
 //!   with its PRNG and float16 (`fill.rs`), the timing loop (`timing.rs`) and
-//!   the cache flush (`flush.rs`); allocating
-//!   arguments, the timing loop (session-worker task types).
+//!   the cache flush (`flush.rs`): the session-worker task types.
 //! - `runner/`: the [`Runner`] trait, the [`Pipeline`] of stages,
 //!   [`RpcRunner`] and [`LocalRunner`] (its own `# Layout` says more).
 //! - `batch.rs`: [`Batch`], the stream of `(index, result)` runners and the

@@ -373,3 +373,52 @@ impl RunError {
 
 /// The outcome of measuring one input.
 pub type RunnerResult = Result<Measurement, RunError>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn results_and_inputs_round_trip_through_json() {
+        let input =
+            RunnerInput::new("a.so", vec![ArgInfo::tensor(DType::F32, [2, 3])]).read_args([0]);
+        let json = serde_json::to_value(&input).unwrap();
+        assert_eq!(json["args_info"], serde_json::json!([["TENSOR", "float32", [2, 3]]]));
+        assert_eq!(serde_json::from_value::<RunnerInput>(json).unwrap(), input);
+
+        let mut m = Measurement::new(vec![1e-3, 2e-3]).with_outputs(vec![Output::new(
+            0,
+            ArgInfo::tensor(DType::U8, [2]),
+            vec![1, 2],
+        )]);
+        m.server = "127.0.0.1:9000".into();
+        m.stages.evaluate = Duration::from_millis(5);
+        let back: Measurement = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.output_as::<u8>(0).unwrap(), [1, 2]);
+    }
+
+    #[test]
+    fn run_errors_keep_a_typed_cause_and_serialize_it_as_text() {
+        let e = RunError::from_session(SessionError::ServerShutdown, Duration::from_secs(1));
+        let RunError::ServerLost { source } = &e else { panic!("{e:?}") };
+        assert!(matches!(source.get(), Some(SessionError::ServerShutdown)));
+        assert!(e.source().is_some());
+        let back: RunError = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.source().map(ToString::to_string), e.source().map(ToString::to_string));
+
+        let load = RunError::from_pool(PoolError::Task {
+            kind: failure_kind::LOAD_ERROR.into(),
+            message: "kernel.so: invalid ELF header".into(),
+        })
+        .naming_artifact(Path::new("/builds/mm.so"), "kernel.so");
+        assert_eq!(
+            load.to_string(),
+            "cannot load the kernel /builds/mm.so (load_error): /builds/mm.so: invalid ELF header"
+        );
+        assert_eq!(serde_json::from_str::<RunError>("\"Cancelled\"").unwrap(), RunError::Cancelled);
+    }
+}
