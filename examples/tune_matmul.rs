@@ -423,40 +423,31 @@ async fn check_naive(size: Size, m: Measurement) -> anyhow::Result<(Option<Vec<f
         (outcome::max_rel_err(&c, &host), c)
     })
     .await?;
-    let run_secs = m.run_secs;
     let ok = err <= RTOL;
-    let outcome = Outcome {
-        status: if ok { Status::Ok } else { Status::WrongResult },
-        error: (!ok).then(|| format!("max rel err {err:.2e} against the host's float64 product")),
-        run_secs,
-        max_rel_err: Some(err),
+    let outcome = match ok {
+        true => Outcome::ran(Status::Ok, None, m, Some(err)),
+        false => {
+            let why = format!("max rel err {err:.2e} against the host's float64 product");
+            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
+        }
     };
     Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
 }
 
 /// Checks a candidate's C against the reference.
 fn check(m: Measurement, reference: Option<&[f64]>) -> Outcome {
-    let c = m.output_as::<f32>(0);
-    let run_secs = m.run_secs;
     let Some(reference) = reference else {
-        return Outcome { status: Status::Unverified, error: None, run_secs, max_rel_err: None };
+        return Outcome::ran(Status::Unverified, None, m, None);
     };
-    let c = match c {
-        Ok(c) => c,
+    let err = match m.output_as::<f32>(0) {
+        Ok(c) => outcome::max_rel_err(&c, reference),
         Err(e) => return Outcome::failed(Status::Error, e.to_string()),
     };
-    let err = outcome::max_rel_err(&c, reference);
     if err <= RTOL {
-        Outcome { status: Status::Ok, error: None, run_secs, max_rel_err: Some(err) }
+        Outcome::ran(Status::Ok, None, m, Some(err))
     } else {
-        Outcome {
-            status: Status::WrongResult,
-            error: Some(format!(
-                "max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})"
-            )),
-            run_secs,
-            max_rel_err: Some(err),
-        }
+        let why = format!("max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})");
+        Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
     }
 }
 

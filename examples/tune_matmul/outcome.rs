@@ -1,7 +1,7 @@
 //! What happened to each candidate: the status classification, the result
 //! check against the reference, and the costs.
 
-use rpc_runner::measure::{BuildError, RunError};
+use rpc_runner::measure::{BuildError, Measurement, RunError, StageTimes};
 
 use crate::candidates::Expect;
 
@@ -127,6 +127,8 @@ pub(crate) struct Outcome {
     pub(crate) run_secs: Vec<f64>,
     /// Largest relative error against the reference, when checked.
     pub(crate) max_rel_err: Option<f64>,
+    /// The server that measured it and how long each stage took, if it ran.
+    pub(crate) measured: Option<(String, StageTimes)>,
 }
 
 impl Outcome {
@@ -142,7 +144,24 @@ impl Outcome {
     }
 
     pub(crate) fn failed(status: Status, error: impl Into<String>) -> Self {
-        Outcome { status, error: Some(error.into()), run_secs: Vec::new(), max_rel_err: None }
+        Outcome {
+            status,
+            error: Some(error.into()),
+            run_secs: Vec::new(),
+            max_rel_err: None,
+            measured: None,
+        }
+    }
+
+    /// A candidate that ran and was checked (or not).
+    pub(crate) fn ran(
+        status: Status,
+        error: Option<String>,
+        m: Measurement,
+        max_rel_err: Option<f64>,
+    ) -> Self {
+        let measured = Some((m.server, m.stages));
+        Outcome { status, error, run_secs: m.run_secs, max_rel_err, measured }
     }
 
     /// Median cost in seconds.
