@@ -162,7 +162,7 @@ fn time_kernel_calls_the_entry_on_each_set() {
     let err = TimeKernel { config: config(1, 1, 0) }.run(&mut ctx).unwrap_err();
     assert_eq!(
         (err.kind.as_str(), err.message.as_str()),
-        ("kernel_error", "kernel returned error 7")
+        (failure_kind::KERNEL_ERROR, "kernel returned error 7")
     );
 }
 
@@ -172,13 +172,13 @@ fn missing_or_bogus_libraries_are_load_errors() {
     let missing = dir.path().join("missing.so");
     let err = LoadKernel::new(missing.to_str().unwrap()).run(&mut WorkerContext::default());
     let err = err.unwrap_err();
-    assert_eq!(err.kind, "load_error");
+    assert_eq!(err.kind, failure_kind::LOAD_ERROR);
     assert!(err.message.contains("No such file"), "{}", err.message);
     let bogus = dir.path().join("bogus.so");
     std::fs::write(&bogus, b"not an ELF file, just text").unwrap();
     let err = LoadKernel::new(bogus.to_str().unwrap()).run(&mut WorkerContext::default());
     let err = err.unwrap_err();
-    assert_eq!(err.kind, "load_error");
+    assert_eq!(err.kind, failure_kind::LOAD_ERROR);
     assert!(err.message.contains("bogus.so"), "{}", err.message);
 }
 

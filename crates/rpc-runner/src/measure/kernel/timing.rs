@@ -281,7 +281,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(err, KernelError::Kernel(3));
         assert_eq!(err.to_string(), "kernel returned error 3");
-        assert_eq!(err.kind(), "kernel_error");
+        assert_eq!(err.kind(), failure_kind::KERNEL_ERROR);
         assert_eq!(calls, 3);
         // The warm-up call counts too.
         let err = time_batches(&cfg, &mut 1, || Err(-1), || {}).unwrap_err();
