@@ -299,7 +299,8 @@ async fn default_create_session(ctx: &StageContext) -> Result<DeviceSession, Run
         .session_timeout(Some(rpc.session_timeout))
         .token(rpc.token.clone());
     let sess = tracker.request_with(&rpc.tracker_key, &opts).await.map_err(|e| match e {
-        SessionError::Timeout { limit, .. } if Some(limit) == rpc.lease_timeout => {
+        // `request_with`'s own bound on the wait (connecting has another).
+        SessionError::Timeout { what: "waiting for a free device", limit } => {
             RunError::LeaseTimeout { limit }
         }
         e => session_err(e),
