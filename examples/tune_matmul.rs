@@ -31,14 +31,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::StreamExt as _;
-use futures::stream::FuturesUnordered;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use popen_pool::{OutputMode, WorkerProgram};
 use rpc_runner::measure::{
     ArgInfo, BuilderInput, DType, EvaluatorConfig, LocalBuilder, LocalBuilderConfig, Measurement,
-    RpcConfig, RpcRunner, RunError, RunnerInput,
+    RpcConfig, RpcRunner, RunError, Runner, RunnerInput,
 };
-use rpc_runner::tracker::{Tracker, TrackerClient, TrackerConfig, TrackerHandle};
+use rpc_runner::tracker::{Tracker, TrackerConfig, TrackerHandle};
 use rpc_runner::{DeviceServer, ServerConfig, ServerHandle};
 
 use crate::candidates::{Kind, Size};
@@ -175,7 +174,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (embedded, host, port) = match &args.tracker {
         Some(addr) => {
             let (host, port) = parse_addr(addr)?;
-            check_tracker(addr, &args.key).await?;
             (None, host, port)
         }
         None => {
@@ -189,26 +187,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None if embedded.is_some() => vec!["-march=native".to_owned()],
         None => Vec::new(),
     };
-    let mut build_cfg = LocalBuilderConfig::default().out_dir(out_dir.join("build"));
-    build_cfg.flags.extend(cflags.iter().cloned());
-    let builder = match LocalBuilder::new(program, build_cfg) {
-        Ok(b) => b,
-        Err(e) => {
-            if let Some(e) = embedded {
-                let _ = e.shutdown().await;
-            }
-            return Err(e).context("cannot start the builder");
-        }
-    };
+    let build_cfg =
+        LocalBuilderConfig::default().out_dir(out_dir.join("build")).add_flags(cflags.clone());
     let mut rpc = RpcConfig::new(host, port, args.key.clone());
-    rpc.token = args.token.clone();
+    if let Some(token) = &args.token {
+        rpc = rpc.token(token);
+    }
+    // Fails clearly if the tracker is unreachable or has no server for the key.
     let runner = RpcRunner::builder(rpc).evaluator(evaluator()).seed(args.seed).build().await;
-
-    let result = tune(&args, size, &cflags, &builder, &runner, &out_dir).await;
+    let result = match (LocalBuilder::new(program, build_cfg), runner) {
+        (Ok(builder), Ok(runner)) => {
+            let result = tune(&args, size, &cflags, &builder, &runner, &out_dir).await;
+            builder.shutdown().await;
+            result
+        }
+        (Err(e), _) => Err(e).context("cannot start the builder"),
+        (_, Err(e)) => Err(e).context("cannot start the runner"),
+    };
 
     // Everything stops, whatever happened.
-    drop(runner);
-    builder.shutdown().await;
     let stopped = match embedded {
         Some(e) => e.shutdown().await,
         None => Ok(()),
@@ -250,11 +247,11 @@ async fn tune(
         .collect();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     let mut artifacts: Vec<Option<PathBuf>> = vec![None; n];
-    let mut builds = builder.build_stream(inputs);
+    let mut builds = builder.build(inputs);
     while let Some((i, built)) = builds.next().await {
         match built.result {
             Ok(out) => artifacts[i] = Some(out.artifact_path),
-            Err(e) => outcomes[i] = Some(Outcome::failed(Status::from_build(&e), e.to_string())),
+            Err(e) => outcomes[i] = Some(Outcome::build_failed(&e)),
         }
         build_bar.set_message(candidates[i].name.clone());
         build_bar.inc(1);
@@ -284,13 +281,9 @@ async fn tune(
     }
     measure_bar.reset_elapsed();
     let mut measured: Vec<Option<Result<Measurement, RunError>>> = vec![None; n];
-    let mut pending: FuturesUnordered<_> = runner
-        .run(inputs)
-        .into_iter()
-        .zip(order)
-        .map(|(fut, i)| async move { (i, fut.await) })
-        .collect();
-    while let Some((i, result)) = pending.next().await {
+    let mut results = runner.run(inputs);
+    while let Some((j, result)) = results.next().await {
+        let i = order[j];
         measure_bar.set_message(candidates[i].name.clone());
         measure_bar.inc(1);
         measured[i] = Some(result);
@@ -309,7 +302,7 @@ async fn tune(
         }
         Some(Err(e)) => {
             let problem = format!("the naive kernel failed: {e}");
-            outcomes[naive] = Some(Outcome::failed(Status::from_run(&e), e.to_string()));
+            outcomes[naive] = Some(Outcome::run_failed(&e));
             (None, Some(problem))
         }
         None => (None, Some("the naive kernel did not build".to_owned())),
@@ -320,7 +313,7 @@ async fn tune(
     for (i, m) in measured.into_iter().enumerate() {
         let Some(m) = m else { continue };
         outcomes[i] = Some(match m {
-            Err(e) => Outcome::failed(Status::from_run(&e), e.to_string()),
+            Err(e) => Outcome::run_failed(&e),
             Ok(m) => check(m, reference.as_deref()),
         });
     }
@@ -423,47 +416,38 @@ async fn tune(
 /// Checks the naive kernel's C against a float64 product of its A and B on
 /// the host; returns its C (the reference of every other candidate) if right.
 async fn check_naive(size: Size, m: Measurement) -> anyhow::Result<(Option<Vec<f64>>, Outcome)> {
-    let Measurement { run_secs, outputs } = m;
-    let [a, b, c]: [Vec<u8>; 3] =
-        outputs.try_into().map_err(|_| anyhow::anyhow!("the runner returned the wrong outputs"))?;
+    let [a, b, c] = [0, 1, 2].map(|i| m.output_as::<f32>(i));
+    let (a, b, c) = (a?, b?, c?);
     let (err, c) = tokio::task::spawn_blocking(move || {
-        let host =
-            outcome::host_matmul(&outcome::f32s(&a), &outcome::f32s(&b), size.m, size.n, size.k);
-        let c = outcome::f32s(&c);
+        let host = outcome::host_matmul(&a, &b, size.m, size.n, size.k);
         (outcome::max_rel_err(&c, &host), c)
     })
     .await?;
     let ok = err <= RTOL;
-    let outcome = Outcome {
-        status: if ok { Status::Ok } else { Status::WrongResult },
-        error: (!ok).then(|| format!("max rel err {err:.2e} against the host's float64 product")),
-        run_secs,
-        max_rel_err: Some(err),
+    let outcome = match ok {
+        true => Outcome::ran(Status::Ok, None, m, Some(err)),
+        false => {
+            let why = format!("max rel err {err:.2e} against the host's float64 product");
+            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
+        }
     };
     Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
 }
 
 /// Checks a candidate's C against the reference.
 fn check(m: Measurement, reference: Option<&[f64]>) -> Outcome {
-    let Measurement { run_secs, outputs } = m;
     let Some(reference) = reference else {
-        return Outcome { status: Status::Unverified, error: None, run_secs, max_rel_err: None };
+        return Outcome::ran(Status::Unverified, None, m, None);
     };
-    let Some(c) = outputs.first() else {
-        return Outcome::failed(Status::Error, "the runner returned no output");
+    let err = match m.output_as::<f32>(0) {
+        Ok(c) => outcome::max_rel_err(&c, reference),
+        Err(e) => return Outcome::failed(Status::Error, e.to_string()),
     };
-    let err = outcome::max_rel_err(&outcome::f32s(c), reference);
     if err <= RTOL {
-        Outcome { status: Status::Ok, error: None, run_secs, max_rel_err: Some(err) }
+        Outcome::ran(Status::Ok, None, m, Some(err))
     } else {
-        Outcome {
-            status: Status::WrongResult,
-            error: Some(format!(
-                "max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})"
-            )),
-            run_secs,
-            max_rel_err: Some(err),
-        }
+        let why = format!("max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})");
+        Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
     }
 }
 
@@ -482,20 +466,6 @@ fn parse_addr(addr: &str) -> anyhow::Result<(String, u16)> {
         bail!("--tracker {addr:?}: expected HOST:PORT");
     }
     Ok((host.to_owned(), port))
-}
-
-/// Fails early, with a clear message, when the tracker cannot be reached or
-/// lists no server for `key`.
-async fn check_tracker(addr: &str, key: &str) -> anyhow::Result<()> {
-    let mut client = TrackerClient::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach the tracker at {addr}"))?;
-    let summary =
-        client.summary().await.with_context(|| format!("the tracker at {addr} did not answer"))?;
-    if !summary.server_info.iter().any(|s| s.device_key() == key) {
-        bail!("the tracker at {addr} has no server with key {key:?}");
-    }
-    Ok(())
 }
 
 /// `target/tune_matmul/<UTC timestamp>`, in the target directory this

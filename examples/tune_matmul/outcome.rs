@@ -1,7 +1,7 @@
 //! What happened to each candidate: the status classification, the result
 //! check against the reference, and the costs.
 
-use rpc_runner::measure::{BuildError, RunError};
+use rpc_runner::measure::{BuildError, Measurement, RunError, StageTimes};
 
 use crate::candidates::Expect;
 
@@ -108,7 +108,10 @@ impl Status {
             RunError::KernelError { .. } => Status::KernelError,
             RunError::KernelCrash { .. } => Status::Crashed,
             RunError::Timeout { .. } => Status::Timeout,
-            RunError::Session { .. } | RunError::ServerLost { .. } => Status::SessionError,
+            RunError::Session { .. }
+            | RunError::ServerLost { .. }
+            | RunError::LeaseTimeout { .. }
+            | RunError::Rpc { .. } => Status::SessionError,
             _ => Status::Error,
         }
     }
@@ -124,11 +127,41 @@ pub(crate) struct Outcome {
     pub(crate) run_secs: Vec<f64>,
     /// Largest relative error against the reference, when checked.
     pub(crate) max_rel_err: Option<f64>,
+    /// The server that measured it and how long each stage took, if it ran.
+    pub(crate) measured: Option<(String, StageTimes)>,
 }
 
 impl Outcome {
+    /// A failed build: its one-line error, or the compiler's whole stderr.
+    pub(crate) fn build_failed(e: &BuildError) -> Self {
+        let error = e.stderr().map_or_else(|| chain(e), str::to_owned);
+        Self::failed(Status::from_build(e), error)
+    }
+
+    /// A failed measurement, with the error's causes.
+    pub(crate) fn run_failed(e: &RunError) -> Self {
+        Self::failed(Status::from_run(e), chain(e))
+    }
+
     pub(crate) fn failed(status: Status, error: impl Into<String>) -> Self {
-        Outcome { status, error: Some(error.into()), run_secs: Vec::new(), max_rel_err: None }
+        Outcome {
+            status,
+            error: Some(error.into()),
+            run_secs: Vec::new(),
+            max_rel_err: None,
+            measured: None,
+        }
+    }
+
+    /// A candidate that ran and was checked (or not).
+    pub(crate) fn ran(
+        status: Status,
+        error: Option<String>,
+        m: Measurement,
+        max_rel_err: Option<f64>,
+    ) -> Self {
+        let measured = Some((m.server, m.stages));
+        Outcome { status, error, run_secs: m.run_secs, max_rel_err, measured }
     }
 
     /// Median cost in seconds.
@@ -147,9 +180,15 @@ pub(crate) fn median(v: &[f64]) -> Option<f64> {
     Some(if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 })
 }
 
-/// Native-endian float32 values of a tensor read back from the device.
-pub(crate) fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
+/// An error and its causes on one line: `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// `A * B` in float64 on the host, `a` of `m x k`, `b` of `k x n`, row-major.

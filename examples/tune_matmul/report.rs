@@ -41,6 +41,10 @@ impl Trial {
         let gflops = self.outcome.status.ranked().then(|| self.gflops(size)).flatten();
         obj.insert("gflops".into(), json!(gflops));
         obj.insert("max_rel_err".into(), json!(self.outcome.max_rel_err));
+        if let Some((server, stages)) = &self.outcome.measured {
+            obj.insert("server".into(), json!(server));
+            obj.insert("stages".into(), json!(stages));
+        }
         Value::Object(obj)
     }
 }

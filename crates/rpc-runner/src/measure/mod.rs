@@ -5,30 +5,42 @@
 //!
 //! - `args.rs`: [`ArgInfo`] / [`DType`] in TVM's JSON shape.
 //! - `evaluator.rs`: [`EvaluatorConfig`].
-//! - `builder.rs`: [`LocalBuilder`], compiling candidates in a process pool,
-//!   and its default build task [`CompileC`].
-//! - `dlpack.rs`, `kernel.rs`: the worker side: loading a kernel, allocating
-//!   arguments, the timing loop (session-worker task types).
+//! - `builder/`: the worker-side build plan and its default task
+//!   [`CompileC`] (`plan.rs`), the parent-side [`LocalBuilder`] (`local.rs`),
+//!   its settings and errors.
+//! - `dlpack.rs`, `kernel/`: the worker side: the kernel tasks (`mod.rs`),
+//!   loading (`load.rs`), argument buffers (`buffers.rs`), the random fill
+//!   with its PRNG and float16 (`fill.rs`), the timing loop (`timing.rs`) and
+//!   the cache flush (`flush.rs`): the session-worker task types.
 //! - `header.rs`: the C header of the kernel ABI ([`KERNEL_HEADER`]).
-//! - `runner.rs`: the [`Pipeline`] of stages, [`RpcRunner`] and [`LocalRunner`].
+//! - `runner/`: the [`Runner`] trait, the [`Pipeline`] of stages,
+//!   [`RpcRunner`] and [`LocalRunner`] (its own `# Layout` says more).
+//! - `batch.rs`: [`Batch`], the stream of `(index, result)` runners and the
+//!   builder return (dropping it cancels its unfinished work).
+//! - `cause.rs`: [`Cause`], the typed source of an error that still serializes.
 
 mod args;
+mod batch;
 mod builder;
+mod cause;
 mod dlpack;
 mod evaluator;
 mod header;
 mod kernel;
 mod runner;
 
-pub use args::{ArgInfo, DType};
+pub use args::{ArgInfo, ArgInfoError, DType};
+pub use batch::Batch;
 pub use builder::{
-    BuildError, BuildFailure, BuildOutput, BuildPlan, BuildTask, BuildTaskOutput, BuilderInput,
-    BuilderResult, CompileC, LocalBuilder, LocalBuilderConfig, MAX_NAME_LEN,
+    BuildError, BuildFailure, BuildOutput, BuildPlan, BuildStream, BuildTask, BuildTaskOutput,
+    BuilderInput, BuilderResult, CompileC, LocalBuilder, LocalBuilderConfig, MAX_NAME_LEN,
 };
+pub use cause::Cause;
 pub use evaluator::EvaluatorConfig;
 pub use header::{KERNEL_HEADER, KERNEL_HEADER_NAME, write_kernel_header};
 pub use kernel::{AllocArgs, DEFAULT_ENTRY, LoadKernel, ReadArg, TimeKernel, failure_kind};
 pub use runner::{
-    DefaultPipeline, LocalRunner, Measurement, Pipeline, RpcConfig, RpcRunner, RpcRunnerBuilder,
-    RunError, RunnerFuture, RunnerInput, RunnerResult, StageContext,
+    DefaultPipeline, DeviceSession, Element, LocalRunner, LocalRunnerBuilder, Measurement, Output,
+    OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder, RunError,
+    RunStream, Runner, RunnerInput, RunnerResult, StageContext, StageTimes,
 };

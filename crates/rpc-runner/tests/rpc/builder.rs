@@ -46,10 +46,11 @@ async fn build(
     builder: &LocalBuilder<impl rpc_runner::measure::BuildTask>,
     inputs: Vec<BuilderInput>,
 ) -> Vec<BuilderResult> {
-    let results = match tokio::time::timeout(BUILD_LIMIT, builder.build(inputs)).await {
-        Ok(results) => results,
-        Err(_) => panic!("builds not done within {BUILD_LIMIT:?}"),
-    };
+    let results =
+        match tokio::time::timeout(BUILD_LIMIT, builder.build(inputs).collect_ordered()).await {
+            Ok(results) => results,
+            Err(_) => panic!("builds not done within {BUILD_LIMIT:?}"),
+        };
     for r in &results {
         eprintln!("{}: {:?}", r.input_name, r.result);
     }
@@ -238,6 +239,42 @@ async fn dropping_a_build_kills_its_compiler() {
     within("shutdown", builder.shutdown()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_build_batch_kills_its_compiler_and_resolves_to_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fifo, source) = hanging_source(dir.path());
+    let out_dir = dir.path().join("out");
+    let builder = new_builder(&out_dir);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let batch = builder.build_with_cancel(
+        vec![BuilderInput::new("hung", source), BuilderInput::new("fine", GOOD)],
+        &cancel,
+    );
+    let marker = out_dir.join("hung.c").display().to_string();
+    let mut compilers = Vec::new();
+    eventually("the compiler to block on the FIFO", async || {
+        compilers = processes_mentioning(&marker);
+        compilers.iter().any(|(_, comm, _)| comm == "cc1")
+    })
+    .await;
+    cancel.cancel();
+    let results = within("the cancelled batch", batch.collect_ordered()).await;
+    assert!(matches!(results[0].result, Err(BuildError::Cancelled)), "{:?}", results[0]);
+    // The other build either finished before the cancel or was cancelled too.
+    assert!(
+        results[1].result.is_ok() || matches!(results[1].result, Err(BuildError::Cancelled)),
+        "{:?}",
+        results[1]
+    );
+    assert_compilers_killed(&marker, &compilers, &fifo).await;
+    // A clone shares the pool: it still builds.
+    let clone = builder.clone();
+    let again = build(&clone, vec![BuilderInput::new("after", GOOD)]).await;
+    assert_shared_library(&ok(&again[0]).artifact_path);
+    drop(clone);
+    within("shutdown", builder.shutdown()).await;
+}
+
 #[tokio::test]
 async fn a_build_task_that_aborts_is_a_crash_and_the_builder_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,7 +379,7 @@ async fn a_mixed_batch_comes_back_in_input_order() {
     // The stream variant: every index once, in completion order.
     let (inputs, expected) = mixed_batch();
     let streamed: Vec<(usize, BuilderResult)> =
-        within("build_stream", builder.build_stream(inputs).collect()).await;
+        within("build stream", builder.build(inputs).collect()).await;
     let mut indices: Vec<usize> = streamed.iter().map(|(i, _)| *i).collect();
     eprintln!("build_stream completion order: {indices:?}");
     for (i, r) in &streamed {

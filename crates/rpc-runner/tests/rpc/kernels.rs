@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use popen_pool::{ExitInfo, PoolError};
 use rpc_runner::measure::{
-    AllocArgs, ArgInfo, DType, EvaluatorConfig, LoadKernel, ReadArg, TimeKernel,
+    AllocArgs, ArgInfo, DType, EvaluatorConfig, LoadKernel, ReadArg, TimeKernel, failure_kind,
 };
 use rpc_runner::{ConnectOptions, ServerHandle, Session, SessionError};
 use tempfile::TempDir;
@@ -167,24 +167,24 @@ async fn kernel_faults_are_clear_errors_and_the_session_goes_on() {
     // A kernel returning 3.
     prepare(&mut sess, "fail3", one_arg(), 1).await;
     let err = time(&mut sess, config(1, 1, 0)).await.unwrap_err();
-    assert_eq!(task_error(&err), ("kernel_error", "kernel returned error 3"));
+    assert_eq!(task_error(&err), (failure_kind::KERNEL_ERROR, "kernel returned error 3"));
 
     // A missing entry symbol.
     let err = sess.call(LoadKernel::new("kernels.so").with_entry("no_such_fn"), CALL).await;
     let err = err.unwrap_err();
     let (kind, message) = task_error(&err);
-    assert_eq!(kind, "missing_symbol");
+    assert_eq!(kind, failure_kind::MISSING_SYMBOL);
     assert!(message.contains("no_such_fn"), "{message}");
 
     // An upload that is not a shared library, and a file that is not there.
     sess.upload_bytes(b"#!/bin/sh\necho not a library\n", "bogus.so").await.unwrap();
     let err = sess.call(LoadKernel::new("bogus.so"), CALL).await.unwrap_err();
     let (kind, message) = task_error(&err);
-    assert_eq!(kind, "load_error");
+    assert_eq!(kind, failure_kind::LOAD_ERROR);
     assert!(message.contains("bogus.so"), "{message}");
     let err = sess.call(LoadKernel::new("absent.so"), CALL).await.unwrap_err();
     let (kind, message) = task_error(&err);
-    assert_eq!(kind, "load_error");
+    assert_eq!(kind, failure_kind::LOAD_ERROR);
     assert!(message.contains("No such file"), "{message}");
 
     // After all that, the same session measures a good kernel.

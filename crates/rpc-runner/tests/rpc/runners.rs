@@ -6,14 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use rpc_runner::measure::{
-    ArgInfo, DType, DefaultPipeline, EvaluatorConfig, LocalRunner, Pipeline, RpcConfig, RpcRunner,
-    RunError, RunnerInput, StageContext,
+    ArgInfo, DType, DefaultPipeline, DeviceSession, EvaluatorConfig, LocalRunner, Pipeline,
+    RpcConfig, RpcConfigError, RpcRunner, RunError, Runner, RunnerInput, RunnerResult,
+    StageContext,
 };
 use rpc_runner::tracker::TrackerHandle;
-use rpc_runner::{ServerHandle, Session};
+use rpc_runner::{ServerHandle, TrackerClient};
+use tokio_util::sync::CancellationToken;
 
 use crate::sessions::{server, tracker};
+use rpc_runner::measure::failure_kind;
 
 const SOON: Duration = Duration::from_secs(30);
 
@@ -59,8 +63,7 @@ struct Stack {
 async fn stack(session_timeout: Duration) -> (Stack, RpcConfig) {
     let t = tracker().await;
     let s = server(Some(&t), "cpu", |c| c).await;
-    let mut rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
-    rpc.session_timeout = session_timeout;
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu").session_timeout(session_timeout);
     (Stack { tracker: t, server: s, dir: tempfile::tempdir().unwrap() }, rpc)
 }
 
@@ -74,21 +77,51 @@ fn evaluator(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
     EvaluatorConfig { number, repeat, min_repeat_ms, ..EvaluatorConfig::default() }
 }
 
+/// Measures one input.
+async fn run_one(runner: &impl Runner, input: RunnerInput) -> RunnerResult {
+    let mut results = runner.run(vec![input]).collect_ordered().await;
+    results.pop().expect("one result")
+}
+
 #[tokio::test]
 async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
     let (st, rpc) = stack(SOON).await;
     let busy = kernel(st.dir.path(), "busy", BUSY_200US);
-    let runner =
-        RpcRunner::builder(rpc).evaluator(evaluator(5, 7, 0)).alloc_repeat(2).build().await;
-    let input = RunnerInput::new(&busy, args());
-    let m = runner.run(vec![input.clone()]).pop().unwrap().await.unwrap();
+    let runner = RpcRunner::builder(rpc)
+        .evaluator(evaluator(5, 7, 0))
+        .alloc_repeat(2)
+        .build()
+        .await
+        .unwrap();
+    let input = RunnerInput::new(&busy, args()).read_args([1]);
+    let m = run_one(&runner, input.clone()).await.unwrap();
     assert_eq!(m.run_secs.len(), 7 * 2, "repeat x alloc_repeat costs");
     let rpc_median = median(&m.run_secs);
     assert!((rpc_median - 200e-6).abs() < 20e-6, "RPC runner measured {rpc_median} s for 200 us");
+    // Where and how long: the server, and every stage timed.
+    assert_eq!(m.server, st.server.addr().to_string());
+    let t = m.stages;
+    assert!(t.evaluate.as_secs_f64() > 14.0 * 5.0 * 200e-6, "{t:?}");
+    for (stage, d) in
+        [("upload", t.upload), ("load", t.load), ("alloc", t.alloc), ("cleanup", t.cleanup)]
+    {
+        assert!(d > Duration::ZERO && d < SOON, "{stage}: {d:?}");
+    }
+    // Typed read-back: 16 float32 values, random fill in [0, 10).
+    let out: Vec<f32> = m.output_as(0).unwrap();
+    assert_eq!(out.len(), 16);
+    assert!(out.iter().all(|x| (0.0..10.0).contains(x)), "{out:?}");
+    assert!(m.output_as::<i32>(0).is_err());
 
-    let local = LocalRunner::new(crate::test_worker_program(), evaluator(5, 7, 0), SOON).unwrap();
-    let lm = local.run_one(&input).await.unwrap();
+    let local = LocalRunner::builder(crate::test_worker_program())
+        .evaluator(evaluator(5, 7, 0))
+        .timeout(SOON)
+        .build()
+        .unwrap();
+    let lm = run_one(&local, input).await.unwrap();
     assert_eq!(lm.run_secs.len(), 7);
+    assert_eq!(lm.server, "local");
+    assert_eq!(lm.output_as::<f32>(0).unwrap(), out, "same seed, same inputs");
     let local_median = median(&lm.run_secs);
     assert!(
         (local_median - rpc_median).abs() / rpc_median < 0.1,
@@ -117,13 +150,13 @@ async fn faults_are_classified_and_the_runner_keeps_working() {
     let text = d.join("text.so");
     std::fs::write(&text, "this is not a shared library").unwrap();
 
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await.unwrap();
     let inputs: Vec<_> = [&segv, &three, &forever, &other, &text, &good]
         .iter()
         .map(|p| RunnerInput::new(*p, args()))
         .collect();
     let start = Instant::now();
-    let results: Vec<_> = futures::future::join_all(runner.run(inputs)).await;
+    let results = runner.run(inputs).collect_ordered().await;
     assert!(start.elapsed() < SOON, "took {:?}", start.elapsed());
     match &results[0] {
         Err(RunError::KernelCrash { message }) => assert!(message.contains("SIGSEGV"), "{message}"),
@@ -137,11 +170,20 @@ async fn faults_are_classified_and_the_runner_keeps_working() {
     }
     assert!(matches!(results[2], Err(RunError::Timeout { .. })), "forever: {:?}", results[2]);
     match &results[3] {
-        Err(RunError::Load { kind, .. }) => assert_eq!(kind, "missing_symbol"),
+        Err(RunError::Load { kind, artifact, .. }) => {
+            assert_eq!(kind, failure_kind::MISSING_SYMBOL);
+            assert_eq!(artifact, &other);
+        }
         other => panic!("missing symbol: {other:?}"),
     }
     match &results[4] {
-        Err(RunError::Load { kind, .. }) => assert_eq!(kind, "load_error"),
+        Err(e @ RunError::Load { kind, .. }) => {
+            assert_eq!(kind, failure_kind::LOAD_ERROR);
+            // Names the artifact, not where the session stored it.
+            let shown = e.to_string();
+            assert!(shown.contains(&text.display().to_string()), "{shown}");
+            assert!(!shown.contains("kernel.so"), "{shown}");
+        }
         other => panic!("not a library: {other:?}"),
     }
     assert!(results[5].is_ok(), "the good kernel after all that: {:?}", results[5]);
@@ -162,14 +204,15 @@ struct Recording {
 }
 
 impl Pipeline for Recording {
-    async fn create_session(&self, ctx: &StageContext) -> Result<Session, RunError> {
-        let sess = DefaultPipeline.create_session(ctx).await?;
-        self.dirs.lock().unwrap().push(sess.workdir().to_owned());
-        Ok(sess)
+    async fn create_session(&self, ctx: &StageContext) -> Result<DeviceSession, RunError> {
+        let mut dev = DefaultPipeline.create_session(ctx).await?;
+        let dir = dev.session().map_or_else(|| "local".to_owned(), |s| s.workdir().to_owned());
+        self.dirs.lock().unwrap().push(dir);
+        Ok(dev)
     }
 
-    async fn cleanup(&self, ctx: &StageContext, sess: Session) {
-        DefaultPipeline.cleanup(ctx, sess).await;
+    async fn cleanup(&self, ctx: &StageContext, dev: DeviceSession) {
+        DefaultPipeline.cleanup(ctx, dev).await;
         *self.cleanups.lock().unwrap() += 1;
     }
 }
@@ -186,12 +229,18 @@ async fn cleanup_runs_on_every_path_even_when_the_caller_drops_the_future() {
         "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }",
     );
     let rec = Recording::default();
-    let runner =
-        RpcRunner::builder(rpc).pipeline(rec.clone()).evaluator(evaluator(1, 1, 0)).build().await;
-    assert!(runner.run(vec![RunnerInput::new(&good, args())]).pop().unwrap().await.is_ok());
-    assert!(runner.run(vec![RunnerInput::new(&three, args())]).pop().unwrap().await.is_err());
+    let runner = RpcRunner::builder(rpc)
+        .pipeline(rec.clone())
+        .evaluator(evaluator(1, 1, 0))
+        .build()
+        .await
+        .unwrap();
+    assert!(run_one(&runner, RunnerInput::new(&good, args())).await.is_ok());
+    assert!(run_one(&runner, RunnerInput::new(&three, args())).await.is_err());
     // Dropped mid-measurement: wait until the slow kernel's session exists.
-    let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
+    let mut fut = runner.run(vec![RunnerInput::new(&slow, args())]);
+    // Polled once (nothing is ready): the stream owns its measurement.
+    assert!(futures::poll!(fut.next()).is_pending());
     let deadline = Instant::now() + SOON;
     while rec.dirs.lock().unwrap().len() < 3 {
         assert!(Instant::now() < deadline, "the third session never started");
@@ -227,8 +276,19 @@ async fn a_server_killed_mid_measurement_is_a_classified_error() {
     let work_dir = dir.path().to_str().unwrap();
     let mut srv = crate::cli::spawn(&crate::cli::server_args(&tracker_addr, "cpu", work_dir));
     let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu");
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await;
-    let fut = runner.run(vec![RunnerInput::new(&slow, args())]).pop().unwrap();
+    // The server process registers with the tracker: until then, no runner.
+    let deadline = Instant::now() + SOON;
+    let runner = loop {
+        match RpcRunner::builder(rpc.clone()).evaluator(evaluator(1, 1, 0)).build().await {
+            Ok(runner) => break runner,
+            Err(RunError::NoServer { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the server never registered: {e:?}"),
+        }
+    };
+    let input = RunnerInput::new(&slow, args());
+    let fut = tokio::spawn(async move { run_one(&runner, input).await });
     // Mid-measurement: the server has started the session's worker process.
     let server_pid = srv.child.id();
     let deadline = Instant::now() + SOON;
@@ -237,7 +297,7 @@ async fn a_server_killed_mid_measurement_is_a_classified_error() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     srv.signal_and_wait(9);
-    let err = fut.await.unwrap_err();
+    let err = fut.await.unwrap().unwrap_err();
     assert!(matches!(err, RunError::ServerLost { .. }), "{err:?}");
     drop(t);
 }
@@ -270,7 +330,10 @@ fn rpc_config_reads_tvm_environment_variables() {
     assert_eq!((cfg.session_priority, cfg.session_timeout), (1, Duration::from_secs(60)));
     // SAFETY: as above.
     unsafe { std::env::set_var("TVM_TRACKER_PORT", "not-a-port") };
-    assert!(RpcConfig::from_env().unwrap_err().contains("TVM_TRACKER_PORT"));
+    let err = RpcConfig::from_env().unwrap_err();
+    assert!(matches!(err, RpcConfigError::BadPort { .. }), "{err:?}");
+    assert!(err.to_string().contains("TVM_TRACKER_PORT"), "{err}");
+    assert_eq!(cfg.lease_timeout, None, "no bound by default, as TVM");
 }
 
 #[tokio::test]
@@ -282,14 +345,145 @@ async fn the_timeout_counts_from_the_lease_not_from_the_queue() {
         "slow",
         "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 0.7; while (now() < e) {} return 0; }",
     );
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).max_workers(3).build().await;
+    let runner =
+        RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).max_workers(3).build().await.unwrap();
     let start = Instant::now();
     let inputs = vec![RunnerInput::new(&slow, args()); 3];
-    let results = futures::future::join_all(runner.run(inputs)).await;
+    let results = runner.run(inputs).collect_ordered().await;
     // ...but the third waited ~2.8 s for the only device before its turn.
     assert!(start.elapsed() > Duration::from_secs(3), "{:?}", start.elapsed());
     for r in &results {
         assert!(r.is_ok(), "{r:?}");
     }
     st.server.shutdown().await.unwrap();
+}
+
+const SLOW_10S: &str = "int32_t entry(DLTensor* a, int32_t n) { double e = now() + 10; while (now() < e) {} return 0; }";
+
+#[tokio::test]
+async fn a_lease_timeout_fires_when_no_server_is_free() {
+    let (st, rpc) = stack(SOON).await;
+    let good = kernel(st.dir.path(), "good", "int32_t entry(DLTensor* a, int32_t n) { return 0; }");
+    let runner = RpcRunner::builder(rpc.clone().lease_timeout(Duration::from_millis(500)))
+        .evaluator(evaluator(1, 1, 0))
+        .build()
+        .await
+        .unwrap();
+    // Another tuner holds the only device.
+    let mut other = TrackerClient::connect(&rpc.tracker_addr()).await.unwrap();
+    let mut held = other.request("cpu", 1, Some(SOON)).await.unwrap();
+    st.server.wait_for(SOON, |s| s.busy).await.expect("device held");
+    let start = Instant::now();
+    let result = run_one(&runner, RunnerInput::new(&good, args())).await;
+    assert!(
+        matches!(result, Err(RunError::LeaseTimeout { limit }) if limit == Duration::from_millis(500)),
+        "{result:?}"
+    );
+    assert!(start.elapsed() < SOON, "took {:?}", start.elapsed());
+    // Once the device is free again, the same runner measures.
+    held.close().await.unwrap();
+    assert!(run_one(&runner, RunnerInput::new(&good, args())).await.is_ok());
+    st.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_resolves_every_item_to_cancelled_and_frees_the_device() {
+    let (st, rpc) = stack(SOON).await;
+    let slow = kernel(st.dir.path(), "slow", SLOW_10S);
+    let rec = Recording::default();
+    let runner = RpcRunner::builder(rpc)
+        .pipeline(rec.clone())
+        .evaluator(evaluator(1, 1, 0))
+        .build()
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let batch = runner.run_with_cancel(vec![RunnerInput::new(&slow, args()); 3], &cancel);
+    assert_eq!(batch.len(), 3);
+    // The first measurement is running on the only device; two wait.
+    let deadline = Instant::now() + SOON;
+    while rec.dirs.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the first session never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start = Instant::now();
+    cancel.cancel();
+    let results = batch.collect_ordered().await;
+    assert!(start.elapsed() < Duration::from_secs(5), "cancel took {:?}", start.elapsed());
+    assert_eq!(results.len(), 3);
+    for r in &results {
+        assert!(matches!(r, Err(RunError::Cancelled)), "{r:?}");
+    }
+    st.server.wait_for(SOON, |s| !s.busy && s.registered).await.expect("device freed");
+    assert_eq!(*rec.cleanups.lock().unwrap(), 1, "the leased session was cleaned up");
+    for dir in rec.dirs.lock().unwrap().iter() {
+        assert!(!Path::new(dir).exists(), "session dir {dir} left behind");
+    }
+    st.server.shutdown().await.unwrap();
+}
+
+/// Measures another artifact than the input's: an overridden stage.
+struct SwapArtifact(PathBuf);
+
+impl Pipeline for SwapArtifact {
+    async fn upload_module(
+        &self,
+        _ctx: &StageContext,
+        dev: &mut DeviceSession,
+        _input: &RunnerInput,
+    ) -> Result<String, RunError> {
+        dev.upload(&self.0, "swapped.so").await
+    }
+}
+
+#[tokio::test]
+async fn the_local_runner_runs_an_overridden_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = kernel(dir.path(), "good", "int32_t entry(DLTensor* a, int32_t n) { return 0; }");
+    let three = kernel(dir.path(), "three", "int32_t entry(DLTensor* a, int32_t n) { return 3; }");
+    let local = LocalRunner::builder(crate::test_worker_program())
+        .pipeline(SwapArtifact(three))
+        .evaluator(evaluator(1, 1, 0))
+        .timeout(SOON)
+        .build()
+        .unwrap();
+    match run_one(&local, RunnerInput::new(&good, args())).await {
+        Err(RunError::KernelError { message }) => assert!(message.contains("error 3"), "{message}"),
+        other => panic!("the overridden upload stage did not apply: {other:?}"),
+    }
+    // The recording pipeline sees a local device too, and its cleanup runs.
+    let rec = Recording::default();
+    let local2 = LocalRunner::builder(crate::test_worker_program())
+        .pipeline(rec.clone())
+        .evaluator(evaluator(1, 1, 0))
+        .build()
+        .unwrap();
+    let mut stream = local2.run(vec![RunnerInput::new(&good, args()); 2]);
+    let mut seen = Vec::new();
+    while let Some((i, r)) = stream.next().await {
+        assert!(r.is_ok(), "{r:?}");
+        seen.push(i);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1]);
+    assert_eq!(*rec.dirs.lock().unwrap(), ["local", "local"]);
+    assert_eq!(*rec.cleanups.lock().unwrap(), 2);
+    local.shutdown().await;
+    local2.shutdown().await;
+}
+
+#[tokio::test]
+async fn building_a_runner_fails_clearly_without_a_tracker_or_a_server() {
+    let port = crate::common::free_port();
+    let err =
+        RpcRunner::builder(RpcConfig::new("127.0.0.1", port, "cpu")).build().await.unwrap_err();
+    assert!(matches!(err, RunError::Session { .. }), "{err:?}");
+    let chain = anyhow::Error::from(err);
+    assert!(format!("{chain:#}").contains("refused"), "{chain:#}");
+
+    let t = tracker().await;
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "no-such-key");
+    let err = RpcRunner::builder(rpc).build().await.unwrap_err();
+    assert!(matches!(err, RunError::NoServer { ref key, .. } if key == "no-such-key"), "{err:?}");
+    drop(t);
 }

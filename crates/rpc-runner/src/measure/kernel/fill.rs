@@ -1,0 +1,142 @@
+//! The random argument fill: a seeded PRNG, values in [0, 10), float16.
+
+use super::*;
+
+/// SplitMix64 (Steele, Lea and Flood; the constants of Vigna's reference
+/// version): tiny, fast and fixed forever, so fills never change with a
+/// dependency's version.
+#[derive(Debug, Clone)]
+pub(super) struct SplitMix64(pub(super) u64);
+
+impl SplitMix64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub(super) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `[1, 10)`.
+    pub(super) fn float(&mut self) -> f64 {
+        1.0 + 9.0 * self.unit()
+    }
+
+    /// Uniform in `[0, 10)` (the modulo bias is below 1e-18).
+    pub(super) fn small_int(&mut self) -> u8 {
+        (self.next_u64() % 10) as u8
+    }
+}
+
+/// Fills `bytes` (a whole number of elements) with random values of `dtype`.
+pub(super) fn fill(bytes: &mut [u8], dtype: DType, rng: &mut SplitMix64) {
+    fn each<const N: usize>(bytes: &mut [u8], mut value: impl FnMut() -> [u8; N]) {
+        for chunk in bytes.chunks_exact_mut(N) {
+            chunk.copy_from_slice(&value());
+        }
+    }
+    match dtype {
+        DType::F16 => {
+            each(bytes, || below_ten_f16(f32_to_f16_bits(rng.float() as f32)).to_ne_bytes())
+        }
+        DType::F32 => each(bytes, || below_ten_f32(rng.float() as f32).to_ne_bytes()),
+        DType::F64 => each(bytes, || rng.float().to_ne_bytes()),
+        DType::I8 => each(bytes, || (rng.small_int() as i8).to_ne_bytes()),
+        DType::I16 => each(bytes, || i16::from(rng.small_int()).to_ne_bytes()),
+        DType::I32 => each(bytes, || i32::from(rng.small_int()).to_ne_bytes()),
+        DType::I64 => each(bytes, || i64::from(rng.small_int()).to_ne_bytes()),
+        DType::U8 => each(bytes, || [rng.small_int()]),
+    }
+}
+
+/// Keeps a value rounded up to 10 inside `[1, 10)`.
+pub(super) fn below_ten_f32(x: f32) -> f32 {
+    if x >= 10.0 { f32::from_bits(10.0f32.to_bits() - 1) } else { x }
+}
+
+/// `f16` bits of 10.0.
+pub(super) const F16_TEN: u16 = 0x4900;
+
+/// Keeps an `f16` rounded up to 10 inside `[1, 10)`.
+pub(super) fn below_ten_f16(bits: u16) -> u16 {
+    if bits >= F16_TEN { F16_TEN - 1 } else { bits }
+}
+
+/// IEEE 754 binary16 bits of `x`, rounded to nearest, ties to even
+/// (overflow to infinity, subnormals kept, NaN stays NaN).
+pub(super) fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x007f_ffff;
+    if exp == 0xff {
+        // Infinity, or NaN (quiet, keeping it a NaN).
+        return sign | 0x7c00 | if man != 0 { 0x0200 } else { 0 };
+    }
+    // The binary16 biased exponent.
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        // Subnormal binary16 (or zero): value = m * 2^-24.
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x0080_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rem = m & ((1u32 << shift) - 1);
+        let mut h = m >> shift;
+        if rem > half || (rem == half && h & 1 == 1) {
+            h += 1;
+        }
+        return sign | h as u16;
+    }
+    let mut h = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    if rem > 0x1000 || (rem == 0x1000 && h & 1 == 1) {
+        // A carry into the exponent is right, up to infinity.
+        h += 1;
+    }
+    sign | h as u16
+}
+
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_rounds_to_nearest_even() {
+        let cases: &[(f32, u16)] = &[
+            (0.0, 0x0000),
+            (-0.0, 0x8000),
+            (1.0, 0x3c00),
+            (-2.0, 0xc000),
+            (1.5, 0x3e00),
+            (10.0, 0x4900),
+            (65504.0, 0x7bff),
+            (65520.0, 0x7c00),            // tie at the top rounds to infinity
+            (1.0 + 1.0 / 2048.0, 0x3c00), // tie, even stays
+            (1.0 + 3.0 / 2048.0, 0x3c02), // tie, odd rounds up
+            (f32::from_bits(0x3f80_1001), 0x3c01), // just above a tie
+            (6.103_515_6e-5, 0x0400),     // smallest normal
+            (5.960_464_5e-8, 0x0001),     // smallest subnormal
+            (2.0e-8, 0x0000),             // underflow
+            (f32::INFINITY, 0x7c00),
+            (f32::NEG_INFINITY, 0xfc00),
+        ];
+        for &(x, h) in cases {
+            assert_eq!(f32_to_f16_bits(x), h, "{x}");
+        }
+        assert_eq!(f32_to_f16_bits(f32::NAN) & 0x7c00, 0x7c00);
+        assert_ne!(f32_to_f16_bits(f32::NAN) & 0x03ff, 0);
+    }
+}
