@@ -171,6 +171,8 @@ fn clean_stale(base: &Path) {
 pub(crate) struct PoolCgroup {
     state: Mutex<State>,
     next: AtomicU64,
+    /// Enable the memory controller for workers (a memory ceiling is set).
+    want_memory: bool,
 }
 
 #[derive(Debug)]
@@ -183,6 +185,8 @@ struct State {
     made: Vec<PathBuf>,
     /// Worker directories that could not be removed yet.
     leftover: HashSet<PathBuf>,
+    /// The memory controller is enabled for the workers under `current`.
+    memory: bool,
 }
 
 fn pool_dir_name() -> String {
@@ -194,7 +198,9 @@ fn pool_dir_name() -> String {
 
 impl PoolCgroup {
     /// Sets up the pool's cgroup directory, or records why there is none.
-    pub(crate) fn new(enabled: bool) -> Arc<Self> {
+    /// With `memory`, also enables the memory controller for the workers'
+    /// directories where the hierarchy allows it.
+    pub(crate) fn new(enabled: bool, memory: bool) -> Arc<Self> {
         let (current, sibling) = if enabled {
             match own_cgroup_dir() {
                 Ok(own) => {
@@ -207,7 +213,8 @@ impl PoolCgroup {
         } else {
             (Err("disabled by the pool's configuration".to_owned()), None)
         };
-        let mut state = State { current, sibling, made: Vec::new(), leftover: HashSet::new() };
+        let mut state =
+            State { current, sibling, made: Vec::new(), leftover: HashSet::new(), memory: false };
         if let Ok(base) = state.current.clone() {
             state.current = make_pool_dir(&base, &mut state.made);
             if state.current.is_err() {
@@ -217,10 +224,15 @@ impl PoolCgroup {
                 }
             }
         }
+        state.memory = memory && state.current.as_deref().is_ok_and(enable_memory);
         if let Err(why) = &state.current {
             tracing::debug!(reason = %why, "popen-pool: no cgroup containment");
         }
-        Arc::new(PoolCgroup { state: Mutex::new(state), next: AtomicU64::new(0) })
+        Arc::new(PoolCgroup {
+            state: Mutex::new(state),
+            next: AtomicU64::new(0),
+            want_memory: memory,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -236,7 +248,10 @@ impl PoolCgroup {
 
     /// A fresh, empty cgroup for one worker, or `None` without cgroups.
     pub(crate) fn worker(self: &Arc<Self>) -> Option<WorkerCgroup> {
-        let dir = self.lock().current.clone().ok()?;
+        let (dir, memory) = {
+            let st = self.lock();
+            (st.current.clone().ok()?, st.memory)
+        };
         let path = dir.join(format!("w{}", self.next.fetch_add(1, Ordering::Relaxed)));
         match std::fs::create_dir(&path) {
             Ok(()) => {}
@@ -246,7 +261,13 @@ impl PoolCgroup {
             }
         }
         let procs = CString::new(path.join("cgroup.procs").as_os_str().as_bytes()).ok()?;
-        Some(WorkerCgroup { path, procs, pool: Arc::clone(self), removed: AtomicBool::new(false) })
+        Some(WorkerCgroup {
+            path,
+            procs,
+            pool: Arc::clone(self),
+            removed: AtomicBool::new(false),
+            memory,
+        })
     }
 
     /// Placing a worker under `dir` failed with `err`: move to the sibling
@@ -263,6 +284,7 @@ impl PoolCgroup {
             let mut made = std::mem::take(&mut st.made);
             st.current = make_pool_dir(&sib, &mut made);
             st.made = made;
+            st.memory = self.want_memory && st.current.as_deref().is_ok_and(enable_memory);
             if st.current.is_ok() {
                 return;
             }
@@ -278,6 +300,16 @@ impl PoolCgroup {
             st.current = Err(why);
         }
     }
+}
+
+/// Enables the memory controller for the children of pool directory `dir`
+/// (possible only where its parent has it enabled for `dir`).
+fn enable_memory(dir: &Path) -> bool {
+    let on = std::fs::write(dir.join("cgroup.subtree_control"), b"+memory").is_ok();
+    if !on {
+        tracing::debug!(dir = %dir.display(), "popen-pool: no memory controller; the memory ceiling is watched by the parent");
+    }
+    on
 }
 
 fn make_pool_dir(base: &Path, made: &mut Vec<PathBuf>) -> Result<PathBuf, String> {
@@ -315,9 +347,36 @@ pub(crate) struct WorkerCgroup {
     procs: CString,
     pool: Arc<PoolCgroup>,
     removed: AtomicBool,
+    /// The memory controller is enabled here.
+    memory: bool,
 }
 
 impl WorkerCgroup {
+    /// Sets the kernel-enforced memory ceiling of everything in this cgroup
+    /// (`memory.max`; no swap past it; an OOM kill takes the whole worker).
+    /// False if the memory controller is not available here.
+    pub(crate) fn set_memory_max(&self, bytes: u64) -> bool {
+        if !self.memory {
+            return false;
+        }
+        if std::fs::write(self.path.join("memory.max"), bytes.to_string()).is_err() {
+            return false;
+        }
+        let _ = std::fs::write(self.path.join("memory.swap.max"), b"0");
+        let _ = std::fs::write(self.path.join("memory.oom.group"), b"1");
+        true
+    }
+
+    /// True if the kernel OOM-killed a process here (`memory.events`).
+    pub(crate) fn oom_killed(&self) -> bool {
+        std::fs::read_to_string(self.path.join("memory.events")).is_ok_and(|ev| {
+            ev.lines().any(|l| {
+                l.strip_prefix("oom_kill ")
+                    .is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0)
+            })
+        })
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -18,6 +18,7 @@ use tokio_util::codec::Framed;
 use crate::cgroup::{Containment, PoolCgroup, WorkerCgroup};
 use crate::codec::{CodecError, FrameCodec};
 use crate::config::{OutputMode, WorkerOptions, WorkerProgram};
+use crate::controls::ENV_CONTROLS;
 use crate::error::{ExitInfo, PoolError};
 use crate::protocol::ToWorker;
 use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME};
@@ -40,6 +41,26 @@ pub(crate) trait Child: Send + 'static {
     fn shutdown(&mut self, grace: Duration) -> impl Future<Output = ExitInfo> + Send;
     /// Resident memory in bytes, if known.
     fn rss_bytes(&self) -> Option<u64>;
+    /// The memory ceiling of this worker, and how it is enforced.
+    fn memory_ceiling(&self) -> Option<Ceiling> {
+        None
+    }
+    /// True if the kernel killed a process of this worker for crossing its
+    /// cgroup's `memory.max`. Asked before the worker is reaped.
+    fn oom_killed(&self) -> bool {
+        false
+    }
+}
+
+/// A worker's memory ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ceiling {
+    /// Bytes.
+    pub(crate) limit: u64,
+    /// `Some(pid)`: no kernel enforcement; the parent samples this
+    /// process's RSS while a task runs. `None`: the worker's cgroup
+    /// enforces it (`memory.max`), learned through [`Child::oom_killed`].
+    pub(crate) watch: Option<u32>,
 }
 
 /// Starts worker processes.
@@ -107,7 +128,7 @@ pub(crate) struct ProcessLauncher {
 
 impl ProcessLauncher {
     pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>) -> Self {
-        let cgroups = PoolCgroup::new(opts.cgroups);
+        let cgroups = PoolCgroup::new(opts.cgroups, opts.memory_limit.is_some());
         ProcessLauncher { program, opts, live: Arc::default(), cgroups }
     }
 
@@ -136,7 +157,19 @@ impl ProcessLauncher {
         if let Some(dir) = &self.program.current_dir {
             cmd.current_dir(dir);
         }
+        let controls = self.opts.controls.encode();
+        if controls.is_empty() {
+            cmd.env_remove(ENV_CONTROLS);
+        } else {
+            cmd.env(ENV_CONTROLS, controls);
+        }
         let cgroup = self.cgroups.worker().map(Arc::new);
+        // The ceiling is set before the worker joins its cgroup; where the
+        // kernel cannot enforce it, the parent watches the worker's RSS.
+        let ceiling = self.opts.memory_limit.map(|limit| Ceiling {
+            limit,
+            watch: (!cgroup.as_ref().is_some_and(|cg| cg.set_memory_max(limit))).then_some(0),
+        });
         let mut report = None;
         let placement = match &cgroup {
             Some(cg) => {
@@ -187,6 +220,7 @@ impl ProcessLauncher {
             pidfd,
             exited: false,
             grace: self.opts.kill_grace,
+            ceiling: ceiling.map(|c| Ceiling { watch: c.watch.map(|_| pid), ..c }),
         };
         parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
         let stream = tokio::net::UnixStream::from_std(parent_end)
@@ -264,6 +298,7 @@ pub(crate) struct ProcessChild {
     /// The process was seen to exit while the channel was still open.
     exited: bool,
     grace: Duration,
+    ceiling: Option<Ceiling>,
 }
 
 fn channel_error(e: CodecError) -> PoolError {
@@ -384,6 +419,15 @@ impl Child for ProcessChild {
 
     fn rss_bytes(&self) -> Option<u64> {
         unix::rss_bytes(self.pid)
+    }
+
+    fn memory_ceiling(&self) -> Option<Ceiling> {
+        self.ceiling
+    }
+
+    fn oom_killed(&self) -> bool {
+        self.ceiling.is_some_and(|c| c.watch.is_none())
+            && self.cgroup.as_ref().is_some_and(|cg| cg.oom_killed())
     }
 }
 

@@ -59,6 +59,14 @@ pub enum PoolError {
         /// How the worker ended.
         exit: ExitInfo,
     },
+    /// The task took its worker past the pool's memory ceiling
+    /// (`memory_limit`) while it ran; the worker and the task's processes
+    /// were killed and a fresh worker takes its place.
+    #[error("task exceeded the worker memory limit of {limit} bytes; the worker was killed")]
+    MemoryLimit {
+        /// The ceiling, in bytes.
+        limit: u64,
+    },
     /// The task returned an error or panicked; the worker keeps serving.
     #[error("task failed ({kind}): {message}")]
     Task {
@@ -142,12 +150,13 @@ impl PoolError {
     }
 
     /// True when the worker process was lost with this error (timeout, crash,
-    /// cancellation of a running task, protocol error), so a new one is started.
+    /// memory limit, cancellation of a running task, protocol error), so a new one is started.
     pub fn killed_worker(&self) -> bool {
         matches!(
             self,
             PoolError::Timeout { .. }
                 | PoolError::WorkerDied { .. }
+                | PoolError::MemoryLimit { .. }
                 | PoolError::Protocol { .. }
                 | PoolError::Cancelled
         )

@@ -85,6 +85,7 @@ mod cgroup;
 mod child;
 mod codec;
 mod config;
+mod controls;
 mod core;
 mod error;
 mod pool;

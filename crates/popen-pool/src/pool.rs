@@ -115,17 +115,37 @@ impl PoolShared {
 
 /// A future of one task's result; it can also abort the task.
 ///
-/// Dropping the handle detaches it: the task still runs and its result is
-/// discarded. [`abort`](TaskHandle::abort) removes a queued task, or kills the
-/// worker of a running one (the pool replaces it); the handle then resolves to
+/// [`abort`](TaskHandle::abort) removes a queued task, or kills the worker of
+/// a running one (the pool replaces it); the handle then resolves to
 /// [`PoolError::Cancelled`].
-#[must_use = "a TaskHandle does nothing unless awaited or aborted"]
+///
+/// # Dropping a handle cancels its task
+///
+/// Dropping the handle before it resolved aborts the task, as `abort` does;
+/// [`detach`](TaskHandle::detach) lets it run unobserved instead. This is the
+/// rule of the whole project (pool, builder and runner futures and streams):
+/// dropping a future or stream cancels the work it owns. It differs from
+/// tokio's `JoinHandle`, which detaches on drop, on purpose: a task holds a
+/// worker process (a core, often a device), and one nobody waits for wastes
+/// it, up to its time limit or forever, while `select!`, `timeout` and a
+/// dropped batch would otherwise leave such tasks behind silently.
+#[must_use = "a TaskHandle cancels its task when dropped; await it, or call detach()"]
 pub struct TaskHandle<O> {
     id: u64,
     rx: oneshot::Receiver<Result<Bytes, PoolError>>,
     cancel: CancellationToken,
     pool: Weak<PoolShared>,
+    /// Resolved (nothing left to cancel) or detached.
+    settled: bool,
     _out: PhantomData<fn() -> O>,
+}
+
+impl<O> Drop for TaskHandle<O> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.abort();
+        }
+    }
 }
 
 impl<O> std::fmt::Debug for TaskHandle<O> {
@@ -143,8 +163,15 @@ impl<O> TaskHandle<O> {
             rx,
             cancel: CancellationToken::new(),
             pool: Weak::new(),
+            settled: true,
             _out: PhantomData,
         }
+    }
+
+    /// Lets the task run to its end unobserved: dropping the handle no longer
+    /// cancels it, and its result is discarded.
+    pub fn detach(mut self) {
+        self.settled = true;
     }
 
     /// The task's id within its pool.
@@ -167,7 +194,9 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        Poll::Ready(match ready!(Pin::new(&mut this.rx).poll(cx)) {
+        let out = ready!(Pin::new(&mut this.rx).poll(cx));
+        this.settled = true;
+        Poll::Ready(match out {
             Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(PoolError::codec),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PoolError::Shutdown),
@@ -196,7 +225,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// # async fn demo() -> Result<(), popen_pool::PoolError> {
 /// let pool = PopenPool::builder(WorkerProgram::current_exe()?)
 ///     .max_workers(2)
-///     .timeout(Some(std::time::Duration::from_secs(10)))
+///     .timeout(std::time::Duration::from_secs(10))
 ///     .build()?;
 /// assert_eq!(pool.submit(Square(3)).await?, 9);
 /// let squares: Vec<_> = pool.map_with_error_catching((0..10).map(Square)).collect().await;
@@ -243,10 +272,18 @@ impl PoolBuilder {
     }
 
     /// Bound the queue of waiting tasks: `submit` then fails with
-    /// [`PoolError::QueueFull`] and `submit_wait` waits for room. Default: unbounded.
+    /// [`PoolError::QueueFull`] and `submit_wait` waits for room. Default:
+    /// unbounded (see [`unbounded_queue`](Self::unbounded_queue)).
     #[must_use]
-    pub fn max_queue(mut self, capacity: Option<usize>) -> Self {
-        self.max_queue = capacity;
+    pub fn max_queue(mut self, capacity: usize) -> Self {
+        self.max_queue = Some(capacity);
+        self
+    }
+
+    /// No bound on the queue of waiting tasks (the default).
+    #[must_use]
+    pub fn unbounded_queue(mut self) -> Self {
+        self.max_queue = None;
         self
     }
 
@@ -363,7 +400,8 @@ impl PopenPool {
     /// Queues `task` with the pool's default time limit.
     ///
     /// Errors (queue full, pool shut down, serialization) come out of the
-    /// handle, like the task's own outcome.
+    /// handle, like the task's own outcome. Dropping the handle cancels the
+    /// task (see [`TaskHandle`]).
     pub fn submit<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
         self.submit_with_timeout(task, self.default_timeout)
     }
@@ -424,13 +462,23 @@ impl PopenPool {
         }
         shared.counters.queued.fetch_add(1, Ordering::Relaxed);
         shared.work.notify_one();
-        Ok(TaskHandle { id, rx, cancel, pool: Arc::downgrade(shared), _out: PhantomData })
+        Ok(TaskHandle {
+            id,
+            rx,
+            cancel,
+            pool: Arc::downgrade(shared),
+            settled: false,
+            _out: PhantomData,
+        })
     }
 
     /// Runs `tasks` and yields one result per task, in input order.
     ///
     /// With an unbounded queue every task is queued at once; with a bounded
     /// one, tasks are queued as room frees up while the stream is polled.
+    /// Dropping the stream cancels every task it has not yielded yet (queued
+    /// ones are removed, running ones have their workers killed and
+    /// replaced) and queues no more.
     pub fn map_with_error_catching<T, I>(
         &self,
         tasks: I,

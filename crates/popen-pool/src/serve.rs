@@ -8,6 +8,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use crate::codec::{CodecError, DEFAULT_MAX_FRAME, read_frame, write_frame};
+use crate::controls::{Controls, ENV_CONTROLS};
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
 use crate::task::{Registry, WorkerContext};
 use crate::unix::{self, CHANNEL_FD};
@@ -162,6 +163,19 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     }));
 
     let mut scratch = Vec::new();
+    // Process controls, applied by the worker itself (no `pre_exec` in the
+    // parent, so spawning needs no real fork); after the channel is set up,
+    // so a tight RLIMIT_NOFILE cannot break it, and before any task runs.
+    let controls = match std::env::var(ENV_CONTROLS) {
+        Ok(s) => Controls::decode(&s),
+        Err(_) => Ok(Controls { core_dumps: true, ..Controls::default() }),
+    };
+    if let Err(message) = controls.and_then(|c| c.apply()) {
+        let refused = FromWorker::Refused { version: PROTOCOL_VERSION, message };
+        write_frame(&mut writer, &refused, &mut scratch, max)?;
+        writer.flush()?;
+        unix::exit_now(4);
+    }
     let hello = FromWorker::Hello {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),

@@ -243,7 +243,7 @@ async fn no_cgroup_dir_outlives_its_pool() {
     for how in ["shutdown", "kill", "drop"] {
         let pool = PopenPool::builder(test_worker_program())
             .max_workers(2)
-            .timeout(Some(Duration::from_secs(30)))
+            .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
         let Some(dir) = cgroup_dir(&pool) else { return };

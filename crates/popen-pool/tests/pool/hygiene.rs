@@ -462,7 +462,7 @@ async fn noisy_task_with_tracing_output() {
 async fn used_pool() -> PopenPool {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(2)
-        .timeout(Some(Duration::from_secs(30)))
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     run_and_check(&pool, &mixed_cases()).await;
@@ -651,7 +651,7 @@ async fn payloads_of_64_mib_round_trip_with_the_default_limit() {
     let len = 64 << 20;
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(1)
-        .timeout(Some(Duration::from_secs(60)))
+        .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

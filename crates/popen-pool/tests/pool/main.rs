@@ -5,6 +5,7 @@ mod basics;
 mod chaos;
 mod common;
 mod containment;
+mod controls;
 mod edges;
 mod hygiene;
 

@@ -627,7 +627,7 @@ impl<T: BuildTask> LocalBuilder<T> {
         };
         let pool = PopenPool::builder(program)
             .max_workers(cfg.max_workers)
-            .timeout(Some(cfg.timeout))
+            .timeout(cfg.timeout)
             .build()
             .map_err(|source| BuildError::Pool { source })?;
         Ok(LocalBuilder { pool, cfg, out_dir, make_task: Box::new(make_task), _temp_dir: temp_dir })
