@@ -6,6 +6,7 @@ mod chaos;
 mod common;
 mod containment;
 mod controls;
+mod dropping;
 mod edges;
 mod hygiene;
 

@@ -1,0 +1,83 @@
+//! The drop rule: dropping a future or stream cancels the work it owns.
+
+use futures::StreamExt;
+use popen_pool::PopenPool;
+
+use crate::common::*;
+use crate::hygiene::{SOON, eventually, wait_running};
+use crate::test_worker_program;
+
+#[tokio::test]
+async fn dropping_a_running_handle_kills_its_worker() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    let handle = pool.submit(Sleep(600_000));
+    wait_running(&pool, 1).await;
+    drop(handle);
+    assert!(eventually(SOON, || !pid_exists(worker)).await, "the worker of a dropped task lives");
+    assert!(eventually(SOON, || pool.stats().running == 0).await, "{:?}", pool.stats());
+    assert_eq!(pool.stats().cancelled, 1);
+    // The pool serves on, in a fresh worker.
+    assert_eq!(pool.submit(Pid).await.map(|p| p != worker), Ok(true));
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_queued_handle_removes_it() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    let busy = pool.submit(Sleep(300));
+    wait_running(&pool, 1).await;
+    drop(pool.submit(ExitSelf(5)));
+    assert_eq!(pool.stats().queued, 0, "a dropped queued task left the queue at once");
+    assert_eq!(busy.await, Ok(300));
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "the dropped task never ran");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_detached_handle_runs_to_its_end() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    pool.submit(Sleep(200)).detach();
+    wait_running(&pool, 1).await;
+    assert!(eventually(SOON, || pool.stats().completed == 2).await, "{:?}", pool.stats());
+    assert_eq!(pool.stats().cancelled, 0);
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "nothing killed the worker");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_map_stream_cancels_its_remaining_tasks() {
+    for bounded in [false, true] {
+        let builder = PopenPool::builder(test_worker_program()).max_workers(1);
+        let pool = if bounded { builder.max_queue(2) } else { builder }.build().unwrap();
+        let worker = pool.submit(Pid).await.unwrap();
+        let mut results = Box::pin(pool.map_with_error_catching([
+            Sleep(1),
+            Sleep(600_000),
+            Sleep(600_000),
+            Sleep(600_000),
+            Sleep(600_000),
+        ]));
+        assert_eq!(results.next().await, Some(Ok(1)));
+        // Poll once more, so the bounded stream has queued what fits.
+        let pending = futures::poll!(results.next());
+        assert!(pending.is_pending());
+        wait_running(&pool, 1).await;
+        drop(results);
+        assert!(
+            eventually(SOON, || {
+                let s = pool.stats();
+                s.running == 0 && s.queued == 0
+            })
+            .await,
+            "bounded {bounded}: {:?}",
+            pool.stats()
+        );
+        assert!(eventually(SOON, || !pid_exists(worker)).await, "the running task's worker lives");
+        assert_eq!(pool.stats().completed, 2, "bounded {bounded}: {:?}", pool.stats());
+        assert_eq!(pool.submit(Int(3)).await, Ok(3));
+        pool.shutdown().await;
+    }
+}
