@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::config::{OutputMode, WorkerOptions, WorkerProgram};
 use crate::controls::ENV_CONTROLS;
 use crate::error::{ExitInfo, PoolError};
 use crate::protocol::ToWorker;
-use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME};
+use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME, ENV_STDOUT};
 use crate::unix::Placement;
 use crate::{spawner, unix};
 
@@ -184,9 +184,19 @@ impl ProcessLauncher {
                 None
             }
         };
+        // A libtest worker starts with stdout on /dev/null (libtest's banner
+        // goes there); the real one waits at fd 4 until it serves.
+        let mut real_stdout = None;
+        if self.program.libtest && self.opts.stdout == OutputMode::Inherit {
+            let out = std::io::stdout().as_fd().try_clone_to_owned();
+            real_stdout = Some(out.map_err(|e| fail("cannot duplicate stdout", e))?);
+            cmd.stdout(Stdio::null()).env(ENV_STDOUT, "4");
+        } else {
+            cmd.env_remove(ENV_STDOUT);
+        }
         let pdeathsig = !unix::have_pidfd();
         let me = std::process::id() as i32;
-        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig);
+        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig, real_stdout);
         // The spawner drops `cmd`, closing our copy of the child's end, right
         // after the fork: from then on EOF on our end means the worker is gone.
         // If this future is dropped, the spawner kills and reaps the child,
@@ -226,8 +236,10 @@ impl ProcessLauncher {
         let stream = tokio::net::UnixStream::from_std(parent_end)
             .map_err(|e| fail("cannot register channel", e))?;
         proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
-        forward_lines(proc.child.stdout.take(), pid, false);
-        forward_lines(proc.child.stderr.take(), pid, true);
+        // libtest's banner on a piped stdout: the blank line and "running 1 test".
+        let banner = if self.program.libtest { 2 } else { 0 };
+        forward_lines(proc.child.stdout.take(), pid, false, banner);
+        forward_lines(proc.child.stderr.take(), pid, true, 0);
         Ok(Ok(proc))
     }
 }
@@ -240,11 +252,25 @@ fn stdio(mode: OutputMode) -> Stdio {
     }
 }
 
-fn forward_lines(pipe: Option<impl AsyncRead + Send + Unpin + 'static>, pid: u32, stderr: bool) {
+/// Emits each line of `pipe` as a tracing event, leaving out libtest's
+/// banner (up to `banner` leading lines: a blank one, then `running 1 test`).
+fn forward_lines(
+    pipe: Option<impl AsyncRead + Send + Unpin + 'static>,
+    pid: u32,
+    stderr: bool,
+    mut banner: usize,
+) {
     let Some(pipe) = pipe else { return };
     tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if banner > 0 {
+                banner -= 1;
+                if line.is_empty() || line.starts_with("running 1 test") {
+                    continue;
+                }
+                banner = 0;
+            }
             if stderr {
                 tracing::warn!(target: "popen_pool::worker", pid, stream = "stderr", "{line}");
             } else {

@@ -25,6 +25,9 @@ pub struct WorkerProgram {
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) current_dir: Option<PathBuf>,
+    /// Re-runs a libtest binary: hide the banner libtest prints before the
+    /// worker entry runs ("running 1 test").
+    pub(crate) libtest: bool,
 }
 
 impl WorkerProgram {
@@ -41,13 +44,24 @@ impl WorkerProgram {
 
     /// A dedicated worker binary at `path`.
     pub fn binary(path: impl Into<PathBuf>) -> Self {
-        WorkerProgram { path: path.into(), args: Vec::new(), env: Vec::new(), current_dir: None }
+        WorkerProgram {
+            path: path.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            current_dir: None,
+            libtest: false,
+        }
     }
 
     /// The current test binary, re-run so that only the test function
     /// `module_path::fn_name` executes; that function calls
     /// [`serve_if_worker`](crate::serve_if_worker). `module_path` is what
     /// `module_path!()` gives inside the test's module.
+    ///
+    /// The banner libtest prints before it runs the entry (`running 1 test`)
+    /// does not reach the worker's stdout: the worker starts with stdout on
+    /// `/dev/null` and gets the real one (inherited, or the tracing pipe) when
+    /// it starts serving, so only the tasks' own output is seen.
     ///
     /// # Errors
     ///
@@ -58,13 +72,15 @@ impl WorkerProgram {
             Some((_, rest)) => format!("{rest}::{fn_name}"),
             None => fn_name.to_owned(),
         };
-        Ok(Self::current_exe()?.args([
+        let mut program = Self::current_exe()?.args([
             name.as_str(),
             "--exact",
             "--nocapture",
             "--quiet",
             "--test-threads=1",
-        ]))
+        ]);
+        program.libtest = true;
+        Ok(program)
     }
 
     /// Appends command-line arguments.

@@ -125,9 +125,11 @@ macro_rules! test_support {
             $crate::serve_if_worker($registry);
         }
 
-        /// The current test binary, re-run as a popen-pool worker.
+        /// The current test binary, re-run as a popen-pool worker (its
+        /// libtest banner hidden). Reachable from every module of the test
+        /// crate (`crate::test_worker_program()` where invoked at the root).
         #[allow(dead_code)]
-        fn test_worker_program() -> $crate::WorkerProgram {
+        pub(crate) fn test_worker_program() -> $crate::WorkerProgram {
             $crate::WorkerProgram::test_entry(module_path!(), "__popen_pool_worker_entry")
                 .expect("the current test executable can be found")
         }

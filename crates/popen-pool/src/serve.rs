@@ -17,6 +17,8 @@ use crate::unix::{self, CHANNEL_FD};
 pub(crate) const ENV_MARKER: &str = "POPEN_POOL_WORKER_PARENT";
 /// Set in a worker's environment to the maximum frame size.
 pub(crate) const ENV_MAX_FRAME: &str = "POPEN_POOL_MAX_FRAME";
+/// Set in a worker's environment when its real stdout is at fd 4.
+pub(crate) const ENV_STDOUT: &str = "POPEN_POOL_STDOUT_FD";
 /// Set in a worker's environment to its cgroup directory, if it has one.
 pub(crate) const ENV_CGROUP: &str = "POPEN_POOL_CGROUP";
 
@@ -138,6 +140,11 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     // which must not inherit it); fd 3 becomes /dev/null, so task code that
     // writes to fd 3 cannot corrupt the channel.
     let fd = unix::move_fd_high(CHANNEL_FD, HIGH_FD)?;
+    // A libtest worker: its real stdout waits at fd 4 (what libtest printed
+    // before this went to /dev/null).
+    if std::env::var_os(ENV_STDOUT).is_some() {
+        unix::restore_stdout()?;
+    }
     let cgroup = own_cgroup();
     start_guard(cgroup.clone());
     // SAFETY: `fd` is our end of the socketpair, freshly duplicated, and

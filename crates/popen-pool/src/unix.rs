@@ -10,6 +10,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// moves it to a high fd right away; see `serve`).
 pub(crate) const CHANNEL_FD: RawFd = 3;
 
+/// Where a worker whose stdout starts as `/dev/null` finds its real stdout
+/// (see `test_entry`: it moves it to fd 1 once libtest's banner is behind).
+pub(crate) const STDOUT_FD: RawFd = 4;
+
 /// Where a new worker writes itself into its cgroup, and where it reports a
 /// failure to do so (an `errno`, 4 bytes native-endian).
 #[derive(Debug)]
@@ -56,15 +60,17 @@ pub(crate) fn prepare_command(
     parent_pid: i32,
     placement: Option<Placement>,
     pdeathsig: bool,
+    stdout: Option<OwnedFd>,
 ) {
     cmd.process_group(0);
     let child_fd = child_end.as_raw_fd();
+    let stdout_fd = stdout.as_ref().map(AsRawFd::as_raw_fd);
     // SAFETY: the closure runs between fork and exec and only calls
     // async-signal-safe functions (prctl, getppid, open, write, close, dup2,
     // fcntl, _exit) on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let _keep_open = &child_end;
+            let _keep_open = (&child_end, &stdout);
             if let Some(p) = &placement {
                 // Join the cgroup before anything else can run, let alone fork.
                 let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -97,7 +103,19 @@ pub(crate) fn prepare_command(
             }
             #[cfg(not(target_os = "linux"))]
             let _ = (parent_pid, pdeathsig);
-            if child_fd == CHANNEL_FD {
+            if let Some(out) = stdout_fd {
+                // Both to fresh numbers first (close-on-exec copies), so
+                // neither target number clobbers the other source.
+                let ch = libc::fcntl(child_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let out = libc::fcntl(out, libc::F_DUPFD_CLOEXEC, 10);
+                if ch < 0
+                    || out < 0
+                    || libc::dup2(ch, CHANNEL_FD) < 0
+                    || libc::dup2(out, STDOUT_FD) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if child_fd == CHANNEL_FD {
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
                 if flags < 0
                     || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
@@ -278,6 +296,20 @@ pub(crate) fn move_fd_high(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
         libc::close(null);
         Ok(high)
     }
+}
+
+/// Moves fd 4 (the worker's real stdout) to fd 1.
+pub(crate) fn restore_stdout() -> io::Result<()> {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // SAFETY: fd-number syscalls; fd 4 was set up by the parent for this.
+    unsafe {
+        if libc::dup2(STDOUT_FD, 1) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(STDOUT_FD);
+    }
+    Ok(())
 }
 
 /// Exits the process at once, without running destructors or atexit handlers.

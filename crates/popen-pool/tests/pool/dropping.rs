@@ -1,10 +1,10 @@
 //! The drop rule: dropping a future or stream cancels the work it owns.
 
 use futures::StreamExt;
-use popen_pool::PopenPool;
+use popen_pool::{PoolError, PopenPool};
 
 use crate::common::*;
-use crate::hygiene::{SOON, eventually, wait_running};
+use crate::hygiene::*;
 use crate::test_worker_program;
 
 #[tokio::test]
@@ -80,4 +80,57 @@ async fn dropping_a_map_stream_cancels_its_remaining_tasks() {
         assert_eq!(pool.submit(Int(3)).await, Ok(3));
         pool.shutdown().await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// 5. Abort: a running task's worker is killed; a queued task never runs.
+
+#[tokio::test]
+async fn abort_of_a_running_task_kills_its_worker() {
+    let dir = TempDir::new("abort");
+    let file = dir.path().join("sleeper.pid");
+    let program = test_worker_program().env("SLEEPER_PID_FILE", &file);
+    let pool = PopenPool::builder(program).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+
+    let handle = pool.submit(SpawnSleeper { then_sleep_ms: 600_000 });
+    let sleeper = read_pid_file(&file).await; // the task is running now
+    assert!(pid_exists(worker));
+    handle.abort();
+    let got = tokio::time::timeout(SOON, handle).await.expect("an aborted task resolves");
+    assert_eq!(got, Err(PoolError::Cancelled));
+    assert!(wait_gone(worker, SOON).await, "worker {worker} of the aborted task still exists");
+    assert!(
+        eventually(SOON, || !alive(sleeper)).await,
+        "the aborted task's child {sleeper} survived"
+    );
+
+    let stats = pool.stats();
+    assert_eq!((stats.cancelled, stats.running, stats.completed), (1, 0, 1), "{stats:?}");
+    let next = pool.submit(Pid).await.unwrap();
+    assert_ne!(next, worker, "a new worker serves the next task");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn abort_of_a_queued_task_removes_it() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let worker = pool.submit(Pid).await.unwrap();
+    let busy = pool.submit(Sleep(1500));
+    wait_running(&pool, 1).await;
+    // If this task ever ran, the worker would die with code 5.
+    let queued = pool.submit(ExitSelf(5));
+    assert_eq!(pool.stats().queued, 1);
+    queued.abort();
+    let stats = pool.stats();
+    assert_eq!((stats.queued, stats.cancelled), (0, 1), "{stats:?}");
+    assert_eq!(queued.await, Err(PoolError::Cancelled));
+    let stats = pool.stats();
+    assert_eq!((stats.running, stats.completed), (1, 1), "the busy task still runs: {stats:?}");
+
+    assert_eq!(busy.await, Ok(1500));
+    assert_eq!(pool.submit(Pid).await, Ok(worker), "the same worker serves on: nothing killed it");
+    let stats = pool.stats();
+    assert_eq!((stats.crashes, stats.completed, stats.spawned), (0, 3, 1), "{stats:?}");
+    pool.shutdown().await;
 }

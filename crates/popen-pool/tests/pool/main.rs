@@ -8,6 +8,8 @@ mod containment;
 mod controls;
 mod dropping;
 mod edges;
+mod faults;
 mod hygiene;
+mod output;
 
 popen_pool::test_support!(common::registry());
