@@ -60,7 +60,7 @@ impl Counters {
 }
 
 /// A snapshot of a pool's (or a worker's) counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct PoolStats {
     /// Worker processes started.
@@ -615,3 +615,14 @@ impl<L: Launcher> Drop for WorkerCore<L> {
 #[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod stats_tests {
+    #[test]
+    fn pool_stats_serialize() {
+        let stats = super::PoolStats { spawned: 2, memory_kills: 1, ..Default::default() };
+        let json = serde_json::to_value(stats).unwrap();
+        assert_eq!(json["spawned"], 2);
+        assert_eq!(json["memory_kills"], 1);
+    }
+}

@@ -101,7 +101,7 @@ pub use cgroup::Containment;
 pub use codec::DEFAULT_MAX_FRAME;
 pub use config::{OutputMode, WorkerProgram};
 pub use core::PoolStats;
-pub use error::{ExitInfo, PoolError, TaskFailure};
+pub use error::{ExitInfo, PoolError, TaskFailure, error_chain};
 pub use pool::{PoolBuilder, PopenPool, TaskHandle};
 pub use serve::{is_worker, serve, serve_if_worker};
 pub use task::{ErasedTask, Registry, Task, WorkerContext};

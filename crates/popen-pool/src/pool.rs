@@ -211,6 +211,11 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// the worker and its task's processes are killed and a fresh worker takes its place.
 /// Dropping the pool kills every worker.
 ///
+/// A `PopenPool` is a handle: cloning it is cheap (an `Arc` inside) and
+/// every clone submits to the same queue and workers. `shutdown` and `kill`
+/// through any clone stop the pool for all of them; the workers are killed
+/// when the last clone is dropped.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -233,7 +238,13 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// pool.shutdown().await;
 /// # Ok(()) }
 /// ```
+#[derive(Clone)]
 pub struct PopenPool {
+    inner: Arc<PoolInner>,
+}
+
+/// What every clone of a pool shares; dropping the last clone kills the workers.
+struct PoolInner {
     shared: Arc<PoolShared>,
     cores: Arc<CoreShared<ProcessLauncher>>,
     /// The worker slots' loops; closed at build, so `wait` means "all ended".
@@ -245,7 +256,7 @@ pub struct PopenPool {
 impl std::fmt::Debug for PopenPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PopenPool")
-            .field("max_workers", &self.max_workers)
+            .field("max_workers", &self.inner.max_workers)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -337,7 +348,8 @@ impl PoolBuilder {
             drivers.spawn(drive(Arc::clone(&shared), core, slot, self.prestart));
         }
         drivers.close();
-        Ok(PopenPool { shared, cores, drivers, default_timeout, max_workers })
+        let inner = PoolInner { shared, cores, drivers, default_timeout, max_workers };
+        Ok(PopenPool { inner: Arc::new(inner) })
     }
 }
 
@@ -403,7 +415,7 @@ impl PopenPool {
     /// handle, like the task's own outcome. Dropping the handle cancels the
     /// task (see [`TaskHandle`]).
     pub fn submit<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
-        self.submit_with_timeout(task, self.default_timeout)
+        self.submit_with_timeout(task, self.inner.default_timeout)
     }
 
     /// Queues `task` with its own time limit (`None`: no limit).
@@ -427,10 +439,10 @@ impl PopenPool {
             Err(e) => return TaskHandle::failed(e),
         };
         loop {
-            let notified = self.shared.space.notified();
+            let notified = self.inner.shared.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.enqueue(erased, self.default_timeout) {
+            match self.enqueue(erased, self.inner.default_timeout) {
                 Ok(handle) => return handle,
                 Err((PoolError::QueueFull { .. }, back)) => erased = back,
                 Err((e, _)) => return TaskHandle::failed(e),
@@ -444,7 +456,7 @@ impl PopenPool {
         task: ErasedTask,
         limit: Option<Duration>,
     ) -> Result<TaskHandle<O>, (PoolError, ErasedTask)> {
-        let shared = &self.shared;
+        let shared = &self.inner.shared;
         let (reply, rx) = oneshot::channel();
         let cancel = shared.kill.child_token();
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -488,7 +500,7 @@ impl PopenPool {
         I: IntoIterator<Item = T>,
         I::IntoIter: Send + 'static,
     {
-        match self.shared.max_queue {
+        match self.inner.shared.max_queue {
             None => {
                 let handles: Vec<_> = tasks.into_iter().map(|t| self.submit(t)).collect();
                 stream::iter(handles).then(|h| h).left_stream()
@@ -497,24 +509,24 @@ impl PopenPool {
             // queue's room paces the submissions, every worker stays busy.
             Some(capacity) => stream::iter(tasks)
                 .map(move |t| async move { self.submit_wait(t).await.await })
-                .buffered(capacity.saturating_add(self.max_workers))
+                .buffered(capacity.saturating_add(self.inner.max_workers))
                 .right_stream(),
         }
     }
 
     /// A snapshot of the pool's counters.
     pub fn stats(&self) -> PoolStats {
-        self.shared.counters.snapshot()
+        self.inner.shared.counters.snapshot()
     }
 
     /// The number of worker slots.
     pub fn max_workers(&self) -> usize {
-        self.max_workers
+        self.inner.max_workers
     }
 
     /// Pids of the worker processes alive now (spares included).
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.cores.launcher.live_pids()
+        self.inner.cores.launcher.live_pids()
     }
 
     /// How the workers are contained: a cgroup per worker, or (without a
@@ -523,7 +535,7 @@ impl PopenPool {
     ///
     /// [`cgroups(false)`]: PoolBuilder::cgroups
     pub fn containment(&self) -> Containment {
-        self.cores.launcher.containment()
+        self.inner.cores.launcher.containment()
     }
 
     /// Stops taking tasks, finishes every queued and running task, then stops
@@ -531,11 +543,12 @@ impl PopenPool {
     /// cgroup or tree) and reaps them. When it returns, every process of the
     /// pool is gone and its cgroup directories are removed.
     ///
-    /// Cancel safety: dropping the future drops the pool (see [`Drop`]).
+    /// Cancel safety: dropping the future drops this handle; the pool is
+    /// killed once no clone of it is left (see [`Drop`]).
     pub async fn shutdown(self) {
-        self.cores.close();
-        self.shared.close(false);
-        self.drivers.wait().await;
+        self.inner.cores.close();
+        self.inner.shared.close(false);
+        self.inner.drivers.wait().await;
     }
 
     /// Stops now: queued tasks fail with [`PoolError::Shutdown`], running
@@ -546,14 +559,14 @@ impl PopenPool {
     /// Cancel safety: dropping the future does not stop the kill; the pool
     /// is killed and the workers are reaped in the background.
     pub async fn kill(&self) {
-        self.cores.close();
-        self.shared.close(true);
-        self.shared.kill.cancel();
-        self.drivers.wait().await;
+        self.inner.cores.close();
+        self.inner.shared.close(true);
+        self.inner.shared.kill.cancel();
+        self.inner.drivers.wait().await;
     }
 }
 
-impl Drop for PopenPool {
+impl Drop for PoolInner {
     fn drop(&mut self) {
         self.cores.close();
         self.shared.close(true);

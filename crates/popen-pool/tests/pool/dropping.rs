@@ -134,3 +134,18 @@ async fn abort_of_a_queued_task_removes_it() {
     assert_eq!((stats.crashes, stats.completed, stats.spawned), (0, 3, 1), "{stats:?}");
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn clones_share_one_pool_and_the_last_one_kills_it() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+    let clone = pool.clone();
+    let worker = pool.submit(Pid).await.unwrap();
+    drop(pool);
+    assert_eq!(clone.submit(Pid).await, Ok(worker), "a clone uses the same worker");
+    assert_eq!(clone.stats().completed, 2, "and the same counters");
+    drop(clone);
+    assert!(
+        eventually(SOON, || !pid_exists(worker)).await,
+        "the last clone's drop kills the worker"
+    );
+}
