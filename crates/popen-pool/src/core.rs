@@ -613,7 +613,7 @@ impl<L: Launcher> Drop for WorkerCore<L> {
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
+#[path = "core_tests/mod.rs"]
 mod tests;
 
 #[cfg(test)]

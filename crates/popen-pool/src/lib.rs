@@ -69,15 +69,18 @@
 //! # Layout
 //!
 //! - `task.rs`: [`Task`], [`WorkerContext`], [`Registry`], [`ErasedTask`].
-//! - `config.rs`: [`WorkerProgram`], [`OutputMode`], shared builder options.
+//! - `config.rs`: [`WorkerProgram`], [`OutputMode`], shared builder options;
+//!   `controls.rs`: process controls the worker applies to itself (affinity,
+//!   nice, rlimits).
 //! - `protocol.rs` and `codec.rs`: messages and length-delimited postcard frames.
 //! - `serve.rs`: the worker-side loop ([`serve`], [`serve_if_worker`]).
 //! - `child.rs`: the child-process trait and the real process; `unix.rs`:
 //!   process groups, subreaper, pidfds, group and tree kills; `cgroup.rs`:
 //!   per-worker cgroups ([`Containment`]); `spawner.rs`: the spawner thread.
 //! - `sererr.rs`: keeps the text of custom serializer errors.
-//! - `core.rs`: the per-worker state machine (deadline, crash, recycle, spare),
-//!   unit-tested with a fake child.
+//! - `core.rs`: the per-worker state machine (deadline, crash, memory
+//!   ceiling, recycle, spare), unit-tested in `core_tests/` with the fake
+//!   child of `core_tests/fake.rs`, one file per section.
 //! - `worker.rs`: [`PopenWorker`]; `pool.rs`: [`PopenPool`], [`TaskHandle`].
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
