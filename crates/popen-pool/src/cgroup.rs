@@ -139,7 +139,20 @@ fn kill_and_remove_blocking(dir: &Path, limit: Duration) -> io::Result<()> {
 }
 
 /// Kills and removes pool directories under `base` whose owner is dead.
+///
+/// A worker directory that cannot be removed within the bound (`EBUSY`
+/// with nothing running: a zombie charged to it whose parent does not reap
+/// it) is not retried by this process: each new pool would otherwise wait
+/// that bound again, per leftover.
 fn clean_stale(base: &Path) {
+    static GAVE_UP: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let gave_up = |dir: &Path| {
+        GAVE_UP.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| s.contains(dir))
+    };
+    let give_up = |dir: PathBuf| {
+        let mut set = GAVE_UP.lock().unwrap_or_else(|e| e.into_inner());
+        set.get_or_insert_with(HashSet::new).insert(dir);
+    };
     let Ok(entries) = std::fs::read_dir(base) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
@@ -153,12 +166,21 @@ fn clean_stale(base: &Path) {
             continue; // its owner lives
         }
         let dir = e.path();
+        if gave_up(&dir) {
+            continue;
+        }
+        let mut stuck = false;
         if let Ok(workers) = std::fs::read_dir(&dir) {
             for w in workers.flatten() {
                 if w.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = kill_and_remove_blocking(&w.path(), Duration::from_secs(1));
+                    stuck |= kill_and_remove_blocking(&w.path(), Duration::from_secs(1)).is_err();
                 }
             }
+        }
+        if stuck {
+            tracing::warn!(dir = %dir.display(), "cannot remove a stale popen-pool cgroup");
+            give_up(dir);
+            continue;
         }
         if std::fs::remove_dir(&dir).is_ok() {
             tracing::info!(dir = %dir.display(), "removed a stale popen-pool cgroup");
