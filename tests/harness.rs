@@ -33,7 +33,7 @@ tuning_harness::popen_pool::test_support!(Registry::new().register::<Collatz>())
 async fn the_reexported_pool_runs_tasks_in_workers() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(2)
-        .timeout(Some(Duration::from_secs(30)))
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     assert_eq!(pool.submit(Collatz(27)).await, Ok(111));

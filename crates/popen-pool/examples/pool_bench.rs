@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     }
     pool.shutdown().await;
 
-    let pool = builder().max_workers(1).timeout(Some(Duration::from_millis(50))).build()?;
+    let pool = builder().max_workers(1).timeout(Duration::from_millis(50)).build()?;
     let mut observed = Vec::new();
     let mut respawn = Vec::new();
     for _ in 0..reps {
@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
 
     let m = if quick { 50 } else { 200 };
-    let pool = builder().max_workers(2).maximum_process_uses(Some(1)).build()?;
+    let pool = builder().max_workers(2).maximum_process_uses(1).build()?;
     throughput(&pool, 10, false).await;
     let mut recycle = Vec::new();
     for _ in 0..reps {

@@ -139,7 +139,20 @@ fn kill_and_remove_blocking(dir: &Path, limit: Duration) -> io::Result<()> {
 }
 
 /// Kills and removes pool directories under `base` whose owner is dead.
+///
+/// A worker directory that cannot be removed within the bound (`EBUSY`
+/// with nothing running: a zombie charged to it whose parent does not reap
+/// it) is not retried by this process: each new pool would otherwise wait
+/// that bound again, per leftover.
 fn clean_stale(base: &Path) {
+    static GAVE_UP: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let gave_up = |dir: &Path| {
+        GAVE_UP.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| s.contains(dir))
+    };
+    let give_up = |dir: PathBuf| {
+        let mut set = GAVE_UP.lock().unwrap_or_else(|e| e.into_inner());
+        set.get_or_insert_with(HashSet::new).insert(dir);
+    };
     let Ok(entries) = std::fs::read_dir(base) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
@@ -153,12 +166,21 @@ fn clean_stale(base: &Path) {
             continue; // its owner lives
         }
         let dir = e.path();
+        if gave_up(&dir) {
+            continue;
+        }
+        let mut stuck = false;
         if let Ok(workers) = std::fs::read_dir(&dir) {
             for w in workers.flatten() {
                 if w.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = kill_and_remove_blocking(&w.path(), Duration::from_secs(1));
+                    stuck |= kill_and_remove_blocking(&w.path(), Duration::from_secs(1)).is_err();
                 }
             }
+        }
+        if stuck {
+            tracing::warn!(dir = %dir.display(), "cannot remove a stale popen-pool cgroup");
+            give_up(dir);
+            continue;
         }
         if std::fs::remove_dir(&dir).is_ok() {
             tracing::info!(dir = %dir.display(), "removed a stale popen-pool cgroup");
@@ -171,6 +193,8 @@ fn clean_stale(base: &Path) {
 pub(crate) struct PoolCgroup {
     state: Mutex<State>,
     next: AtomicU64,
+    /// Enable the memory controller for workers (a memory ceiling is set).
+    want_memory: bool,
 }
 
 #[derive(Debug)]
@@ -183,6 +207,8 @@ struct State {
     made: Vec<PathBuf>,
     /// Worker directories that could not be removed yet.
     leftover: HashSet<PathBuf>,
+    /// The memory controller is enabled for the workers under `current`.
+    memory: bool,
 }
 
 fn pool_dir_name() -> String {
@@ -194,7 +220,9 @@ fn pool_dir_name() -> String {
 
 impl PoolCgroup {
     /// Sets up the pool's cgroup directory, or records why there is none.
-    pub(crate) fn new(enabled: bool) -> Arc<Self> {
+    /// With `memory`, also enables the memory controller for the workers'
+    /// directories where the hierarchy allows it.
+    pub(crate) fn new(enabled: bool, memory: bool) -> Arc<Self> {
         let (current, sibling) = if enabled {
             match own_cgroup_dir() {
                 Ok(own) => {
@@ -207,7 +235,8 @@ impl PoolCgroup {
         } else {
             (Err("disabled by the pool's configuration".to_owned()), None)
         };
-        let mut state = State { current, sibling, made: Vec::new(), leftover: HashSet::new() };
+        let mut state =
+            State { current, sibling, made: Vec::new(), leftover: HashSet::new(), memory: false };
         if let Ok(base) = state.current.clone() {
             state.current = make_pool_dir(&base, &mut state.made);
             if state.current.is_err() {
@@ -217,10 +246,15 @@ impl PoolCgroup {
                 }
             }
         }
+        state.memory = memory && state.current.as_deref().is_ok_and(enable_memory);
         if let Err(why) = &state.current {
             tracing::debug!(reason = %why, "popen-pool: no cgroup containment");
         }
-        Arc::new(PoolCgroup { state: Mutex::new(state), next: AtomicU64::new(0) })
+        Arc::new(PoolCgroup {
+            state: Mutex::new(state),
+            next: AtomicU64::new(0),
+            want_memory: memory,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -236,7 +270,10 @@ impl PoolCgroup {
 
     /// A fresh, empty cgroup for one worker, or `None` without cgroups.
     pub(crate) fn worker(self: &Arc<Self>) -> Option<WorkerCgroup> {
-        let dir = self.lock().current.clone().ok()?;
+        let (dir, memory) = {
+            let st = self.lock();
+            (st.current.clone().ok()?, st.memory)
+        };
         let path = dir.join(format!("w{}", self.next.fetch_add(1, Ordering::Relaxed)));
         match std::fs::create_dir(&path) {
             Ok(()) => {}
@@ -246,7 +283,13 @@ impl PoolCgroup {
             }
         }
         let procs = CString::new(path.join("cgroup.procs").as_os_str().as_bytes()).ok()?;
-        Some(WorkerCgroup { path, procs, pool: Arc::clone(self), removed: AtomicBool::new(false) })
+        Some(WorkerCgroup {
+            path,
+            procs,
+            pool: Arc::clone(self),
+            removed: AtomicBool::new(false),
+            memory,
+        })
     }
 
     /// Placing a worker under `dir` failed with `err`: move to the sibling
@@ -263,6 +306,7 @@ impl PoolCgroup {
             let mut made = std::mem::take(&mut st.made);
             st.current = make_pool_dir(&sib, &mut made);
             st.made = made;
+            st.memory = self.want_memory && st.current.as_deref().is_ok_and(enable_memory);
             if st.current.is_ok() {
                 return;
             }
@@ -278,6 +322,16 @@ impl PoolCgroup {
             st.current = Err(why);
         }
     }
+}
+
+/// Enables the memory controller for the children of pool directory `dir`
+/// (possible only where its parent has it enabled for `dir`).
+fn enable_memory(dir: &Path) -> bool {
+    let on = std::fs::write(dir.join("cgroup.subtree_control"), b"+memory").is_ok();
+    if !on {
+        tracing::debug!(dir = %dir.display(), "popen-pool: no memory controller; the memory ceiling is watched by the parent");
+    }
+    on
 }
 
 fn make_pool_dir(base: &Path, made: &mut Vec<PathBuf>) -> Result<PathBuf, String> {
@@ -315,9 +369,36 @@ pub(crate) struct WorkerCgroup {
     procs: CString,
     pool: Arc<PoolCgroup>,
     removed: AtomicBool,
+    /// The memory controller is enabled here.
+    memory: bool,
 }
 
 impl WorkerCgroup {
+    /// Sets the kernel-enforced memory ceiling of everything in this cgroup
+    /// (`memory.max`; no swap past it; an OOM kill takes the whole worker).
+    /// False if the memory controller is not available here.
+    pub(crate) fn set_memory_max(&self, bytes: u64) -> bool {
+        if !self.memory {
+            return false;
+        }
+        if std::fs::write(self.path.join("memory.max"), bytes.to_string()).is_err() {
+            return false;
+        }
+        let _ = std::fs::write(self.path.join("memory.swap.max"), b"0");
+        let _ = std::fs::write(self.path.join("memory.oom.group"), b"1");
+        true
+    }
+
+    /// True if the kernel OOM-killed a process here (`memory.events`).
+    pub(crate) fn oom_killed(&self) -> bool {
+        std::fs::read_to_string(self.path.join("memory.events")).is_ok_and(|ev| {
+            ev.lines().any(|l| {
+                l.strip_prefix("oom_kill ")
+                    .is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0)
+            })
+        })
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

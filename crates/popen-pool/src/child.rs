@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,9 +18,10 @@ use tokio_util::codec::Framed;
 use crate::cgroup::{Containment, PoolCgroup, WorkerCgroup};
 use crate::codec::{CodecError, FrameCodec};
 use crate::config::{OutputMode, WorkerOptions, WorkerProgram};
+use crate::controls::ENV_CONTROLS;
 use crate::error::{ExitInfo, PoolError};
 use crate::protocol::ToWorker;
-use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME};
+use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME, ENV_STDOUT};
 use crate::unix::Placement;
 use crate::{spawner, unix};
 
@@ -40,6 +41,26 @@ pub(crate) trait Child: Send + 'static {
     fn shutdown(&mut self, grace: Duration) -> impl Future<Output = ExitInfo> + Send;
     /// Resident memory in bytes, if known.
     fn rss_bytes(&self) -> Option<u64>;
+    /// The memory ceiling of this worker, and how it is enforced.
+    fn memory_ceiling(&self) -> Option<Ceiling> {
+        None
+    }
+    /// True if the kernel killed a process of this worker for crossing its
+    /// cgroup's `memory.max`. Asked before the worker is reaped.
+    fn oom_killed(&self) -> bool {
+        false
+    }
+}
+
+/// A worker's memory ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ceiling {
+    /// Bytes.
+    pub(crate) limit: u64,
+    /// `Some(pid)`: no kernel enforcement; the parent samples this
+    /// process's RSS while a task runs. `None`: the worker's cgroup
+    /// enforces it (`memory.max`), learned through [`Child::oom_killed`].
+    pub(crate) watch: Option<u32>,
 }
 
 /// Starts worker processes.
@@ -107,7 +128,7 @@ pub(crate) struct ProcessLauncher {
 
 impl ProcessLauncher {
     pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>) -> Self {
-        let cgroups = PoolCgroup::new(opts.cgroups);
+        let cgroups = PoolCgroup::new(opts.cgroups, opts.memory_limit.is_some());
         ProcessLauncher { program, opts, live: Arc::default(), cgroups }
     }
 
@@ -136,7 +157,19 @@ impl ProcessLauncher {
         if let Some(dir) = &self.program.current_dir {
             cmd.current_dir(dir);
         }
+        let controls = self.opts.controls.encode();
+        if controls.is_empty() {
+            cmd.env_remove(ENV_CONTROLS);
+        } else {
+            cmd.env(ENV_CONTROLS, controls);
+        }
         let cgroup = self.cgroups.worker().map(Arc::new);
+        // The ceiling is set before the worker joins its cgroup; where the
+        // kernel cannot enforce it, the parent watches the worker's RSS.
+        let ceiling = self.opts.memory_limit.map(|limit| Ceiling {
+            limit,
+            watch: (!cgroup.as_ref().is_some_and(|cg| cg.set_memory_max(limit))).then_some(0),
+        });
         let mut report = None;
         let placement = match &cgroup {
             Some(cg) => {
@@ -151,9 +184,20 @@ impl ProcessLauncher {
                 None
             }
         };
+        // A libtest worker starts with stdout on /dev/null (libtest's banner
+        // goes there); the real one waits at fd 4 until it serves.
+        // (If our stdout cannot be duplicated, it is not open: nothing to hide.)
+        let real_stdout = (self.program.libtest && self.opts.stdout == OutputMode::Inherit)
+            .then(|| std::io::stdout().as_fd().try_clone_to_owned().ok())
+            .flatten();
+        if real_stdout.is_some() {
+            cmd.stdout(Stdio::null()).env(ENV_STDOUT, "4");
+        } else {
+            cmd.env_remove(ENV_STDOUT);
+        }
         let pdeathsig = !unix::have_pidfd();
         let me = std::process::id() as i32;
-        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig);
+        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig, real_stdout);
         // The spawner drops `cmd`, closing our copy of the child's end, right
         // after the fork: from then on EOF on our end means the worker is gone.
         // If this future is dropped, the spawner kills and reaps the child,
@@ -187,13 +231,16 @@ impl ProcessLauncher {
             pidfd,
             exited: false,
             grace: self.opts.kill_grace,
+            ceiling: ceiling.map(|c| Ceiling { watch: c.watch.map(|_| pid), ..c }),
         };
         parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
         let stream = tokio::net::UnixStream::from_std(parent_end)
             .map_err(|e| fail("cannot register channel", e))?;
         proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
-        forward_lines(proc.child.stdout.take(), pid, false);
-        forward_lines(proc.child.stderr.take(), pid, true);
+        // libtest's banner on a piped stdout: the blank line and "running 1 test".
+        let banner = if self.program.libtest { 2 } else { 0 };
+        forward_lines(proc.child.stdout.take(), pid, false, banner);
+        forward_lines(proc.child.stderr.take(), pid, true, 0);
         Ok(Ok(proc))
     }
 }
@@ -206,11 +253,25 @@ fn stdio(mode: OutputMode) -> Stdio {
     }
 }
 
-fn forward_lines(pipe: Option<impl AsyncRead + Send + Unpin + 'static>, pid: u32, stderr: bool) {
+/// Emits each line of `pipe` as a tracing event, leaving out libtest's
+/// banner (up to `banner` leading lines: a blank one, then `running 1 test`).
+fn forward_lines(
+    pipe: Option<impl AsyncRead + Send + Unpin + 'static>,
+    pid: u32,
+    stderr: bool,
+    mut banner: usize,
+) {
     let Some(pipe) = pipe else { return };
     tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if banner > 0 {
+                banner -= 1;
+                if line.is_empty() || line.starts_with("running 1 test") {
+                    continue;
+                }
+                banner = 0;
+            }
             if stderr {
                 tracing::warn!(target: "popen_pool::worker", pid, stream = "stderr", "{line}");
             } else {
@@ -264,6 +325,7 @@ pub(crate) struct ProcessChild {
     /// The process was seen to exit while the channel was still open.
     exited: bool,
     grace: Duration,
+    ceiling: Option<Ceiling>,
 }
 
 fn channel_error(e: CodecError) -> PoolError {
@@ -384,6 +446,15 @@ impl Child for ProcessChild {
 
     fn rss_bytes(&self) -> Option<u64> {
         unix::rss_bytes(self.pid)
+    }
+
+    fn memory_ceiling(&self) -> Option<Ceiling> {
+        self.ceiling
+    }
+
+    fn oom_killed(&self) -> bool {
+        self.ceiling.is_some_and(|c| c.watch.is_none())
+            && self.cgroup.as_ref().is_some_and(|cg| cg.oom_killed())
     }
 }
 

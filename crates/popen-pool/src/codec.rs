@@ -6,6 +6,17 @@
 //! The parent uses [`FrameCodec`] through tokio-util's `Framed`; the worker,
 //! which is plain blocking code, uses [`read_frame`] and [`write_frame`] with
 //! the same layout.
+//!
+//! Why not tokio-util's `LengthDelimitedCodec` (with `length_field_offset(4)`
+//! to step over the magic), as the session protocol uses: it reads the
+//! magic as an opaque prefix, so garbage would be taken for a length and
+//! waited for (or reported as an oversized frame) instead of failing at
+//! once; keeping the check means wrapping its decoder anyway. Its encoder
+//! takes an owned `Bytes`, so each message would be serialized into a
+//! buffer and then copied into the frame (a second copy of payloads of up to
+//! 256 MiB), where [`FrameCodec`] serializes in place behind a reserved
+//! header. And the worker, which has no runtime, needs the blocking
+//! [`read_frame`]/[`write_frame`] with the same layout regardless.
 
 use std::io::{self, Read, Write};
 

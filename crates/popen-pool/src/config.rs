@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::codec::DEFAULT_MAX_FRAME;
+use crate::controls::Controls;
 use crate::error::PoolError;
 use crate::task::ErasedTask;
 
@@ -24,6 +25,9 @@ pub struct WorkerProgram {
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) current_dir: Option<PathBuf>,
+    /// Re-runs a libtest binary: hide the banner libtest prints before the
+    /// worker entry runs ("running 1 test").
+    pub(crate) libtest: bool,
 }
 
 impl WorkerProgram {
@@ -40,13 +44,24 @@ impl WorkerProgram {
 
     /// A dedicated worker binary at `path`.
     pub fn binary(path: impl Into<PathBuf>) -> Self {
-        WorkerProgram { path: path.into(), args: Vec::new(), env: Vec::new(), current_dir: None }
+        WorkerProgram {
+            path: path.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            current_dir: None,
+            libtest: false,
+        }
     }
 
     /// The current test binary, re-run so that only the test function
     /// `module_path::fn_name` executes; that function calls
     /// [`serve_if_worker`](crate::serve_if_worker). `module_path` is what
     /// `module_path!()` gives inside the test's module.
+    ///
+    /// The banner libtest prints before it runs the entry (`running 1 test`)
+    /// does not reach the worker's stdout: the worker starts with stdout on
+    /// `/dev/null` and gets the real one (inherited, or the tracing pipe) when
+    /// it starts serving, so only the tasks' own output is seen.
     ///
     /// # Errors
     ///
@@ -57,13 +72,15 @@ impl WorkerProgram {
             Some((_, rest)) => format!("{rest}::{fn_name}"),
             None => fn_name.to_owned(),
         };
-        Ok(Self::current_exe()?.args([
+        let mut program = Self::current_exe()?.args([
             name.as_str(),
             "--exact",
             "--nocapture",
             "--quiet",
             "--test-threads=1",
-        ]))
+        ]);
+        program.libtest = true;
+        Ok(program)
     }
 
     /// Appends command-line arguments.
@@ -125,6 +142,8 @@ pub(crate) struct WorkerOptions {
     pub(crate) kill_grace: Duration,
     pub(crate) start_timeout: Duration,
     pub(crate) cgroups: bool,
+    pub(crate) controls: Controls,
+    pub(crate) memory_limit: Option<u64>,
 }
 
 impl Default for WorkerOptions {
@@ -141,6 +160,8 @@ impl Default for WorkerOptions {
             kill_grace: Duration::from_secs(2),
             start_timeout: Duration::from_secs(30),
             cgroups: true,
+            controls: Controls::default(),
+            memory_limit: None,
         }
     }
 }
@@ -161,7 +182,10 @@ impl WorkerOptions {
                 ),
             });
         }
-        Ok(())
+        if self.memory_limit == Some(0) {
+            return Err(PoolError::Config { message: "memory_limit must be >= 1 byte".into() });
+        }
+        self.controls.validate()
     }
 }
 
@@ -170,10 +194,18 @@ impl WorkerOptions {
 macro_rules! worker_option_setters {
     () => {
         /// Default time limit of each task, counted in the parent from when
-        /// the task is handed to a ready worker. `None` (the default): no limit.
+        /// the task is handed to a ready worker. Default: no limit (see
+        /// [`no_timeout`](Self::no_timeout)).
         #[must_use]
-        pub fn timeout(mut self, limit: Option<std::time::Duration>) -> Self {
-            self.opts.timeout = limit;
+        pub fn timeout(mut self, limit: std::time::Duration) -> Self {
+            self.opts.timeout = Some(limit);
+            self
+        }
+
+        /// No default time limit (the default).
+        #[must_use]
+        pub fn no_timeout(mut self) -> Self {
+            self.opts.timeout = None;
             self
         }
 
@@ -187,18 +219,170 @@ macro_rules! worker_option_setters {
         }
 
         /// Replace a worker process after it has run this many tasks.
-        /// `None` (the default): never.
+        /// Default: never (see [`no_maximum_process_uses`](Self::no_maximum_process_uses)).
         #[must_use]
-        pub fn maximum_process_uses(mut self, uses: Option<u32>) -> Self {
-            self.opts.maximum_process_uses = uses;
+        pub fn maximum_process_uses(mut self, uses: u32) -> Self {
+            self.opts.maximum_process_uses = Some(uses);
+            self
+        }
+
+        /// Never replace a worker process for its number of uses (the default).
+        #[must_use]
+        pub fn no_maximum_process_uses(mut self) -> Self {
+            self.opts.maximum_process_uses = None;
             self
         }
 
         /// Replace a worker process once its resident memory exceeds this many
-        /// bytes after a task. `None` (the default): never.
+        /// bytes after a task (the task itself completes; to stop a task that
+        /// crosses a limit while it runs, see [`memory_limit`](Self::memory_limit)).
+        /// Default: never (see [`no_max_rss_bytes`](Self::no_max_rss_bytes)).
         #[must_use]
-        pub fn max_rss_bytes(mut self, bytes: Option<u64>) -> Self {
-            self.opts.max_rss_bytes = bytes;
+        pub fn max_rss_bytes(mut self, bytes: u64) -> Self {
+            self.opts.max_rss_bytes = Some(bytes);
+            self
+        }
+
+        /// Never replace a worker process for its memory use (the default).
+        #[must_use]
+        pub fn no_max_rss_bytes(mut self) -> Self {
+            self.opts.max_rss_bytes = None;
+            self
+        }
+
+        /// A memory ceiling of each worker process, enforced while a task
+        /// runs: a task that takes its worker past `bytes` fails with
+        /// [`PoolError::MemoryLimit`](crate::PoolError::MemoryLimit), the
+        /// worker and its task's processes are killed and a fresh worker
+        /// takes its place (the pool serves on).
+        ///
+        /// Enforced by the kernel through the worker's cgroup (`memory.max`,
+        /// covering every process of the task) where the pool has per-worker
+        /// cgroups with the memory controller; elsewhere by a watchdog in the
+        /// parent that samples the worker process's resident memory every
+        /// 10 ms while a task runs and once when it ends (the worker process
+        /// only, not processes its task starts). See docs/popen-pool.md.
+        /// Default: none (see [`no_memory_limit`](Self::no_memory_limit)).
+        #[must_use]
+        pub fn memory_limit(mut self, bytes: u64) -> Self {
+            self.opts.memory_limit = Some(bytes);
+            self
+        }
+
+        /// No memory ceiling (the default).
+        #[must_use]
+        pub fn no_memory_limit(mut self) -> Self {
+            self.opts.memory_limit = None;
+            self
+        }
+
+        /// Pins each worker process (all its threads, and every process its
+        /// tasks start) to these CPUs, set by the worker itself right after
+        /// exec. Linux only; a CPU that does not exist or is outside the
+        /// parent's own cpuset makes the spawn fail with
+        /// [`PoolError::Spawn`](crate::PoolError::Spawn). Default: the
+        /// parent's affinity (see [`no_cpu_affinity`](Self::no_cpu_affinity)).
+        ///
+        /// ```no_run
+        /// # async fn demo() -> Result<(), popen_pool::PoolError> {
+        /// use popen_pool::{PopenPool, WorkerProgram};
+        /// // Builds on CPUs 0 and 1, each worker at most 2 GiB while a task runs.
+        /// let pool = PopenPool::builder(WorkerProgram::current_exe()?)
+        ///     .max_workers(2)
+        ///     .cpu_affinity([0, 1])
+        ///     .memory_limit(2 << 30)
+        ///     .build()?;
+        /// # pool.shutdown().await; Ok(()) }
+        /// ```
+        #[must_use]
+        pub fn cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+            let mut cpus: Vec<usize> = cpus.into_iter().collect();
+            cpus.sort_unstable();
+            cpus.dedup();
+            self.opts.controls.cpus = Some(cpus);
+            self
+        }
+
+        /// Workers inherit the parent's CPU affinity (the default).
+        #[must_use]
+        pub fn no_cpu_affinity(mut self) -> Self {
+            self.opts.controls.cpus = None;
+            self
+        }
+
+        /// The nice level (-20..=19) of each worker process, set by the
+        /// worker on each of its threads right after exec (lowering it below
+        /// the parent's needs `CAP_SYS_NICE`, else the spawn fails). Default:
+        /// inherited (see [`no_nice`](Self::no_nice)).
+        #[must_use]
+        pub fn nice(mut self, level: i32) -> Self {
+            self.opts.controls.nice = Some(level);
+            self
+        }
+
+        /// Workers inherit the parent's nice level (the default).
+        #[must_use]
+        pub fn no_nice(mut self) -> Self {
+            self.opts.controls.nice = None;
+            self
+        }
+
+        /// `RLIMIT_AS` (soft and hard) of each worker process, in bytes: an
+        /// allocation past it fails inside the task (Rust aborts the worker,
+        /// which the task sees as [`PoolError::WorkerDied`](crate::PoolError::WorkerDied)).
+        /// Default: inherited (see [`no_rlimit_address_space`](Self::no_rlimit_address_space)).
+        #[must_use]
+        pub fn rlimit_address_space(mut self, bytes: u64) -> Self {
+            self.opts.controls.address_space = Some(bytes);
+            self
+        }
+
+        /// Workers inherit the parent's `RLIMIT_AS` (the default).
+        #[must_use]
+        pub fn no_rlimit_address_space(mut self) -> Self {
+            self.opts.controls.address_space = None;
+            self
+        }
+
+        /// `RLIMIT_CPU` (soft and hard) of each worker process, rounded up to
+        /// whole seconds. It counts the process's CPU time over its whole
+        /// life, across tasks (combine with `maximum_process_uses(1)` for a
+        /// per-task budget); past it the kernel kills the worker. Default:
+        /// inherited (see [`no_rlimit_cpu_time`](Self::no_rlimit_cpu_time)).
+        #[must_use]
+        pub fn rlimit_cpu_time(mut self, limit: std::time::Duration) -> Self {
+            self.opts.controls.cpu_time = Some(crate::controls::Controls::cpu_seconds(limit));
+            self
+        }
+
+        /// Workers inherit the parent's `RLIMIT_CPU` (the default).
+        #[must_use]
+        pub fn no_rlimit_cpu_time(mut self) -> Self {
+            self.opts.controls.cpu_time = None;
+            self
+        }
+
+        /// `RLIMIT_NOFILE` (soft and hard) of each worker process. Default:
+        /// inherited (see [`no_rlimit_open_files`](Self::no_rlimit_open_files)).
+        #[must_use]
+        pub fn rlimit_open_files(mut self, n: u64) -> Self {
+            self.opts.controls.open_files = Some(n);
+            self
+        }
+
+        /// Workers inherit the parent's `RLIMIT_NOFILE` (the default).
+        #[must_use]
+        pub fn no_rlimit_open_files(mut self) -> Self {
+            self.opts.controls.open_files = None;
+            self
+        }
+
+        /// Allow core dumps of crashing workers (default: off, `RLIMIT_CORE`
+        /// 0, so crash tests and crashing kernels leave no cores behind; on:
+        /// inherited from the parent).
+        #[must_use]
+        pub fn core_dumps(mut self, on: bool) -> Self {
+            self.opts.controls.core_dumps = on;
             self
         }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::{Child, Launcher};
+use crate::child::{Ceiling, Child, Launcher};
 use crate::config::WorkerOptions;
 use crate::error::PoolError;
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
@@ -32,6 +32,7 @@ pub(crate) struct Counters {
     pub(crate) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    pub(crate) memory_kills: AtomicU64,
     pub(crate) queued: AtomicU64,
     pub(crate) running: AtomicU64,
 }
@@ -51,6 +52,7 @@ impl Counters {
             completed: get(&self.completed),
             failed: get(&self.failed),
             cancelled: get(&self.cancelled),
+            memory_kills: get(&self.memory_kills),
             queued: get(&self.queued),
             running: get(&self.running),
         }
@@ -58,7 +60,7 @@ impl Counters {
 }
 
 /// A snapshot of a pool's (or a worker's) counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct PoolStats {
     /// Worker processes started.
@@ -73,8 +75,10 @@ pub struct PoolStats {
     pub completed: u64,
     /// Tasks that returned an error or panicked (the worker survived).
     pub failed: u64,
-    /// Tasks aborted through their handle.
+    /// Tasks aborted through their handle (or by dropping it).
     pub cancelled: u64,
+    /// Tasks that took their worker past the memory ceiling (the worker was killed).
+    pub memory_kills: u64,
     /// Tasks waiting in the queue now.
     pub queued: u64,
     /// Tasks running now.
@@ -143,6 +147,32 @@ enum Event<T> {
     Done(T),
     Timeout(Duration),
     Cancelled,
+    OverMemory(u64),
+}
+
+/// How often the parent samples a worker's RSS where no cgroup enforces
+/// its memory ceiling.
+const MEMORY_SAMPLE: Duration = Duration::from_millis(10);
+
+fn over_ceiling(ceiling: Option<Ceiling>) -> Option<u64> {
+    let c = ceiling?;
+    let rss = crate::unix::rss_bytes(c.watch?)?;
+    (rss > c.limit).then_some(c.limit)
+}
+
+/// Resolves once the sampled worker is over its ceiling; never without a watch.
+async fn watch_memory(ceiling: Option<Ceiling>) -> u64 {
+    if ceiling.is_none_or(|c| c.watch.is_none()) {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(MEMORY_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(limit) = over_ceiling(ceiling) {
+            return limit;
+        }
+    }
 }
 
 async fn wait_cancelled(cancel: Option<&CancellationToken>) {
@@ -181,7 +211,12 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
     let frame = match child.recv().await {
         Ok(Some(frame)) => frame.freeze(),
         Ok(None) => {
+            // Before the reap, which removes the worker's cgroup.
+            let oom = child.oom_killed();
             let exit = child.reap().await;
+            if let (true, Some(c)) = (oom, child.memory_ceiling()) {
+                return Exchange::lost(PoolError::MemoryLimit { limit: c.limit });
+            }
             return Exchange::lost(PoolError::WorkerDied { exit });
         }
         Err(e) => {
@@ -248,14 +283,26 @@ async fn exchange<C: Child>(
             return Exchange::lost(PoolError::WorkerDied { exit });
         }
     }
+    let ceiling = child.memory_ceiling();
     let event = tokio::select! {
         biased;
         ex = recv_done(child, id, tasks) => Event::Done(ex),
         () = wait_limit(limit) => Event::Timeout(limit.unwrap_or_default()),
         () = wait_cancelled(cancel) => Event::Cancelled,
+        over = watch_memory(ceiling) => Event::OverMemory(over),
     };
     match event {
+        // A sampled ceiling is checked once more when the task ends, so a
+        // task that leaves its worker over the ceiling fails too.
+        Event::Done(ex) if !ex.lost && over_ceiling(ceiling).is_some() => {
+            child.kill().await;
+            Exchange::lost(PoolError::MemoryLimit { limit: ceiling.map_or(0, |c| c.limit) })
+        }
         Event::Done(ex) => ex,
+        Event::OverMemory(limit) => {
+            child.kill().await;
+            Exchange::lost(PoolError::MemoryLimit { limit })
+        }
         Event::Timeout(limit) => {
             child.kill().await;
             Exchange::lost(PoolError::Timeout { limit })
@@ -289,6 +336,9 @@ async fn handshake<C: Child>(child: &mut C, program: &str) -> Result<Arc<[String
         Ok(FromWorker::Hello { version, tasks, .. }) if version == PROTOCOL_VERSION => {
             Ok(tasks.into())
         }
+        Ok(FromWorker::Refused { message, .. }) => Err(PoolError::spawn(format!(
+            "worker program {program} cannot apply its process controls: {message}"
+        ))),
         Ok(FromWorker::Hello { version, .. }) => Err(PoolError::spawn(format!(
             "worker program {program} speaks protocol version {version}, this parent speaks \
              {PROTOCOL_VERSION}"
@@ -481,6 +531,7 @@ impl<L: Launcher> WorkerCore<L> {
             Ok(_) => bump(&counters.completed),
             Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
             Err(PoolError::Cancelled) => bump(&counters.cancelled),
+            Err(PoolError::MemoryLimit { .. }) => bump(&counters.memory_kills),
             Err(_) if ex.lost => bump(&counters.crashes),
             Err(_) => bump(&counters.failed),
         }
@@ -562,5 +613,16 @@ impl<L: Launcher> Drop for WorkerCore<L> {
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
+#[path = "core_tests/mod.rs"]
 mod tests;
+
+#[cfg(test)]
+mod stats_tests {
+    #[test]
+    fn pool_stats_serialize() {
+        let stats = super::PoolStats { spawned: 2, memory_kills: 1, ..Default::default() };
+        let json = serde_json::to_value(stats).unwrap();
+        assert_eq!(json["spawned"], 2);
+        assert_eq!(json["memory_kills"], 1);
+    }
+}

@@ -3,8 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
-/// How a worker process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a worker process ended (serializes as itself: `{"Code": 3}`,
+/// `{"Signal": 9}`, `"Unknown"` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum ExitInfo {
     /// The process exited with this code.
@@ -58,6 +59,14 @@ pub enum PoolError {
     WorkerDied {
         /// How the worker ended.
         exit: ExitInfo,
+    },
+    /// The task took its worker past the pool's memory ceiling
+    /// (`memory_limit`) while it ran; the worker and the task's processes
+    /// were killed and a fresh worker takes its place.
+    #[error("task exceeded the worker memory limit of {limit} bytes; the worker was killed")]
+    MemoryLimit {
+        /// The ceiling, in bytes.
+        limit: u64,
     },
     /// The task returned an error or panicked; the worker keeps serving.
     #[error("task failed ({kind}): {message}")]
@@ -142,16 +151,33 @@ impl PoolError {
     }
 
     /// True when the worker process was lost with this error (timeout, crash,
-    /// cancellation of a running task, protocol error), so a new one is started.
+    /// memory limit, cancellation of a running task, protocol error), so a new one is started.
     pub fn killed_worker(&self) -> bool {
         matches!(
             self,
             PoolError::Timeout { .. }
                 | PoolError::WorkerDied { .. }
+                | PoolError::MemoryLimit { .. }
                 | PoolError::Protocol { .. }
                 | PoolError::Cancelled
         )
     }
+}
+
+/// An error and its sources, `: `-separated, leaving out a source whose
+/// text the chain already contains (an error that prints its source).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The failure a task reports from [`Task::run`](crate::Task::run).
@@ -182,19 +208,33 @@ impl<E: std::error::Error> From<E> for TaskFailure {
     fn from(err: E) -> Self {
         let full = std::any::type_name::<E>();
         let short = full.rsplit("::").next().unwrap_or(full);
-        let mut message = err.to_string();
-        let mut source = err.source();
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        TaskFailure::new(short, message)
+        TaskFailure::new(short, error_chain(&err))
     }
 }
 
 impl fmt::Display for TaskFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_info_serializes_as_itself() {
+        let json = serde_json::to_string(&[ExitInfo::Code(3), ExitInfo::Signal(9)]).unwrap();
+        assert_eq!(json, r#"[{"Code":3},{"Signal":9}]"#);
+        let back: Vec<ExitInfo> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, [ExitInfo::Code(3), ExitInfo::Signal(9)]);
+    }
+
+    #[test]
+    fn the_error_chain_leaves_out_repeated_sources() {
+        let inner = std::io::Error::other("disk full");
+        let outer = PoolError::Initializer { source: Box::new(PoolError::spawn("no")) };
+        assert_eq!(error_chain(&outer), "worker initializer failed: failed to spawn worker: no");
+        assert_eq!(error_chain(&inner), "disk full");
     }
 }

@@ -69,15 +69,18 @@
 //! # Layout
 //!
 //! - `task.rs`: [`Task`], [`WorkerContext`], [`Registry`], [`ErasedTask`].
-//! - `config.rs`: [`WorkerProgram`], [`OutputMode`], shared builder options.
+//! - `config.rs`: [`WorkerProgram`], [`OutputMode`], shared builder options;
+//!   `controls.rs`: process controls the worker applies to itself (affinity,
+//!   nice, rlimits).
 //! - `protocol.rs` and `codec.rs`: messages and length-delimited postcard frames.
 //! - `serve.rs`: the worker-side loop ([`serve`], [`serve_if_worker`]).
 //! - `child.rs`: the child-process trait and the real process; `unix.rs`:
 //!   process groups, subreaper, pidfds, group and tree kills; `cgroup.rs`:
 //!   per-worker cgroups ([`Containment`]); `spawner.rs`: the spawner thread.
 //! - `sererr.rs`: keeps the text of custom serializer errors.
-//! - `core.rs`: the per-worker state machine (deadline, crash, recycle, spare),
-//!   unit-tested with a fake child.
+//! - `core.rs`: the per-worker state machine (deadline, crash, memory
+//!   ceiling, recycle, spare), unit-tested in `core_tests/` with the fake
+//!   child of `core_tests/fake.rs`, one file per section.
 //! - `worker.rs`: [`PopenWorker`]; `pool.rs`: [`PopenPool`], [`TaskHandle`].
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
@@ -85,6 +88,7 @@ mod cgroup;
 mod child;
 mod codec;
 mod config;
+mod controls;
 mod core;
 mod error;
 mod pool;
@@ -100,7 +104,7 @@ pub use cgroup::Containment;
 pub use codec::DEFAULT_MAX_FRAME;
 pub use config::{OutputMode, WorkerProgram};
 pub use core::PoolStats;
-pub use error::{ExitInfo, PoolError, TaskFailure};
+pub use error::{ExitInfo, PoolError, TaskFailure, error_chain};
 pub use pool::{PoolBuilder, PopenPool, TaskHandle};
 pub use serve::{is_worker, serve, serve_if_worker};
 pub use task::{ErasedTask, Registry, Task, WorkerContext};
@@ -124,9 +128,11 @@ macro_rules! test_support {
             $crate::serve_if_worker($registry);
         }
 
-        /// The current test binary, re-run as a popen-pool worker.
+        /// The current test binary, re-run as a popen-pool worker (its
+        /// libtest banner hidden). Reachable from every module of the test
+        /// crate (`crate::test_worker_program()` where invoked at the root).
         #[allow(dead_code)]
-        fn test_worker_program() -> $crate::WorkerProgram {
+        pub(crate) fn test_worker_program() -> $crate::WorkerProgram {
             $crate::WorkerProgram::test_entry(module_path!(), "__popen_pool_worker_entry")
                 .expect("the current test executable can be found")
         }

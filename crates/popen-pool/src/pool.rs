@@ -115,17 +115,37 @@ impl PoolShared {
 
 /// A future of one task's result; it can also abort the task.
 ///
-/// Dropping the handle detaches it: the task still runs and its result is
-/// discarded. [`abort`](TaskHandle::abort) removes a queued task, or kills the
-/// worker of a running one (the pool replaces it); the handle then resolves to
+/// [`abort`](TaskHandle::abort) removes a queued task, or kills the worker of
+/// a running one (the pool replaces it); the handle then resolves to
 /// [`PoolError::Cancelled`].
-#[must_use = "a TaskHandle does nothing unless awaited or aborted"]
+///
+/// # Dropping a handle cancels its task
+///
+/// Dropping the handle before it resolved aborts the task, as `abort` does;
+/// [`detach`](TaskHandle::detach) lets it run unobserved instead. This is the
+/// rule of the whole project (pool, builder and runner futures and streams):
+/// dropping a future or stream cancels the work it owns. It differs from
+/// tokio's `JoinHandle`, which detaches on drop, on purpose: a task holds a
+/// worker process (a core, often a device), and one nobody waits for wastes
+/// it, up to its time limit or forever, while `select!`, `timeout` and a
+/// dropped batch would otherwise leave such tasks behind silently.
+#[must_use = "a TaskHandle cancels its task when dropped; await it, or call detach()"]
 pub struct TaskHandle<O> {
     id: u64,
     rx: oneshot::Receiver<Result<Bytes, PoolError>>,
     cancel: CancellationToken,
     pool: Weak<PoolShared>,
+    /// Resolved (nothing left to cancel) or detached.
+    settled: bool,
     _out: PhantomData<fn() -> O>,
+}
+
+impl<O> Drop for TaskHandle<O> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.abort();
+        }
+    }
 }
 
 impl<O> std::fmt::Debug for TaskHandle<O> {
@@ -143,8 +163,15 @@ impl<O> TaskHandle<O> {
             rx,
             cancel: CancellationToken::new(),
             pool: Weak::new(),
+            settled: true,
             _out: PhantomData,
         }
+    }
+
+    /// Lets the task run to its end unobserved: dropping the handle no longer
+    /// cancels it, and its result is discarded.
+    pub fn detach(mut self) {
+        self.settled = true;
     }
 
     /// The task's id within its pool.
@@ -167,7 +194,9 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        Poll::Ready(match ready!(Pin::new(&mut this.rx).poll(cx)) {
+        let out = ready!(Pin::new(&mut this.rx).poll(cx));
+        this.settled = true;
+        Poll::Ready(match out {
             Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(PoolError::codec),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PoolError::Shutdown),
@@ -181,6 +210,11 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// (or its own) time limit. A timeout, crash or abort fails that task alone:
 /// the worker and its task's processes are killed and a fresh worker takes its place.
 /// Dropping the pool kills every worker.
+///
+/// A `PopenPool` is a handle: cloning it is cheap (an `Arc` inside) and
+/// every clone submits to the same queue and workers. `shutdown` and `kill`
+/// through any clone stop the pool for all of them; the workers are killed
+/// when the last clone is dropped.
 ///
 /// # Examples
 ///
@@ -196,7 +230,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// # async fn demo() -> Result<(), popen_pool::PoolError> {
 /// let pool = PopenPool::builder(WorkerProgram::current_exe()?)
 ///     .max_workers(2)
-///     .timeout(Some(std::time::Duration::from_secs(10)))
+///     .timeout(std::time::Duration::from_secs(10))
 ///     .build()?;
 /// assert_eq!(pool.submit(Square(3)).await?, 9);
 /// let squares: Vec<_> = pool.map_with_error_catching((0..10).map(Square)).collect().await;
@@ -204,7 +238,13 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 /// pool.shutdown().await;
 /// # Ok(()) }
 /// ```
+#[derive(Clone)]
 pub struct PopenPool {
+    inner: Arc<PoolInner>,
+}
+
+/// What every clone of a pool shares; dropping the last clone kills the workers.
+struct PoolInner {
     shared: Arc<PoolShared>,
     cores: Arc<CoreShared<ProcessLauncher>>,
     /// The worker slots' loops; closed at build, so `wait` means "all ended".
@@ -216,7 +256,7 @@ pub struct PopenPool {
 impl std::fmt::Debug for PopenPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PopenPool")
-            .field("max_workers", &self.max_workers)
+            .field("max_workers", &self.inner.max_workers)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -243,10 +283,18 @@ impl PoolBuilder {
     }
 
     /// Bound the queue of waiting tasks: `submit` then fails with
-    /// [`PoolError::QueueFull`] and `submit_wait` waits for room. Default: unbounded.
+    /// [`PoolError::QueueFull`] and `submit_wait` waits for room. Default:
+    /// unbounded (see [`unbounded_queue`](Self::unbounded_queue)).
     #[must_use]
-    pub fn max_queue(mut self, capacity: Option<usize>) -> Self {
-        self.max_queue = capacity;
+    pub fn max_queue(mut self, capacity: usize) -> Self {
+        self.max_queue = Some(capacity);
+        self
+    }
+
+    /// No bound on the queue of waiting tasks (the default).
+    #[must_use]
+    pub fn unbounded_queue(mut self) -> Self {
+        self.max_queue = None;
         self
     }
 
@@ -300,7 +348,8 @@ impl PoolBuilder {
             drivers.spawn(drive(Arc::clone(&shared), core, slot, self.prestart));
         }
         drivers.close();
-        Ok(PopenPool { shared, cores, drivers, default_timeout, max_workers })
+        let inner = PoolInner { shared, cores, drivers, default_timeout, max_workers };
+        Ok(PopenPool { inner: Arc::new(inner) })
     }
 }
 
@@ -363,9 +412,10 @@ impl PopenPool {
     /// Queues `task` with the pool's default time limit.
     ///
     /// Errors (queue full, pool shut down, serialization) come out of the
-    /// handle, like the task's own outcome.
+    /// handle, like the task's own outcome. Dropping the handle cancels the
+    /// task (see [`TaskHandle`]).
     pub fn submit<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
-        self.submit_with_timeout(task, self.default_timeout)
+        self.submit_with_timeout(task, self.inner.default_timeout)
     }
 
     /// Queues `task` with its own time limit (`None`: no limit).
@@ -389,10 +439,10 @@ impl PopenPool {
             Err(e) => return TaskHandle::failed(e),
         };
         loop {
-            let notified = self.shared.space.notified();
+            let notified = self.inner.shared.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.enqueue(erased, self.default_timeout) {
+            match self.enqueue(erased, self.inner.default_timeout) {
                 Ok(handle) => return handle,
                 Err((PoolError::QueueFull { .. }, back)) => erased = back,
                 Err((e, _)) => return TaskHandle::failed(e),
@@ -406,7 +456,7 @@ impl PopenPool {
         task: ErasedTask,
         limit: Option<Duration>,
     ) -> Result<TaskHandle<O>, (PoolError, ErasedTask)> {
-        let shared = &self.shared;
+        let shared = &self.inner.shared;
         let (reply, rx) = oneshot::channel();
         let cancel = shared.kill.child_token();
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -424,13 +474,23 @@ impl PopenPool {
         }
         shared.counters.queued.fetch_add(1, Ordering::Relaxed);
         shared.work.notify_one();
-        Ok(TaskHandle { id, rx, cancel, pool: Arc::downgrade(shared), _out: PhantomData })
+        Ok(TaskHandle {
+            id,
+            rx,
+            cancel,
+            pool: Arc::downgrade(shared),
+            settled: false,
+            _out: PhantomData,
+        })
     }
 
     /// Runs `tasks` and yields one result per task, in input order.
     ///
     /// With an unbounded queue every task is queued at once; with a bounded
     /// one, tasks are queued as room frees up while the stream is polled.
+    /// Dropping the stream cancels every task it has not yielded yet (queued
+    /// ones are removed, running ones have their workers killed and
+    /// replaced) and queues no more.
     pub fn map_with_error_catching<T, I>(
         &self,
         tasks: I,
@@ -440,7 +500,7 @@ impl PopenPool {
         I: IntoIterator<Item = T>,
         I::IntoIter: Send + 'static,
     {
-        match self.shared.max_queue {
+        match self.inner.shared.max_queue {
             None => {
                 let handles: Vec<_> = tasks.into_iter().map(|t| self.submit(t)).collect();
                 stream::iter(handles).then(|h| h).left_stream()
@@ -449,24 +509,24 @@ impl PopenPool {
             // queue's room paces the submissions, every worker stays busy.
             Some(capacity) => stream::iter(tasks)
                 .map(move |t| async move { self.submit_wait(t).await.await })
-                .buffered(capacity.saturating_add(self.max_workers))
+                .buffered(capacity.saturating_add(self.inner.max_workers))
                 .right_stream(),
         }
     }
 
     /// A snapshot of the pool's counters.
     pub fn stats(&self) -> PoolStats {
-        self.shared.counters.snapshot()
+        self.inner.shared.counters.snapshot()
     }
 
     /// The number of worker slots.
     pub fn max_workers(&self) -> usize {
-        self.max_workers
+        self.inner.max_workers
     }
 
     /// Pids of the worker processes alive now (spares included).
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.cores.launcher.live_pids()
+        self.inner.cores.launcher.live_pids()
     }
 
     /// How the workers are contained: a cgroup per worker, or (without a
@@ -475,7 +535,7 @@ impl PopenPool {
     ///
     /// [`cgroups(false)`]: PoolBuilder::cgroups
     pub fn containment(&self) -> Containment {
-        self.cores.launcher.containment()
+        self.inner.cores.launcher.containment()
     }
 
     /// Stops taking tasks, finishes every queued and running task, then stops
@@ -483,11 +543,12 @@ impl PopenPool {
     /// cgroup or tree) and reaps them. When it returns, every process of the
     /// pool is gone and its cgroup directories are removed.
     ///
-    /// Cancel safety: dropping the future drops the pool (see [`Drop`]).
+    /// Cancel safety: dropping the future drops this handle; the pool is
+    /// killed once no clone of it is left (see [`Drop`]).
     pub async fn shutdown(self) {
-        self.cores.close();
-        self.shared.close(false);
-        self.drivers.wait().await;
+        self.inner.cores.close();
+        self.inner.shared.close(false);
+        self.inner.drivers.wait().await;
     }
 
     /// Stops now: queued tasks fail with [`PoolError::Shutdown`], running
@@ -498,14 +559,14 @@ impl PopenPool {
     /// Cancel safety: dropping the future does not stop the kill; the pool
     /// is killed and the workers are reaped in the background.
     pub async fn kill(&self) {
-        self.cores.close();
-        self.shared.close(true);
-        self.shared.kill.cancel();
-        self.drivers.wait().await;
+        self.inner.cores.close();
+        self.inner.shared.close(true);
+        self.inner.shared.kill.cancel();
+        self.inner.drivers.wait().await;
     }
 }
 
-impl Drop for PopenPool {
+impl Drop for PoolInner {
     fn drop(&mut self) {
         self.cores.close();
         self.shared.close(true);

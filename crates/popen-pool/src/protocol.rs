@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message or the framing changes shape (2: frames
-/// start with a magic).
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+/// start with a magic; 3: `Refused`).
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Parent to worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub(crate) enum FromWorker<'a> {
         #[serde(borrow)]
         outcome: Outcome<'a>,
     },
+    /// Sent instead of `Hello` by a worker that cannot apply its process
+    /// controls; it exits right after.
+    Refused { version: u32, message: String },
 }
 
 /// What running one task produced.

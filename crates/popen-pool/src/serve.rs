@@ -8,6 +8,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use crate::codec::{CodecError, DEFAULT_MAX_FRAME, read_frame, write_frame};
+use crate::controls::{Controls, ENV_CONTROLS};
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
 use crate::task::{Registry, WorkerContext};
 use crate::unix::{self, CHANNEL_FD};
@@ -16,6 +17,8 @@ use crate::unix::{self, CHANNEL_FD};
 pub(crate) const ENV_MARKER: &str = "POPEN_POOL_WORKER_PARENT";
 /// Set in a worker's environment to the maximum frame size.
 pub(crate) const ENV_MAX_FRAME: &str = "POPEN_POOL_MAX_FRAME";
+/// Set in a worker's environment when its real stdout is at fd 4.
+pub(crate) const ENV_STDOUT: &str = "POPEN_POOL_STDOUT_FD";
 /// Set in a worker's environment to its cgroup directory, if it has one.
 pub(crate) const ENV_CGROUP: &str = "POPEN_POOL_CGROUP";
 
@@ -137,6 +140,11 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     // which must not inherit it); fd 3 becomes /dev/null, so task code that
     // writes to fd 3 cannot corrupt the channel.
     let fd = unix::move_fd_high(CHANNEL_FD, HIGH_FD)?;
+    // A libtest worker: its real stdout waits at fd 4 (what libtest printed
+    // before this went to /dev/null).
+    if std::env::var_os(ENV_STDOUT).is_some() {
+        unix::restore_stdout()?;
+    }
     let cgroup = own_cgroup();
     start_guard(cgroup.clone());
     // SAFETY: `fd` is our end of the socketpair, freshly duplicated, and
@@ -162,6 +170,19 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     }));
 
     let mut scratch = Vec::new();
+    // Process controls, applied by the worker itself (no `pre_exec` in the
+    // parent, so spawning needs no real fork); after the channel is set up,
+    // so a tight RLIMIT_NOFILE cannot break it, and before any task runs.
+    let controls = match std::env::var(ENV_CONTROLS) {
+        Ok(s) => Controls::decode(&s),
+        Err(_) => Ok(Controls { core_dumps: true, ..Controls::default() }),
+    };
+    if let Err(message) = controls.and_then(|c| c.apply()) {
+        let refused = FromWorker::Refused { version: PROTOCOL_VERSION, message };
+        write_frame(&mut writer, &refused, &mut scratch, max)?;
+        writer.flush()?;
+        unix::exit_now(4);
+    }
     let hello = FromWorker::Hello {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),

@@ -4,11 +4,17 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::signal::Signal;
 
 /// The fd number at which a worker finds its channel when it starts (it
 /// moves it to a high fd right away; see `serve`).
 pub(crate) const CHANNEL_FD: RawFd = 3;
+
+/// Where a worker whose stdout starts as `/dev/null` finds its real stdout
+/// (see `test_entry`: it moves it to fd 1 once libtest's banner is behind).
+pub(crate) const STDOUT_FD: RawFd = 4;
 
 /// Where a new worker writes itself into its cgroup, and where it reports a
 /// failure to do so (an `errno`, 4 bytes native-endian).
@@ -21,21 +27,15 @@ pub(crate) struct Placement {
 /// A pipe whose write end goes to the child (close-on-exec, so it closes at
 /// exec) and whose read end tells the parent what went wrong before exec.
 pub(crate) fn report_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds are fresh and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use nix::fcntl::OFlag;
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?)
 }
 
 /// Reads a placement report: `Some(errno)` if the child could not join its
 /// cgroup. Call after the spawn returned (the child has exec'd by then).
 pub(crate) fn read_report(read_end: &OwnedFd) -> Option<io::Error> {
     let mut buf = [0u8; 4];
-    // SAFETY: reading into a local buffer of its size.
-    let n = unsafe { libc::read(read_end.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = nix::unistd::read(read_end, &mut buf).unwrap_or(0);
     (n == 4).then(|| io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
 }
 
@@ -56,15 +56,17 @@ pub(crate) fn prepare_command(
     parent_pid: i32,
     placement: Option<Placement>,
     pdeathsig: bool,
+    stdout: Option<OwnedFd>,
 ) {
     cmd.process_group(0);
     let child_fd = child_end.as_raw_fd();
+    let stdout_fd = stdout.as_ref().map(AsRawFd::as_raw_fd);
     // SAFETY: the closure runs between fork and exec and only calls
     // async-signal-safe functions (prctl, getppid, open, write, close, dup2,
     // fcntl, _exit) on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let _keep_open = &child_end;
+            let _keep_open = (&child_end, &stdout);
             if let Some(p) = &placement {
                 // Join the cgroup before anything else can run, let alone fork.
                 let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -97,7 +99,19 @@ pub(crate) fn prepare_command(
             }
             #[cfg(not(target_os = "linux"))]
             let _ = (parent_pid, pdeathsig);
-            if child_fd == CHANNEL_FD {
+            if let Some(out) = stdout_fd {
+                // Both to fresh numbers first (close-on-exec copies), so
+                // neither target number clobbers the other source.
+                let ch = libc::fcntl(child_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let out = libc::fcntl(out, libc::F_DUPFD_CLOEXEC, 10);
+                if ch < 0
+                    || out < 0
+                    || libc::dup2(ch, CHANNEL_FD) < 0
+                    || libc::dup2(out, STDOUT_FD) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if child_fd == CHANNEL_FD {
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
                 if flags < 0
                     || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
@@ -112,11 +126,8 @@ pub(crate) fn prepare_command(
     }
 }
 
-fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: plain syscall.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
 /// SIGKILLs every process in the group led by `pgid`. Harmless if it is gone.
@@ -124,7 +135,7 @@ pub(crate) fn kill_group(pgid: u32) {
     if pgid == 0 || pgid > i32::MAX as u32 {
         return;
     }
-    signal(-(pgid as i32), libc::SIGKILL);
+    signal(-(pgid as i32), Signal::SIGKILL);
 }
 
 /// Most processes a tree kill handles, and passes over /proc it makes.
@@ -162,7 +173,7 @@ pub(crate) fn kill_tree(root: u32, spare_root: bool) {
     }
     let mut found: HashSet<u32> = HashSet::new();
     if !spare_root {
-        signal(root as i32, libc::SIGSTOP);
+        signal(root as i32, Signal::SIGSTOP);
     }
     for _ in 0..TREE_PASSES {
         let table = process_table();
@@ -179,7 +190,7 @@ pub(crate) fn kill_tree(root: u32, spare_root: bool) {
             }
             for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
                 if found.insert(c) {
-                    signal(c as i32, libc::SIGSTOP);
+                    signal(c as i32, Signal::SIGSTOP);
                     fresh = true;
                 }
                 stack.push(c);
@@ -194,20 +205,20 @@ pub(crate) fn kill_tree(root: u32, spare_root: bool) {
         std::thread::yield_now();
     }
     for &p in &found {
-        signal(p as i32, libc::SIGKILL);
+        signal(p as i32, Signal::SIGKILL);
     }
     if !spare_root {
-        signal(root as i32, libc::SIGKILL);
+        signal(root as i32, Signal::SIGKILL);
     }
 }
 
 /// Reaps every child of this process that has exited, without waiting.
 pub(crate) fn reap_exited_children() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     for _ in 0..TREE_MAX {
-        // SAFETY: plain syscall; a null status pointer is allowed.
-        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
-        if pid <= 0 {
-            break;
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => {}
         }
     }
 }
@@ -239,22 +250,17 @@ pub(crate) fn have_pidfd() -> bool {
 }
 
 /// True if the process behind `pidfd` has exited (without waiting).
-pub(crate) fn pidfd_exited(pidfd: &impl AsRawFd) -> bool {
-    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, no timeout.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+pub(crate) fn pidfd_exited(pidfd: &impl AsFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// Blocks until the process behind `pidfd` has exited.
 pub(crate) fn wait_pidfd(pidfd: &OwnedFd) {
-    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if n > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
-        }
-    }
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    while let Err(nix::errno::Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
 }
 
 /// Moves `fd` to a free fd number >= `min` (close-on-exec) and points `fd`
@@ -280,6 +286,20 @@ pub(crate) fn move_fd_high(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     }
 }
 
+/// Moves fd 4 (the worker's real stdout) to fd 1.
+pub(crate) fn restore_stdout() -> io::Result<()> {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // SAFETY: fd-number syscalls; fd 4 was set up by the parent for this.
+    unsafe {
+        if libc::dup2(STDOUT_FD, 1) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(STDOUT_FD);
+    }
+    Ok(())
+}
+
 /// Exits the process at once, without running destructors or atexit handlers.
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns.
@@ -288,21 +308,18 @@ pub(crate) fn exit_now(code: i32) -> ! {
 
 /// The parent's pid, as the worker sees it.
 pub(crate) fn parent_pid() -> i32 {
-    // SAFETY: getppid cannot fail.
-    unsafe { libc::getppid() }
+    std::os::unix::process::parent_id() as i32
 }
 
 /// This process's process-group id.
 pub(crate) fn own_group() -> i32 {
-    // SAFETY: getpgrp cannot fail.
-    unsafe { libc::getpgrp() }
+    nix::unistd::getpgrp().as_raw()
 }
 
 /// Resident set size of `pid` in bytes (Linux: /proc/PID/statm).
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf cannot fail for _SC_PAGESIZE.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).unwrap_or(4096))
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten();
+    Some(pages * page.and_then(|p| u64::try_from(p).ok()).unwrap_or(4096))
 }

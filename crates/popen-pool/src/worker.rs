@@ -28,7 +28,7 @@ use crate::task::{ErasedTask, Task};
 /// # }
 /// # async fn demo() -> Result<(), popen_pool::PoolError> {
 /// let mut worker = PopenWorker::builder(WorkerProgram::current_exe()?)
-///     .timeout(Some(std::time::Duration::from_secs(5)))
+///     .timeout(std::time::Duration::from_secs(5))
 ///     .build()?;
 /// assert_eq!(worker.run(Square(7)).await?, 49);
 /// worker.shutdown().await;

@@ -426,7 +426,8 @@ pub fn session_frame(data: &[u8]) {
 pub fn session_frame_seeds() -> Vec<Vec<u8>> {
     use crate::wire::error::WireError;
     use crate::wire::proto::{
-        CHUNK_VARIANT, Request, Response, UPLOAD_CHUNK, data_frame, msg_frame,
+        CHUNK_VARIANT, Request, Response, SESSION_PROTOCOL_VERSION, UPLOAD_CHUNK, data_frame,
+        msg_frame,
     };
 
     let encoded = |frames: Vec<crate::wire::codec::Outbound<'_>>| {
@@ -439,7 +440,7 @@ pub fn session_frame_seeds() -> Vec<Vec<u8>> {
     };
     let error = WireError::FrameTooLarge { len: 1 << 30, limit: 64 };
     vec![
-        encoded(vec![msg_frame(&Request::Hello { version: 2 })]),
+        encoded(vec![msg_frame(&Request::Hello { version: SESSION_PROTOCOL_VERSION })]),
         encoded(vec![
             msg_frame(&Request::UploadBegin { id: 2, path: "a/b.so", len: 5 }),
             data_frame(UPLOAD_CHUNK, 2, b"12345"),

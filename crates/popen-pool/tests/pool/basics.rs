@@ -43,7 +43,7 @@ async fn worker_keeps_its_pid_without_a_use_limit() {
 #[tokio::test]
 async fn worker_recycles_after_maximum_process_uses() {
     let mut w =
-        PopenWorker::builder(test_worker_program()).maximum_process_uses(Some(2)).build().unwrap();
+        PopenWorker::builder(test_worker_program()).maximum_process_uses(2).build().unwrap();
     let a = w.run(Pid).await.unwrap();
     assert_eq!(w.run(Pid).await.unwrap(), a);
     let b = w.run(Pid).await.unwrap();
@@ -57,7 +57,7 @@ async fn worker_recycles_after_maximum_process_uses() {
 async fn pool_of_two_sorts_out_timeout_crash_and_values() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(2)
-        .timeout(Some(Duration::from_millis(15)))
+        .timeout(Duration::from_millis(15))
         .build()
         .unwrap();
     let sleep = pool.submit(Sleep(100_000));
@@ -91,7 +91,7 @@ async fn initializer_state_is_visible_and_rerun_after_recycling() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(1)
         .initializer(Init("configured".into()))
-        .maximum_process_uses(Some(2))
+        .maximum_process_uses(2)
         .build()
         .unwrap();
     let (value, init_pid, before) = pool.submit(ReadInit).await.unwrap().expect("init ran");
@@ -130,7 +130,7 @@ async fn failing_initializer_fails_tasks_clearly() {
 async fn pool_timeout_of_half_a_second() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(1)
-        .timeout(Some(Duration::from_millis(500)))
+        .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
     let start = Instant::now();
@@ -187,11 +187,8 @@ async fn crashes_report_the_signal() {
 
 #[tokio::test]
 async fn bounded_queue_refuses_or_waits() {
-    let pool = PopenPool::builder(test_worker_program())
-        .max_workers(1)
-        .max_queue(Some(1))
-        .build()
-        .unwrap();
+    let pool =
+        PopenPool::builder(test_worker_program()).max_workers(1).max_queue(1).build().unwrap();
     let running = pool.submit(Sleep(300));
     // Wait until the worker has taken the first task off the queue.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -242,7 +239,7 @@ async fn shutdown_finishes_queued_work_and_kill_does_not() {
 #[tokio::test]
 async fn rss_growth_recycles_the_worker() {
     let mut w =
-        PopenWorker::builder(test_worker_program()).max_rss_bytes(Some(200 << 20)).build().unwrap();
+        PopenWorker::builder(test_worker_program()).max_rss_bytes(200 << 20).build().unwrap();
     let a = w.run(Hog(8)).await.unwrap();
     assert_eq!(w.run(Pid).await.unwrap(), a, "small growth keeps the worker");
     let b = w.run(Hog(300)).await.unwrap();
@@ -278,10 +275,8 @@ async fn warm_spare_replaces_a_crashed_worker_before_the_next_task() {
 async fn build_refuses_bad_configuration() {
     let err = PopenPool::builder(test_worker_program()).max_workers(0).build().unwrap_err();
     assert!(matches!(err, PoolError::Config { .. }), "{err}");
-    let err = PopenWorker::builder(test_worker_program())
-        .maximum_process_uses(Some(0))
-        .build()
-        .unwrap_err();
+    let err =
+        PopenWorker::builder(test_worker_program()).maximum_process_uses(0).build().unwrap_err();
     assert!(err.to_string().contains("maximum_process_uses"), "{err}");
 }
 

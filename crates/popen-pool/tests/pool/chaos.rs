@@ -146,7 +146,7 @@ async fn chaos_of_2000_tasks_on_two_workers() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(2)
         // Only the `Timeout` cases should ever need a limit; this one is a backstop.
-        .timeout(Some(Duration::from_secs(30)))
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     let results = futures::future::join_all(cases.iter().map(|c| c.submit(&pool))).await;

@@ -239,6 +239,59 @@ pub(crate) struct Unregistered;
 task!(Unregistered, "unregistered", (), |self, _ctx| Ok(()));
 
 /// Every task type the test worker serves.
+/// A field of `/proc/self/status` as the task sees it (e.g. `Cpus_allowed_list`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct StatusField(pub(crate) String);
+task!(StatusField, "status_field", String, |self, _ctx| {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let prefix = format!("{}:", self.0);
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| TaskFailure::msg(format!("no {} in /proc/self/status", self.0)))
+});
+
+/// What the task sees of its limits: nice of its thread, and the (soft)
+/// RLIMIT_NOFILE, RLIMIT_CORE, RLIMIT_AS and RLIMIT_CPU (`u64::MAX`: unlimited).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Limits;
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SeenLimits {
+    pub(crate) nice: i64,
+    pub(crate) nofile: u64,
+    pub(crate) core: u64,
+    pub(crate) address_space: u64,
+    pub(crate) cpu: u64,
+}
+task!(Limits, "limits", SeenLimits, |self, _ctx| {
+    use nix::sys::resource::{Resource, getrlimit};
+    let soft = |r| getrlimit(r).map(|(s, _)| s).map_err(|e| TaskFailure::msg(e.to_string()));
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    // Fields from the state (field 3) on: nice is field 19.
+    let nice = rest.split_whitespace().nth(16).and_then(|n| n.parse().ok()).unwrap_or(99);
+    Ok(SeenLimits {
+        nice,
+        nofile: soft(Resource::RLIMIT_NOFILE)?,
+        core: soft(Resource::RLIMIT_CORE)?,
+        address_space: soft(Resource::RLIMIT_AS)?,
+        cpu: soft(Resource::RLIMIT_CPU)?,
+    })
+});
+
+/// Allocates this many MiB (touching every page), then holds it for this
+/// many milliseconds; returns the pid.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct HogAndHold(pub(crate) usize, pub(crate) u64);
+task!(HogAndHold, "hog_and_hold", u32, |self, _ctx| {
+    let block = vec![1u8; self.0 << 20];
+    std::hint::black_box(&block);
+    std::thread::sleep(Duration::from_millis(self.1));
+    drop(block);
+    Ok(std::process::id())
+});
+
 pub(crate) fn registry() -> Registry {
     Registry::new()
         .register::<Identity>()
@@ -261,6 +314,9 @@ pub(crate) fn registry() -> Registry {
         .register::<ReadInit>()
         .register::<MakeBytes>()
         .register::<Checksum>()
+        .register::<StatusField>()
+        .register::<Limits>()
+        .register::<HogAndHold>()
 }
 
 /// True while a process with this pid exists (zombies included).

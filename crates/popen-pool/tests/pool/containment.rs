@@ -196,7 +196,8 @@ fn killed_parent_leaves_no_daemons(mode: &str) {
     let daemons: Vec<u32> = loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Ok(line)) => {
-                if let Some(rest) = line.strip_prefix("DAEMONS ") {
+                // After libtest's "test <name> ... " on the same line.
+                if let Some(rest) = line.split_once("DAEMONS ").map(|(_, r)| r) {
                     break rest.split_whitespace().map(|p| p.parse().unwrap()).collect();
                 }
                 seen.push(line);
@@ -243,7 +244,7 @@ async fn no_cgroup_dir_outlives_its_pool() {
     for how in ["shutdown", "kill", "drop"] {
         let pool = PopenPool::builder(test_worker_program())
             .max_workers(2)
-            .timeout(Some(Duration::from_secs(30)))
+            .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
         let Some(dir) = cgroup_dir(&pool) else { return };

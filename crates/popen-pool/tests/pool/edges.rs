@@ -154,11 +154,8 @@ async fn spawn_errors_name_the_program() {
 /// tasks in flight: with queue 1 and 2 workers, one worker idled.
 #[tokio::test]
 async fn bounded_map_keeps_every_worker_busy() {
-    let pool = PopenPool::builder(test_worker_program())
-        .max_workers(2)
-        .max_queue(Some(1))
-        .build()
-        .unwrap();
+    let pool =
+        PopenPool::builder(test_worker_program()).max_workers(2).max_queue(1).build().unwrap();
     assert_eq!(pool.submit(Int(0)).await, Ok(0));
     let mut both = false;
     let mut out = Vec::new();
@@ -233,7 +230,7 @@ async fn huge_durations_from_the_caller_do_not_panic() {
     let pool = PopenPool::builder(test_worker_program())
         .max_workers(1)
         .kill_grace(Duration::MAX)
-        .timeout(Some(Duration::MAX))
+        .timeout(Duration::MAX)
         .build()
         .unwrap();
     assert_eq!(tokio::time::timeout(SOON, pool.submit(Int(1))).await.unwrap(), Ok(1));

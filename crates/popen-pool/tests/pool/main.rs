@@ -5,7 +5,11 @@ mod basics;
 mod chaos;
 mod common;
 mod containment;
+mod controls;
+mod dropping;
 mod edges;
+mod faults;
 mod hygiene;
+mod output;
 
 popen_pool::test_support!(common::registry());

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use popen_pool::{ExitInfo, PoolError};
+use popen_pool::PoolError;
 
 use crate::tracker::TrackerError;
 use crate::wire::error::WireError;
@@ -171,14 +171,7 @@ impl SessionError {
             WireError::TaskTimeout { limit_ms } => {
                 SessionError::Task(PoolError::Timeout { limit: Duration::from_millis(limit_ms) })
             }
-            WireError::WorkerDied { code, signal } => {
-                let exit = match (code, signal) {
-                    (Some(c), _) => ExitInfo::Code(c),
-                    (None, Some(s)) => ExitInfo::Signal(s),
-                    _ => ExitInfo::Unknown,
-                };
-                SessionError::Task(PoolError::WorkerDied { exit })
-            }
+            WireError::WorkerDied { exit } => SessionError::Task(PoolError::WorkerDied { exit }),
             WireError::Task { kind, message } => {
                 SessionError::Task(PoolError::Task { kind, message })
             }

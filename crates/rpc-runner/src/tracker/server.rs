@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use popen_pool::error_chain;
 use serde_json::{Value, json};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -448,17 +449,6 @@ async fn handle_conn(
         }
         Err(err) => tracing::warn!(error = %error_chain(&err), "closing tracker connection"),
     }
-}
-
-fn error_chain(err: &TrackerError) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 async fn serve_conn(

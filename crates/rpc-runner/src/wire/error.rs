@@ -23,8 +23,8 @@ pub(crate) enum WireError {
     #[error("task timed out after {limit_ms} ms")]
     TaskTimeout { limit_ms: u64 },
     /// The session's worker died under the task.
-    #[error("worker died (code {code:?}, signal {signal:?})")]
-    WorkerDied { code: Option<i32>, signal: Option<i32> },
+    #[error("worker died ({exit})")]
+    WorkerDied { exit: ExitInfo },
     /// The task returned an error or panicked.
     #[error("task failed ({kind}): {message}")]
     Task { kind: String, message: String },
@@ -61,11 +61,7 @@ impl WireError {
             PoolError::Timeout { limit } => WireError::TaskTimeout {
                 limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
             },
-            PoolError::WorkerDied { exit } => match exit {
-                ExitInfo::Code(c) => WireError::WorkerDied { code: Some(c), signal: None },
-                ExitInfo::Signal(s) => WireError::WorkerDied { code: None, signal: Some(s) },
-                _ => WireError::WorkerDied { code: None, signal: None },
-            },
+            PoolError::WorkerDied { exit } => WireError::WorkerDied { exit },
             PoolError::Task { kind, message } => WireError::Task { kind, message },
             PoolError::UnknownTask { name, known } => WireError::UnknownTask { name, known },
             other => WireError::Worker { message: error_chain(&other) },
@@ -73,17 +69,5 @@ impl WireError {
     }
 }
 
-/// An error and its sources, `: `-separated.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let next = c.to_string();
-        if !s.contains(&next) {
-            s.push_str(": ");
-            s.push_str(&next);
-        }
-        cur = c.source();
-    }
-    s
-}
+/// An error and its sources, `: `-separated (the one helper, popen-pool's).
+pub(crate) use popen_pool::error_chain;

@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::codec::Outbound;
 pub(crate) use super::error::WireError;
 
-/// Version of the post-handshake protocol; both sides must agree.
-pub(crate) const SESSION_PROTOCOL_VERSION: u32 = 2;
+/// Version of the post-handshake protocol; both sides must agree (3: a
+/// worker's death carries popen-pool's `ExitInfo` as itself).
+pub(crate) const SESSION_PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame payload either side sends or accepts by default: 64 MiB +
 /// headroom for the message around a 64 MiB byte string.

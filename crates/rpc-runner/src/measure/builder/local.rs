@@ -165,7 +165,7 @@ impl<T: BuildTask> LocalBuilder<T> {
         };
         let pool = PopenPool::builder(program)
             .max_workers(cfg.max_workers)
-            .timeout(Some(cfg.timeout))
+            .timeout(cfg.timeout)
             .build()
             .map_err(BuildError::pool)?;
         Ok(LocalBuilder {
