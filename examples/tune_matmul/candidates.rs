@@ -210,21 +210,10 @@ impl Candidate {
     }
 }
 
-const PRELUDE: &str = r#"#include <stdint.h>
-#include <string.h>
+const PRELUDE: &str = r#"#include <string.h>
 
-/* The three structs of dlpack.h that the kernel ABI uses. */
-typedef struct { int32_t device_type; int32_t device_id; } DLDevice;
-typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
-typedef struct {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-} DLTensor;
+/* DLTensor and the kernel ABI; LocalBuilder puts this header on the include path. */
+#include "tuning_harness_kernel.h"
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 "#;
@@ -232,7 +221,7 @@ typedef struct {
 const ENTRY: &str = r#"/* A float32 CPU matrix of rows x cols, compact row-major. */
 static int is_matrix(const DLTensor* t, int64_t rows, int64_t cols) {
   if (t->data == 0 || t->ndim != 2) return 0;
-  if (t->dtype.code != 2 || t->dtype.bits != 32 || t->dtype.lanes != 1) return 0;
+  if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1) return 0;
   if (t->shape[0] != rows || t->shape[1] != cols) return 0;
   if (t->strides != 0 && (t->strides[1] != 1 || t->strides[0] != cols)) return 0;
   return 1;
@@ -240,7 +229,7 @@ static int is_matrix(const DLTensor* t, int64_t rows, int64_t cols) {
 
 static void* base(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
 
-__attribute__((visibility("default")))
+TUNING_HARNESS_EXPORT
 int32_t entry(DLTensor* args, int32_t num_args) {
   if (num_args != 3) return 1;
   if (!is_matrix(&args[0], M, K)) return 2;

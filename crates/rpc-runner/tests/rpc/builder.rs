@@ -451,7 +451,13 @@ async fn bad_names_are_rejected_before_anything_runs() {
     }
     let stats = builder.stats();
     assert_eq!(stats.completed + stats.failed + stats.running + stats.queued, 0, "{stats:?}");
-    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "files were written");
+    // Only the kernel ABI header the builder puts there at construction.
+    let written: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "include")
+        .collect();
+    assert!(written.is_empty(), "files were written: {written:?}");
     assert!(!dir.path().join("escape.c").exists());
     within("shutdown", builder.shutdown()).await;
 }
@@ -484,4 +490,19 @@ async fn a_private_out_dir_lives_as_long_as_the_builder() {
         "{} was left behind",
         out_dir.display()
     );
+}
+
+/// The kernel ABI header is on every build's include path (no DLPack structs
+/// copied by hand), also with a builder's own out dir.
+#[tokio::test]
+async fn the_kernel_header_is_on_the_include_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = new_builder(dir.path());
+    let source = "#include \"tuning_harness_kernel.h\"\n\
+                  TUNING_HARNESS_EXPORT int32_t entry(DLTensor* args, int32_t num_args) {\n\
+                  \x20 return args[0].device.device_type == kDLCPU ? 0 : num_args;\n}\n";
+    let results = build(&builder, vec![BuilderInput::new("with_header", source)]).await;
+    assert_shared_library(&ok(&results[0]).artifact_path);
+    let header = dir.path().join("include").join(rpc_runner::measure::KERNEL_HEADER_NAME);
+    assert_eq!(std::fs::read_to_string(header).unwrap(), rpc_runner::measure::KERNEL_HEADER);
 }

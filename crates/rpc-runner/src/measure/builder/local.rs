@@ -163,6 +163,9 @@ impl<T: BuildTask> LocalBuilder<T> {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
+        // The kernel ABI header, on every build's include path.
+        let include = out_dir.join("include");
+        crate::measure::write_kernel_header(&include).map_err(out_dir_err(include.clone()))?;
         let pool = PopenPool::builder(program)
             .max_workers(cfg.max_workers)
             .timeout(cfg.timeout)
@@ -318,6 +321,7 @@ impl<T: BuildTask> LocalBuilder<T> {
     fn plan(&self, input: BuilderInput) -> BuildPlan {
         let cfg = &self.inner.cfg;
         let mut flags = cfg.flags.clone();
+        flags.push(format!("-I{}", self.inner.out_dir.join("include").display()));
         flags.extend(input.extra_flags);
         BuildPlan {
             source_path: self.inner.out_dir.join(format!("{}.c", input.name)),
