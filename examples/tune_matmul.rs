@@ -103,7 +103,7 @@ fn parse_size(s: &str) -> Result<Size, String> {
 
 fn main() -> ExitCode {
     // Session workers and builder workers are this program, re-executed.
-    popen_pool::serve_if_worker(rpc_runner::worker::registry());
+    popen_pool::serve_if_worker(rpc_runner::tasks::registry());
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

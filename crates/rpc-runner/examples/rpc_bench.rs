@@ -95,7 +95,7 @@ async fn embedded(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    popen_pool::serve_if_worker(rpc_runner::worker::registry());
+    popen_pool::serve_if_worker(rpc_runner::tasks::registry());
     let args: Vec<String> = std::env::args().collect();
     if let Some(role @ ("tracker" | "server")) = args.get(1).map(String::as_str) {
         return serve_role(role, args.get(2).cloned()).await;

@@ -35,7 +35,8 @@
 //!   answers, calls), and remote-path confinement (`paths.rs`).
 //! - `measure/`: the measurement pipeline: argument info, the kernel tasks
 //!   and time evaluator run by session workers, the builder and the runners.
-//! - `worker.rs`: the task types every session worker serves.
+//! - `tasks.rs`: the registry of task types every session worker serves
+//!   ([`tasks::registry`]).
 //! - `fuzzing.rs` (hidden from the docs): the protocol fuzz targets that
 //!   `examples/fuzz_protocols.rs` and `fuzz/` drive (`docs/fuzzing.md`).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
@@ -47,7 +48,7 @@ pub mod server;
 pub mod session;
 pub mod tracker;
 pub mod wire;
-pub mod worker;
+pub mod tasks;
 
 pub use server::{DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus};
 pub use session::{ConnectOptions, DirEntry, RequestOptions, Session, SessionError};

@@ -141,7 +141,7 @@ fn local(listener: &TcpListener) -> Result<SocketAddr> {
 #[tokio::main]
 async fn main() -> Result<()> {
     // Session workers are this binary, re-executed.
-    popen_pool::serve_if_worker(rpc_runner::worker::registry());
+    popen_pool::serve_if_worker(rpc_runner::tasks::registry());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

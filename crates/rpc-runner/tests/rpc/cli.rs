@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_runner::worker::WorkerInfo;
+use rpc_runner::tasks::WorkerInfo;
 use rpc_runner::{SessionError, TrackerClient};
 
 const SOON: Duration = Duration::from_secs(20);

@@ -125,7 +125,7 @@ impl Task for Fill {
 
 /// rpc-runner's session tasks plus the test tasks.
 pub(crate) fn registry() -> Registry {
-    rpc_runner::worker::registry()
+    rpc_runner::tasks::registry()
         .register::<Echo>()
         .register::<SleepMs>()
         .register::<Segfault>()

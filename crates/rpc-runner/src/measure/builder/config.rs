@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::error::BuildError;
 
-/// A [`LocalBuilder`]'s settings.
+/// A [`LocalBuilder`](super::LocalBuilder)'s settings.
 ///
 /// # Examples
 ///

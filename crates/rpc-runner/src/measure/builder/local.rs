@@ -27,7 +27,7 @@ type MakeTask<T> = Box<dyn Fn(BuildPlan) -> T + Send + Sync>;
 ///
 /// `T` is the build task type, [`CompileC`] unless another is plugged in with
 /// [`with_task`](Self::with_task). The worker program must register it
-/// ([`worker::registry`](crate::worker::registry) registers [`CompileC`]).
+/// ([`tasks::registry`](crate::tasks::registry) registers [`CompileC`]).
 ///
 /// Builds come back as a [`BuildStream`], like a runner's measurements:
 /// **dropping the stream (or a [`build_one`](Self::build_one) future)
@@ -42,7 +42,7 @@ type MakeTask<T> = Box<dyn Fn(BuildPlan) -> T + Send + Sync>;
 /// use rpc_runner::measure::{BuilderInput, LocalBuilder, LocalBuilderConfig};
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// // `main` starts with `popen_pool::serve_if_worker(rpc_runner::worker::registry())`.
+/// // `main` starts with `popen_pool::serve_if_worker(rpc_runner::tasks::registry())`.
 /// let builder = LocalBuilder::new(
 ///     WorkerProgram::current_exe()?,
 ///     LocalBuilderConfig::default().out_dir("builds"),

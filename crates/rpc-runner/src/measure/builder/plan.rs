@@ -113,7 +113,7 @@ impl BuildFailure {
 /// What every build task returns to the parent.
 pub type BuildTaskOutput = Result<BuildOutput, BuildFailure>;
 
-/// A task type that [`LocalBuilder`] can run: any [`Task`] whose output is
+/// A task type that [`LocalBuilder`](super::LocalBuilder) can run: any [`Task`] whose output is
 /// [`BuildTaskOutput`] (implemented for all of them). Its type must be
 /// registered in the worker program the builder runs.
 pub trait BuildTask: Task<Output = BuildTaskOutput> {}
@@ -122,7 +122,7 @@ impl<T: Task<Output = BuildTaskOutput>> BuildTask for T {}
 
 /// One input resolved by the builder: everything a build task needs.
 ///
-/// A custom build task gets the plan from [`LocalBuilder::with_task`]'s
+/// A custom build task gets the plan from [`LocalBuilder::with_task`](super::LocalBuilder::with_task)'s
 /// constructor; it may change it (add a flag, swap the compiler) and call
 /// [`BuildPlan::compile`], or do something else entirely, as long as it
 /// returns a [`BuildOutput`] or a [`BuildFailure`].
@@ -235,8 +235,8 @@ impl BuildPlan {
 /// library with [`BuildPlan::compile`].
 ///
 /// Registered as `"rpc_runner.compile_c"` in
-/// [`worker::registry`](crate::worker::registry); a worker program that serves
-/// a [`LocalBuilder`] must register it.
+/// [`tasks::registry`](crate::tasks::registry); a worker program that serves
+/// a [`LocalBuilder`](super::LocalBuilder) must register it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompileC {
     /// What to compile, and where.

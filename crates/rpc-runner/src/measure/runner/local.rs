@@ -34,7 +34,7 @@ use crate::measure::evaluator::EvaluatorConfig;
 /// use popen_pool::WorkerProgram;
 /// use rpc_runner::measure::{ArgInfo, DType, LocalRunner, Runner, RunnerInput};
 ///
-/// // `main` starts with `popen_pool::serve_if_worker(rpc_runner::worker::registry())`.
+/// // `main` starts with `popen_pool::serve_if_worker(rpc_runner::tasks::registry())`.
 /// let runner = LocalRunner::builder(WorkerProgram::current_exe()?)
 ///     .timeout(Duration::from_secs(10))
 ///     .seed(7)
@@ -72,7 +72,7 @@ pub struct LocalRunnerBuilder<P> {
 
 impl LocalRunner<DefaultPipeline> {
     /// A builder for a runner whose worker runs `program` (it must serve
-    /// `rpc_runner::worker::registry()`).
+    /// `rpc_runner::tasks::registry()`).
     pub fn builder(program: WorkerProgram) -> LocalRunnerBuilder<DefaultPipeline> {
         let mut ctx = StageContext::new(RpcConfig::new("", 0, "local"));
         ctx.rpc.session_timeout = Duration::from_secs(60);

@@ -1,4 +1,4 @@
-//! Task types every `rpc-runner` session worker serves.
+//! The registry of task types every `rpc-runner` session worker serves.
 //!
 //! A device server runs each session's work in a worker process; the
 //! `rpc-runner` binary re-executes itself as that worker and serves
