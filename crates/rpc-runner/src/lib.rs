@@ -46,9 +46,9 @@ pub mod fuzzing;
 pub mod measure;
 pub mod server;
 pub mod session;
+pub mod tasks;
 pub mod tracker;
 pub mod wire;
-pub mod tasks;
 
 pub use server::{DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus};
 pub use session::{ConnectOptions, DirEntry, RequestOptions, Session, SessionError};

@@ -73,6 +73,14 @@ enum Command {
         /// Largest upload accepted, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_upload_mib: u64,
+        /// CPUs the session workers are pinned to, e.g. `1` or `0,2-3`
+        /// (default: the server's own affinity).
+        #[arg(long, value_parser = parse_cpus)]
+        cpus: Option<Vec<usize>>,
+        /// Memory ceiling of a session worker during a task, e.g. `4G`,
+        /// `512M` (binary units); a task over it fails alone.
+        #[arg(long, value_parser = parse_bytes)]
+        memory_limit: Option<u64>,
         /// Directory for the sessions' temp dirs (default: the system temp dir).
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
@@ -88,6 +96,48 @@ enum Command {
         #[arg(long, default_value_t = 9190)]
         port: u16,
     },
+}
+
+/// A CPU list: `0,2-3` (at most 4096 CPUs).
+fn parse_cpus(s: &str) -> std::result::Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |t: &str| -> std::result::Result<usize, String> {
+            t.trim().parse::<usize>().map_err(|_| format!("{t:?} is not a CPU number"))
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if lo > hi || hi >= 4096 {
+            return Err(format!("{part:?} is not a CPU range (0 to 4095, low-high)"));
+        }
+        cpus.extend(lo..=hi);
+    }
+    if cpus.is_empty() {
+        return Err("give at least one CPU".into());
+    }
+    Ok(cpus)
+}
+
+/// A size in bytes with an optional binary suffix: `4G`, `512M`, `65536`.
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(1u64 << shift).filter(|&b| b > 0).ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 /// Seconds as a duration: finite, >= 0 and at most 10^9 (0: none).
@@ -167,6 +217,8 @@ async fn main() -> Result<()> {
             session_timeout,
             max_connections,
             max_upload_mib,
+            cpus,
+            memory_limit,
             work_dir,
         } => {
             let listener = bind_range(&host, port, port_end).await?;
@@ -187,6 +239,12 @@ async fn main() -> Result<()> {
             }
             if let Some(dir) = work_dir {
                 config = config.work_root(dir);
+            }
+            if let Some(cpus) = cpus {
+                config = config.worker_cpu_affinity(cpus);
+            }
+            if let Some(bytes) = memory_limit {
+                config = config.worker_memory_limit(bytes);
             }
             config.check().await.context("the server cannot serve")?;
             println!("server listening on {}", local(&listener)?);

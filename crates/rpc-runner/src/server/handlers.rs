@@ -147,10 +147,16 @@ impl Session<'_> {
             Some(w) => w,
             None => {
                 let program = self.cfg.worker.clone().current_dir(&self.dir);
-                let built = PopenWorker::builder(program)
+                let mut builder = PopenWorker::builder(program)
                     .stdout(self.cfg.worker_output)
-                    .stderr(self.cfg.worker_output)
-                    .build();
+                    .stderr(self.cfg.worker_output);
+                if let Some(cpus) = &self.cfg.worker_cpus {
+                    builder = builder.cpu_affinity(cpus.iter().copied());
+                }
+                if let Some(bytes) = self.cfg.worker_memory_limit {
+                    builder = builder.memory_limit(bytes);
+                }
+                let built = builder.build();
                 match built {
                     Ok(w) => w,
                     Err(e) => return self.send_error(id, WireError::from_pool(e)).await,

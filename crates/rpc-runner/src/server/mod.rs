@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// [`CODE_AT_CAPACITY`]
     /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
     pub(crate) max_connections: usize,
+    /// CPUs the session workers are pinned to (default: the server's own).
+    pub(crate) worker_cpus: Option<Vec<usize>>,
+    /// Memory ceiling of a session worker while a task runs (default: none).
+    pub(crate) worker_memory_limit: Option<u64>,
 }
 
 impl ServerConfig {
@@ -86,6 +90,8 @@ impl ServerConfig {
             unused_lease_timeout: Duration::from_secs(4),
             tracker_poll: Duration::from_secs(1),
             max_connections: 64,
+            worker_cpus: None,
+            worker_memory_limit: None,
         }
     }
 }
@@ -176,6 +182,25 @@ impl ServerConfig {
     #[must_use]
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Pins every session worker (and what its tasks start) to these CPUs,
+    /// e.g. to keep measurements off the cores that build (default: the
+    /// server's own affinity). See `popen_pool`'s `cpu_affinity`.
+    #[must_use]
+    pub fn worker_cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        self.worker_cpus = Some(cpus.into_iter().collect());
+        self
+    }
+
+    /// A session worker that crosses `bytes` during a task is killed: that
+    /// call fails with `SessionError::Task(PoolError::MemoryLimit)`, the
+    /// session goes on with a fresh worker (default: no ceiling). See
+    /// `popen_pool`'s `memory_limit` for how it is enforced.
+    #[must_use]
+    pub fn worker_memory_limit(mut self, bytes: u64) -> Self {
+        self.worker_memory_limit = Some(bytes);
         self
     }
 

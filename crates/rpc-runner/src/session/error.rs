@@ -186,6 +186,9 @@ impl SessionError {
             WireError::Protocol { message } => SessionError::Protocol { message },
             WireError::FrameTooLarge { len, limit } => SessionError::FrameTooLarge { len, limit },
             WireError::SetupFailed { message } => SessionError::SetupFailed { message },
+            WireError::MemoryLimit { limit } => {
+                SessionError::Task(PoolError::MemoryLimit { limit })
+            }
             WireError::Cancelled => SessionError::protocol("the server cancelled a live request"),
         }
     }

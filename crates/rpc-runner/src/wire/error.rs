@@ -49,6 +49,9 @@ pub(crate) enum WireError {
     /// The client cancelled the request.
     #[error("cancelled by the client")]
     Cancelled,
+    /// The session's worker crossed its memory ceiling during the task.
+    #[error("worker crossed its memory ceiling of {limit} bytes")]
+    MemoryLimit { limit: u64 },
     /// The server could not set up the session (e.g. its work dir is gone).
     #[error("the server cannot set up a session: {message}")]
     SetupFailed { message: String },
@@ -64,6 +67,7 @@ impl WireError {
             PoolError::WorkerDied { exit } => WireError::WorkerDied { exit },
             PoolError::Task { kind, message } => WireError::Task { kind, message },
             PoolError::UnknownTask { name, known } => WireError::UnknownTask { name, known },
+            PoolError::MemoryLimit { limit } => WireError::MemoryLimit { limit },
             other => WireError::Worker { message: error_chain(&other) },
         }
     }

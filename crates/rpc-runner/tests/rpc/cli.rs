@@ -196,7 +196,10 @@ fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn bad_server_arguments_are_clear_errors_not_panics() {
     let missing = std::env::temp_dir().join(format!("rpc-no-such-dir-{}", std::process::id()));
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
+        (&["server", "--port", "0", "--cpus", "3-1"], "not a CPU range"),
+        (&["server", "--port", "0", "--memory-limit", "4X"], "unknown unit"),
+        (&["server", "--port", "0", "--memory-limit", "99999999999T"], "out of range"),
         (&["server", "--port", "0", "--session-timeout", "1e20"], "out of range"),
         (&["server", "--port", "0", "--session-timeout=-1"], "out of range"),
         (&["server", "--port", "0", "--session-timeout", "soon"], "not a number"),

@@ -316,3 +316,23 @@ async fn connections_beyond_the_cap_are_refused_clearly() {
     .await;
     within("shutdown", s.shutdown()).await.unwrap();
 }
+
+/// Process controls pass through the server to its session workers: a pinned
+/// worker reports its CPU; a task over the memory ceiling fails alone with a
+/// typed error, and the session goes on with a fresh worker.
+#[tokio::test]
+async fn session_workers_get_the_servers_process_controls() {
+    let s = server(None, "dev", |c| c.worker_cpu_affinity([0]).worker_memory_limit(96 << 20)).await;
+    let mut sess = connect(&s.addr().to_string(), "dev").await;
+    assert_eq!(within("cpus", sess.call(CpusAllowed, None)).await.unwrap(), "0");
+    match within("hog", sess.call(Hog(256 << 20), None)).await {
+        Err(SessionError::Task(popen_pool::PoolError::MemoryLimit { limit })) => {
+            assert_eq!(limit, 96 << 20)
+        }
+        other => panic!("expected MemoryLimit, got {other:?}"),
+    }
+    assert_eq!(within("small", sess.call(Hog(1 << 20), None)).await.unwrap(), 1 << 20);
+    assert_eq!(within("cpus", sess.call(CpusAllowed, None)).await.unwrap(), "0");
+    within("close", sess.close()).await.unwrap();
+    within("shutdown", s.shutdown()).await.unwrap();
+}

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use popen_pool::{ExitInfo, PoolError};
-use rpc_runner::tracker::{Tracker, TrackerClient, TrackerConfig, TrackerHandle};
 use rpc_runner::tasks::WorkerInfo;
+use rpc_runner::tracker::{Tracker, TrackerClient, TrackerConfig, TrackerHandle};
 use rpc_runner::{
     ConnectOptions, DeviceServer, RequestOptions, ServerConfig, ServerHandle, Session, SessionError,
 };

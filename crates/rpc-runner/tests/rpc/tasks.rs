@@ -123,6 +123,34 @@ impl Task for Fill {
     }
 }
 
+/// The worker's `Cpus_allowed_list` from `/proc/self/status`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct CpusAllowed;
+
+impl Task for CpusAllowed {
+    const NAME: &'static str = "test.cpus_allowed";
+    type Output = String;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<String, TaskFailure> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap_or("");
+        Ok(line.trim_start_matches("Cpus_allowed_list:").trim().to_owned())
+    }
+}
+
+/// Touches `bytes` of memory and holds them for a moment.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Hog(pub(crate) usize);
+
+impl Task for Hog {
+    const NAME: &'static str = "test.hog";
+    type Output = u64;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        let v = vec![1u8; self.0];
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(v.iter().map(|&b| u64::from(b)).sum())
+    }
+}
+
 /// rpc-runner's session tasks plus the test tasks.
 pub(crate) fn registry() -> Registry {
     rpc_runner::tasks::registry()
@@ -134,4 +162,6 @@ pub(crate) fn registry() -> Registry {
         .register::<CopyPrebuilt>()
         .register::<CrashOrCompile>()
         .register::<Fill>()
+        .register::<CpusAllowed>()
+        .register::<Hog>()
 }

@@ -37,6 +37,12 @@ pub struct LocalBuilderConfig {
     /// default): a fresh private temp dir that lives as long as the builder
     /// and is removed with it; set a directory to keep the artifacts.
     pub out_dir: Option<PathBuf>,
+    /// CPUs the build workers (and the compilers they run) are pinned to
+    /// (default: the process's own affinity).
+    pub cpus: Option<Vec<usize>>,
+    /// Memory ceiling of a build worker while it compiles (default: none); a
+    /// build over it fails as a crash of its worker, the builder goes on.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for LocalBuilderConfig {
@@ -58,11 +64,28 @@ impl Default for LocalBuilderConfig {
             compiler,
             flags,
             out_dir: None,
+            cpus: None,
+            memory_limit: None,
         }
     }
 }
 
 impl LocalBuilderConfig {
+    /// Pins the build workers to these CPUs (e.g. the cores not used for
+    /// measuring).
+    #[must_use]
+    pub fn cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        self.cpus = Some(cpus.into_iter().collect());
+        self
+    }
+
+    /// Sets [`memory_limit`](Self::memory_limit).
+    #[must_use]
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Sets [`max_workers`](Self::max_workers).
     #[must_use]
     pub fn max_workers(mut self, n: usize) -> Self {

@@ -126,6 +126,9 @@ impl From<PoolError> for BuildError {
                 exit: None,
             },
             PoolError::Cancelled => BuildError::Cancelled,
+            e @ PoolError::MemoryLimit { .. } => {
+                BuildError::Crash { message: format!("build killed: {e}"), exit: None }
+            }
             e @ (PoolError::Spawn { .. }
             | PoolError::Initializer { .. }
             | PoolError::Protocol { .. }

@@ -166,11 +166,15 @@ impl<T: BuildTask> LocalBuilder<T> {
         // The kernel ABI header, on every build's include path.
         let include = out_dir.join("include");
         crate::measure::write_kernel_header(&include).map_err(out_dir_err(include.clone()))?;
-        let pool = PopenPool::builder(program)
-            .max_workers(cfg.max_workers)
-            .timeout(cfg.timeout)
-            .build()
-            .map_err(BuildError::pool)?;
+        let mut pool =
+            PopenPool::builder(program).max_workers(cfg.max_workers).timeout(cfg.timeout);
+        if let Some(cpus) = &cfg.cpus {
+            pool = pool.cpu_affinity(cpus.iter().copied());
+        }
+        if let Some(bytes) = cfg.memory_limit {
+            pool = pool.memory_limit(bytes);
+        }
+        let pool = pool.build().map_err(BuildError::pool)?;
         Ok(LocalBuilder {
             inner: Arc::new(Inner {
                 pool: Mutex::new(Some(pool)),
