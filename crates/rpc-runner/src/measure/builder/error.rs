@@ -14,8 +14,7 @@ use crate::measure::cause::Cause;
 /// Causes are typed sources ([`Cause`]); each variant's `Display` is one
 /// line (a compile error's shows the compiler's first error line; the whole
 /// stderr is [`stderr`](BuildError::stderr)). Serializes with the causes as
-/// text (and without [`Crash::exit`](BuildError::Crash), which
-/// `popen_pool::ExitInfo` cannot serialize yet).
+/// text.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BuildError {
@@ -49,8 +48,8 @@ pub enum BuildError {
     Crash {
         /// What happened (`build worker died (SIGABRT)`...).
         message: String,
-        /// How the worker process ended, when it died (not serialized).
-        #[serde(skip)]
+        /// How the worker process ended, when it died.
+        #[serde(default)]
         exit: Option<ExitInfo>,
     },
     /// The worker could not write the source, start the compiler, or find
@@ -196,5 +195,9 @@ mod tests {
         let back: BuilderResult =
             serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+        let crash: BuildError = PoolError::WorkerDied { exit: ExitInfo::Signal(11) }.into();
+        let back: BuildError =
+            serde_json::from_str(&serde_json::to_string(&crash).unwrap()).unwrap();
+        assert_eq!(back, crash, "the exit status survives");
     }
 }
