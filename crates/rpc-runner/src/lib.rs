@@ -22,17 +22,19 @@
 //!
 //! - `tracker/`: the control plane, wire-compatible with Apache TVM's tracker:
 //!   `[i32 LE len][JSON]` frames (`codec.rs`), the tracker server
-//!   (`server.rs`) and its clients (`client.rs`).
+//!   (`server.rs`), its clients (`client.rs`) and leasing a device and
+//!   opening its session (`lease.rs`).
 //! - `wire/`: what client and server share: TVM's handshake
 //!   (`handshake.rs`), the frame codec (`codec.rs`), the data-plane messages
 //!   (`proto.rs`) and the errors they carry (`error.rs`).
 //! - `session/`: the client [`Session`] (`client.rs`, its request plumbing
-//!   and cancel safety in `io.rs`), errors (`error.rs`) and leasing through
-//!   the tracker (`lease.rs`).
+//!   and cancel safety in `io.rs`), its options (`options.rs`) and errors
+//!   (`error.rs`).
 //! - `server/`: the device server (`mod.rs`, errors in `error.rs`), its
 //!   tracker registration (`registration.rs`), one session's loop
-//!   (`session.rs`) and its operations (`ops.rs`: uploads, streamed
-//!   answers, calls), and remote-path confinement (`paths.rs`).
+//!   (`session.rs`), its requests (`handlers.rs`) and the operations the
+//!   loop drives (`ops.rs`: uploads, streamed answers, calls), and
+//!   remote-path confinement (`paths.rs`).
 //! - `measure/`: the measurement pipeline: argument info, the kernel tasks
 //!   and time evaluator run by session workers, the builder and the runners.
 //! - `tasks.rs`: the registry of task types every session worker serves
