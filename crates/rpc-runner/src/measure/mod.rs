@@ -13,6 +13,8 @@
 //!   with its PRNG and float16 (`fill.rs`), the timing loop (`timing.rs`) and
 //!   the cache flush (`flush.rs`): the session-worker task types.
 //! - `header.rs`: the C header of the kernel ABI ([`KERNEL_HEADER`]).
+//! - `stats.rs`: [`Stats`] of batch costs (median, MAD, relative noise,
+//!   `stable`) and [`Verdict`]s on whether two measurements differ beyond noise.
 //! - `runner/`: the [`Runner`] trait, the [`Pipeline`] of stages,
 //!   [`RpcRunner`] and [`LocalRunner`] (its own `# Layout` says more).
 //! - `batch.rs`: [`Batch`], the stream of `(index, result)` runners and the
@@ -28,6 +30,7 @@ mod evaluator;
 mod header;
 mod kernel;
 mod runner;
+mod stats;
 
 pub use args::{ArgInfo, ArgInfoError, DType};
 pub use batch::Batch;
@@ -44,3 +47,4 @@ pub use runner::{
     OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder, RunError,
     RunStream, Runner, RunnerInput, RunnerResult, StageContext, StageTimes,
 };
+pub use stats::{Stats, Verdict, best_within_noise};

@@ -98,6 +98,13 @@ async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
     assert_eq!(m.run_secs.len(), 7 * 2, "repeat x alloc_repeat costs");
     let rpc_median = median(&m.run_secs);
     assert!((rpc_median - 200e-6).abs() < 20e-6, "RPC runner measured {rpc_median} s for 200 us");
+    // Statistics of the 14 batch costs.
+    let stats = m.stats().expect("finite costs");
+    assert_eq!(stats.n, 14);
+    // (The mean of the middle pair; the helper above takes the upper one.)
+    assert!((stats.median - rpc_median).abs() < 5e-6, "{stats:?} vs {rpc_median}");
+    assert!(stats.min <= stats.median && stats.mad >= 0.0, "{stats:?}");
+    assert!((stats.rel_noise - stats.mad / stats.median).abs() < 1e-12);
     // Where and how long: the server, and every stage timed.
     assert_eq!(m.server, st.server.addr().to_string());
     let t = m.stages;

@@ -169,6 +169,27 @@ impl Measurement {
         }
     }
 
+    /// Statistics of [`run_secs`](Measurement::run_secs), `stable` against
+    /// [`Stats::DEFAULT_THRESHOLD`] (1% relative noise); `None` if there is
+    /// no finite cost.
+    ///
+    /// ```
+    /// use rpc_runner::measure::{Measurement, Verdict};
+    /// let a = Measurement::new(vec![1.00e-3, 1.01e-3, 0.99e-3, 1.00e-3]);
+    /// let b = Measurement::new(vec![1.30e-3, 1.31e-3, 1.29e-3, 1.30e-3]);
+    /// let (sa, sb) = (a.stats().unwrap(), b.stats().unwrap());
+    /// assert!(sa.stable);
+    /// assert_eq!(sa.compare(&sb), Verdict::Faster);
+    /// ```
+    pub fn stats(&self) -> Option<crate::measure::Stats> {
+        self.stats_with(crate::measure::Stats::DEFAULT_THRESHOLD)
+    }
+
+    /// As [`stats`](Measurement::stats), `stable` against `threshold`.
+    pub fn stats_with(&self, threshold: f64) -> Option<crate::measure::Stats> {
+        crate::measure::Stats::from_costs(&self.run_secs, threshold)
+    }
+
     /// With these outputs.
     #[must_use]
     pub fn with_outputs(mut self, outputs: Vec<Output>) -> Self {

@@ -1,0 +1,162 @@
+//! Statistics of a measurement's batch costs, and whether two measurements
+//! differ beyond their noise.
+//!
+//! Robust statistics (median, MAD) rather than mean and standard deviation:
+//! one preempted batch moves the mean and the deviation a lot, the median and
+//! the MAD hardly at all.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+/// Statistics of a set of costs (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Number of costs.
+    pub n: usize,
+    /// Smallest cost.
+    pub min: f64,
+    /// Median cost (the mean of the two middle ones for an even `n`).
+    pub median: f64,
+    /// Mean cost.
+    pub mean: f64,
+    /// Median absolute deviation from the median.
+    pub mad: f64,
+    /// Relative noise: `mad / median` (0 for fewer than 2 costs or a zero median).
+    pub rel_noise: f64,
+    /// `rel_noise` is at most the threshold the statistics were computed
+    /// with, and there are at least [`Stats::MIN_STABLE_N`] costs.
+    pub stable: bool,
+}
+
+/// How two measurements compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The first is faster beyond the noise of both.
+    Faster,
+    /// The first is slower beyond the noise of both.
+    Slower,
+    /// The difference is within noise (or there are too few costs to tell).
+    Tied,
+}
+
+/// The MAD of a normal distribution times this is its standard deviation.
+const MAD_TO_SIGMA: f64 = 1.4826;
+
+impl Stats {
+    /// Default noise threshold for [`stable`](Stats::stable): 1% relative noise.
+    pub const DEFAULT_THRESHOLD: f64 = 0.01;
+
+    /// Fewest costs for a result to count as stable (one or two batches say
+    /// nothing about their spread).
+    pub const MIN_STABLE_N: usize = 3;
+
+    /// Statistics of `costs`, `stable` against `threshold` (relative noise).
+    /// Non-finite costs are ignored; `None` if no finite cost is left.
+    pub fn from_costs(costs: &[f64], threshold: f64) -> Option<Stats> {
+        let mut v: Vec<f64> = costs.iter().copied().filter(|c| c.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = median_sorted(&v);
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let mut dev: Vec<f64> = v.iter().map(|c| (c - median).abs()).collect();
+        dev.sort_by(f64::total_cmp);
+        let mad = median_sorted(&dev);
+        let rel_noise = if n < 2 || median <= 0.0 { 0.0 } else { mad / median };
+        let stable = n >= Self::MIN_STABLE_N && rel_noise <= threshold;
+        Some(Stats { n, min: v[0], median, mean, mad, rel_noise, stable })
+    }
+
+    /// The interval the median is taken to lie in: `median ± 3 σ̂` with
+    /// `σ̂ = 1.4826 · MAD / √n` (the MAD's normal-equivalent standard error),
+    /// and at least `± 0.5%` of the median (the resolution of any CPU timing
+    /// worth trusting).
+    pub fn interval(&self) -> (f64, f64) {
+        let se = MAD_TO_SIGMA * self.mad / (self.n.max(1) as f64).sqrt();
+        let half = (3.0 * se).max(0.005 * self.median.abs());
+        (self.median - half, self.median + half)
+    }
+
+    /// Whether `self` is faster, slower or tied with `other`: faster or
+    /// slower only if both have at least [`Stats::MIN_STABLE_N`] costs and
+    /// their [`interval`](Stats::interval)s do not overlap.
+    pub fn compare(&self, other: &Stats) -> Verdict {
+        if self.n < Self::MIN_STABLE_N || other.n < Self::MIN_STABLE_N {
+            return Verdict::Tied;
+        }
+        let (a_lo, a_hi) = self.interval();
+        let (b_lo, b_hi) = other.interval();
+        if a_hi < b_lo {
+            Verdict::Faster
+        } else if b_hi < a_lo {
+            Verdict::Slower
+        } else {
+            Verdict::Tied
+        }
+    }
+}
+
+/// The candidates tied with the fastest: indices into `stats` of every one
+/// whose comparison with the fastest median is [`Verdict::Tied`], fastest
+/// first. One index means the fastest is faster than all others beyond noise.
+pub fn best_within_noise(stats: &[Stats]) -> Vec<usize> {
+    let Some(best) = (0..stats.len())
+        .min_by(|&a, &b| stats[a].median.partial_cmp(&stats[b].median).unwrap_or(Ordering::Equal))
+    else {
+        return Vec::new();
+    };
+    let mut tied: Vec<usize> = (0..stats.len())
+        .filter(|&i| i == best || stats[best].compare(&stats[i]) == Verdict::Tied)
+        .collect();
+    tied.sort_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median));
+    tied
+}
+
+fn median_sorted(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_are_robust_to_one_outlier() {
+        let s = Stats::from_costs(&[1.0, 1.01, 0.99, 1.0, 50.0], 0.02).unwrap();
+        assert_eq!((s.n, s.min, s.median), (5, 0.99, 1.0));
+        assert!((s.mean - 10.8).abs() < 1e-9, "{}", s.mean);
+        assert!((s.mad - 0.01).abs() < 1e-9, "{}", s.mad);
+        assert!((s.rel_noise - 0.01).abs() < 1e-9);
+        assert!(s.stable);
+        assert!(!Stats::from_costs(&[1.0, 1.2, 0.8, 1.1, 0.9], 0.02).unwrap().stable);
+        // Too few costs are never stable, and an even count takes the middle pair.
+        let two = Stats::from_costs(&[1.0, 3.0], 0.5).unwrap();
+        assert_eq!((two.median, two.stable), (2.0, false));
+        assert!(Stats::from_costs(&[], 0.01).is_none());
+        assert!(Stats::from_costs(&[f64::NAN], 0.01).is_none());
+        assert_eq!(Stats::from_costs(&[2.0, f64::INFINITY], 0.01).unwrap().n, 1);
+    }
+
+    #[test]
+    fn differences_count_only_beyond_noise() {
+        let fast = Stats::from_costs(&[1.0, 1.01, 0.99, 1.0, 1.0, 1.02], 0.01).unwrap();
+        let slow = Stats::from_costs(&[1.2, 1.21, 1.19, 1.2, 1.2, 1.22], 0.01).unwrap();
+        let near = Stats::from_costs(&[1.003, 1.0, 1.01, 0.995, 1.005, 1.0], 0.01).unwrap();
+        assert_eq!(fast.compare(&slow), Verdict::Faster);
+        assert_eq!(slow.compare(&fast), Verdict::Slower);
+        assert_eq!(fast.compare(&near), Verdict::Tied);
+        let noisy = Stats::from_costs(&[1.0, 1.5, 0.8, 1.3, 0.9, 1.4], 0.01).unwrap();
+        assert_eq!(noisy.compare(&slow), Verdict::Tied, "wide intervals overlap");
+        // Two batches say nothing.
+        let few = Stats::from_costs(&[0.5, 0.5], 0.01).unwrap();
+        assert_eq!(few.compare(&slow), Verdict::Tied);
+        assert_eq!(best_within_noise(&[slow, near, fast]), vec![2, 1]);
+        assert_eq!(best_within_noise(&[slow, fast]), vec![1]);
+        assert!(best_within_noise(&[]).is_empty());
+    }
+}
