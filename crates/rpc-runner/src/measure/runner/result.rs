@@ -170,7 +170,7 @@ impl Measurement {
     }
 
     /// Statistics of [`run_secs`](Measurement::run_secs), `stable` against
-    /// [`Stats::DEFAULT_THRESHOLD`] (1% relative noise); `None` if there is
+    /// [`Stats::DEFAULT_THRESHOLD`](crate::measure::Stats::DEFAULT_THRESHOLD) (1% relative noise); `None` if there is
     /// no finite cost.
     ///
     /// ```
