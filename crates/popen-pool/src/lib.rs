@@ -80,7 +80,8 @@
 //! - `sererr.rs`: keeps the text of custom serializer errors.
 //! - `core.rs`: the per-worker state machine (deadline, crash, memory
 //!   ceiling, recycle, spare), unit-tested in `core_tests/` with the fake
-//!   child of `core_tests/fake.rs`, one file per section.
+//!   child of `core_tests/fake.rs`, one file per section; `stats.rs`: its
+//!   counters and [`PoolStats`].
 //! - `worker.rs`: [`PopenWorker`]; `pool.rs`: [`PopenPool`], [`TaskHandle`].
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
@@ -96,6 +97,7 @@ mod protocol;
 mod sererr;
 mod serve;
 mod spawner;
+mod stats;
 mod task;
 mod unix;
 mod worker;

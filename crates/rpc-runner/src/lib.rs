@@ -30,7 +30,8 @@
 //! - `session/`: the client [`Session`] (`client.rs`, its request plumbing
 //!   and cancel safety in `io.rs`), its options (`options.rs`) and errors
 //!   (`error.rs`).
-//! - `server/`: the device server (`mod.rs`, errors in `error.rs`), its
+//! - `server/`: the device server (`mod.rs`, its configuration in
+//!   `config.rs`, errors in `error.rs`), its
 //!   tracker registration (`registration.rs`), one session's loop
 //!   (`session.rs`), its requests (`handlers.rs`) and the operations the
 //!   loop drives (`ops.rs`: uploads, streamed answers, calls), and

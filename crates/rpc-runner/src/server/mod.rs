@@ -1,6 +1,7 @@
 //! The device server: registers with a tracker, accepts one session at a
 //! time, and isolates each session's work in a `PopenWorker`.
 
+mod config;
 mod error;
 mod handlers;
 mod ops;
@@ -8,15 +9,14 @@ mod paths;
 mod registration;
 mod session;
 
+pub use config::ServerConfig;
 pub use error::ServerError;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use popen_pool::{OutputMode, WorkerProgram};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -28,198 +28,6 @@ use crate::wire::handshake::{
     CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello,
     MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str, write_str,
 };
-
-/// How a device server runs.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ServerConfig {
-    /// The device key clients request through the tracker (e.g. `"cpu"`).
-    pub(crate) key: String,
-    /// The tracker to register with (`host:port`); `None`: no tracker, and
-    /// the match key is the key itself.
-    pub(crate) tracker: Option<String>,
-    /// The address the tracker hands out for this server when it cannot see
-    /// the right one (NAT, containers). `None`: the peer address the tracker sees.
-    pub(crate) custom_addr: Option<String>,
-    /// If set, clients must present this token (`-token=` in the handshake).
-    pub(crate) token: Option<String>,
-    /// Upper bound of every session's length, whatever the client asks.
-    pub(crate) session_timeout: Option<Duration>,
-    /// Largest upload accepted, in bytes (default 1 GiB).
-    pub(crate) max_upload_bytes: u64,
-    /// The program the session workers run: it serves the task types a
-    /// client can `call` (the `rpc-runner` binary itself, or a test binary).
-    pub(crate) worker: WorkerProgram,
-    /// Where session temp dirs are created (default: the system temp dir).
-    pub(crate) work_root: Option<PathBuf>,
-    /// Where the session workers' stdout/stderr go (default: inherited).
-    pub(crate) worker_output: OutputMode,
-    /// How long a client may take to complete its handshake (default 10 s).
-    pub(crate) handshake_timeout: Duration,
-    /// Re-register with a fresh match key when the current one was leased
-    /// but no client connected for this long (default 4 s, as TVM).
-    pub(crate) unused_lease_timeout: Duration,
-    /// How often the server checks its lease with the tracker (default 1 s),
-    /// and, while it is unavailable, whether it can serve again.
-    pub(crate) tracker_poll: Duration,
-    /// Most connections handled at once: the session plus clients in their
-    /// handshake (default 64). Beyond it a client is refused with
-    /// [`CODE_AT_CAPACITY`]
-    /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
-    pub(crate) max_connections: usize,
-    /// CPUs the session workers are pinned to (default: the server's own).
-    pub(crate) worker_cpus: Option<Vec<usize>>,
-    /// Memory ceiling of a session worker while a task runs (default: none).
-    pub(crate) worker_memory_limit: Option<u64>,
-}
-
-impl ServerConfig {
-    /// A configuration for `key` whose sessions run `worker`, with defaults.
-    pub fn new(key: impl Into<String>, worker: WorkerProgram) -> Self {
-        ServerConfig {
-            key: key.into(),
-            tracker: None,
-            custom_addr: None,
-            token: None,
-            session_timeout: None,
-            max_upload_bytes: 1 << 30,
-            worker,
-            work_root: None,
-            worker_output: OutputMode::Inherit,
-            handshake_timeout: Duration::from_secs(10),
-            unused_lease_timeout: Duration::from_secs(4),
-            tracker_poll: Duration::from_secs(1),
-            max_connections: 64,
-            worker_cpus: None,
-            worker_memory_limit: None,
-        }
-    }
-}
-
-impl ServerConfig {
-    /// Registers with the tracker at `addr` (`host:port`; default: no
-    /// tracker, and the match key is the key itself).
-    #[must_use]
-    pub fn tracker(mut self, addr: impl Into<String>) -> Self {
-        self.tracker = Some(addr.into());
-        self
-    }
-
-    /// Sets the address the tracker hands out for this server (default: the
-    /// peer address the tracker sees).
-    #[must_use]
-    pub fn custom_addr(mut self, addr: impl Into<String>) -> Self {
-        self.custom_addr = Some(addr.into());
-        self
-    }
-
-    /// Requires clients to present `token` (default: no token).
-    #[must_use]
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// Bounds every session's length, whatever the client asks (default: no bound).
-    #[must_use]
-    pub fn session_timeout(mut self, limit: Duration) -> Self {
-        self.session_timeout = Some(limit);
-        self
-    }
-
-    /// Removes the bound of [`session_timeout`](Self::session_timeout).
-    #[must_use]
-    pub fn no_session_timeout(mut self) -> Self {
-        self.session_timeout = None;
-        self
-    }
-
-    /// Sets the largest upload accepted (default 1 GiB).
-    #[must_use]
-    pub fn max_upload_bytes(mut self, bytes: u64) -> Self {
-        self.max_upload_bytes = bytes;
-        self
-    }
-
-    /// Creates session dirs in `dir` (default: the system temp dir).
-    #[must_use]
-    pub fn work_root(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.work_root = Some(dir.into());
-        self
-    }
-
-    /// Sets where the session workers' stdout/stderr go (default: inherited).
-    #[must_use]
-    pub fn worker_output(mut self, mode: OutputMode) -> Self {
-        self.worker_output = mode;
-        self
-    }
-
-    /// Sets how long a client may take to complete its handshake (default 10 s).
-    #[must_use]
-    pub fn handshake_timeout(mut self, limit: Duration) -> Self {
-        self.handshake_timeout = limit;
-        self
-    }
-
-    /// Sets after how long a leased but unused match key is replaced
-    /// (default 4 s, as TVM).
-    #[must_use]
-    pub fn unused_lease_timeout(mut self, limit: Duration) -> Self {
-        self.unused_lease_timeout = limit;
-        self
-    }
-
-    /// Sets how often the lease (and, while unavailable, the work dir) is
-    /// checked (default 1 s).
-    #[must_use]
-    pub fn tracker_poll(mut self, every: Duration) -> Self {
-        self.tracker_poll = every;
-        self
-    }
-
-    /// Sets the most connections handled at once (default 64, at least 1).
-    #[must_use]
-    pub fn max_connections(mut self, n: usize) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// Pins every session worker (and what its tasks start) to these CPUs,
-    /// e.g. to keep measurements off the cores that build (default: the
-    /// server's own affinity). See `popen_pool`'s `cpu_affinity`.
-    #[must_use]
-    pub fn worker_cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
-        self.worker_cpus = Some(cpus.into_iter().collect());
-        self
-    }
-
-    /// A session worker that crosses `bytes` during a task is killed: that
-    /// call fails with `SessionError::Task(PoolError::MemoryLimit)`, the
-    /// session goes on with a fresh worker (default: no ceiling). See
-    /// `popen_pool`'s `memory_limit` for how it is enforced.
-    #[must_use]
-    pub fn worker_memory_limit(mut self, bytes: u64) -> Self {
-        self.worker_memory_limit = Some(bytes);
-        self
-    }
-
-    /// The device key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Checks that a server with this configuration can serve sessions at
-    /// all: its work dir can hold session dirs and its worker program
-    /// exists. [`DeviceServer::run`] and [`DeviceServer::start`] check it too.
-    ///
-    /// # Errors
-    ///
-    /// [`ServerError::WorkDir`] or [`ServerError::WorkerProgram`].
-    pub async fn check(&self) -> Result<(), ServerError> {
-        validate(self).await
-    }
-}
 
 /// What a device server is doing, observable through [`ServerHandle::status`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
