@@ -3,7 +3,7 @@
 //! parent, with a cgroup per worker and without (process tree and guard);
 //! no cgroup directory outlives its pool.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -173,24 +173,11 @@ fn daemon_parent_program_entry() {
 }
 
 fn killed_parent_leaves_no_daemons(mode: &str) {
-    let module = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
-    let entry = format!("{module}::daemon_parent_program_entry");
-    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([entry.as_str(), "--exact", "--nocapture", "--test-threads=1"])
-        .env(PARENT_ENV, mode)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = parent.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut parent, rx) = crate::hygiene::spawn_parent_program(
+        module_path!(),
+        "daemon_parent_program_entry",
+        (PARENT_ENV, mode),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     let daemons: Vec<u32> = loop {

@@ -19,6 +19,34 @@ pub(crate) const SOON: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------
 // Helpers shared with `chaos`.
 
+/// Re-runs this test binary at the test `entry` of the calling module (as a
+/// parent program) with `PARENT_ENV=value`; returns it and its stdout lines.
+pub(crate) fn spawn_parent_program(
+    module_path: &str,
+    entry: &str,
+    env: (&str, &str),
+) -> (std::process::Child, std::sync::mpsc::Receiver<std::io::Result<String>>) {
+    let module = module_path.split_once("::").map_or(module_path, |(_, rest)| rest);
+    let entry = format!("{module}::{entry}");
+    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([entry.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = parent.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (parent, rx)
+}
+
 /// Polls `cond` every few ms until it holds or `limit` passes; true if it held.
 pub(crate) async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -290,24 +318,11 @@ fn parent_program_entry() {
 
 #[test]
 fn killed_parent_leaves_no_workers() {
-    let module = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
-    let entry = format!("{module}::parent_program_entry");
-    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([entry.as_str(), "--exact", "--nocapture", "--test-threads=1"])
-        .env(PARENT_ENV, "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = parent.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut parent, rx) = crate::hygiene::spawn_parent_program(
+        module_path!(),
+        "parent_program_entry",
+        (PARENT_ENV, "1"),
+    );
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();

@@ -97,6 +97,7 @@ impl DeviceServer {
         config: ServerConfig,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
+        validate(&config).await?;
         let (status, _) = watch::channel(ServerStatus::default());
         run_with(listener, config, shutdown, status).await
     }
@@ -201,13 +202,13 @@ async fn validate(config: &ServerConfig) -> Result<(), ServerError> {
     }
 }
 
+/// Serves with a configuration already checked by [`validate`].
 async fn run_with(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
     status: watch::Sender<ServerStatus>,
 ) -> Result<(), ServerError> {
-    validate(&config).await?;
     let port = listener.local_addr().map_err(ServerError::Accept)?.port();
     let matchkey = match &config.tracker {
         Some(_) => crate::tracker::random_matchkey(&config.key),

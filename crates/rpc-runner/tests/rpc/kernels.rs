@@ -1,5 +1,5 @@
 //! Kernels measured through a real server, session and session worker: C
-//! compiled at test time (`cc -O2 -shared -fPIC`, `kernels/kernels.c`),
+//! compiled at test time (`cc -O2 -shared -fPIC -I include/`, `kernels/kernels.c`),
 //! uploaded, loaded, timed, read back.
 
 use std::path::PathBuf;
@@ -28,8 +28,9 @@ fn compile_kernels() -> Library {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("kernels.so");
     let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/rpc/kernels/kernels.c");
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
     let out = Command::new("cc")
-        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .args(["-O2", "-shared", "-fPIC", "-I", include, "-o"])
         .arg(&path)
         .arg(source)
         .output()

@@ -1,31 +1,12 @@
 /* Test kernels for rpc-runner's kernel ABI:
  *   int32_t NAME(DLTensor* args, int32_t num_args);  0 = success
- * Built at test time with `cc -O2 -shared -fPIC`. */
+ * Built at test time with `cc -O2 -shared -fPIC -I include/`. */
 #define _POSIX_C_SOURCE 199309L
 #include <stdint.h>
 #include <time.h>
 
-/* The DLPack structs (dlpack.h), as far as these kernels need them. */
-typedef struct {
-  int32_t device_type;
-  int32_t device_id;
-} DLDevice;
-
-typedef struct {
-  uint8_t code;
-  uint8_t bits;
-  uint16_t lanes;
-} DLDataType;
-
-typedef struct {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-} DLTensor;
+/* DLTensor and friends: the kernel ABI header shipped with rpc-runner. */
+#include "tuning_harness_kernel.h"
 
 static int is_f32_matrix(const DLTensor* t) {
   return t->ndim == 2 && t->dtype.code == 2 && t->dtype.bits == 32 && t->dtype.lanes == 1 &&
