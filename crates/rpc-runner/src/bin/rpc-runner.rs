@@ -73,10 +73,15 @@ enum Command {
         /// Largest upload accepted, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_upload_mib: u64,
-        /// CPUs the session workers are pinned to, e.g. `1` or `0,2-3`
-        /// (default: the server's own affinity).
-        #[arg(long, value_parser = parse_cpus)]
-        cpus: Option<Vec<usize>>,
+        /// CPUs the session workers time kernels on, e.g. `1` or `0,2-3`
+        /// (default: the last online CPU); the server itself then runs on
+        /// the other CPUs.
+        #[arg(long, alias = "cpus", value_parser = parse_cpus, conflicts_with = "no_pin")]
+        measure_cpus: Option<Vec<usize>>,
+        /// Do not pin: session workers and the server keep the affinity
+        /// the server was started with.
+        #[arg(long)]
+        no_pin: bool,
         /// Memory ceiling of a session worker during a task, e.g. `4G`,
         /// `512M` (binary units); a task over it fails alone.
         #[arg(long, value_parser = parse_bytes)]
@@ -217,7 +222,8 @@ async fn main() -> Result<()> {
             session_timeout,
             max_connections,
             max_upload_mib,
-            cpus,
+            measure_cpus,
+            no_pin,
             memory_limit,
             work_dir,
         } => {
@@ -240,8 +246,23 @@ async fn main() -> Result<()> {
             if let Some(dir) = work_dir {
                 config = config.work_root(dir);
             }
-            if let Some(cpus) = cpus {
-                config = config.worker_cpu_affinity(cpus);
+            if no_pin {
+                config = config.no_worker_cpu_affinity();
+            } else {
+                let online = rpc_runner::measure::CpuPlan::detect();
+                let plan = match measure_cpus {
+                    Some(cpus) => {
+                        let all: Vec<usize> =
+                            online.measure.iter().chain(&online.others).copied().collect();
+                        rpc_runner::measure::CpuPlan::with_measure(&all, cpus)
+                    }
+                    None => online,
+                };
+                if !plan.others.is_empty() {
+                    rpc_runner::measure::pin_this_process(&plan.others)
+                        .context("cannot pin the server to the CPUs that do not measure")?;
+                }
+                config = config.worker_cpu_affinity(plan.measure);
             }
             if let Some(bytes) = memory_limit {
                 config = config.worker_memory_limit(bytes);

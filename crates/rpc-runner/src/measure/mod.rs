@@ -4,14 +4,17 @@
 //! # Layout
 //!
 //! - `args.rs`: [`ArgInfo`] / [`DType`] in TVM's JSON shape.
-//! - `evaluator.rs`: [`EvaluatorConfig`].
+//! - `evaluator.rs`: [`EvaluatorConfig`] and the adaptive stop rule [`AdaptiveStop`].
 //! - `builder/`: the worker-side build plan and its default task
 //!   [`CompileC`] (`plan.rs`), the parent-side [`LocalBuilder`] (`local.rs`),
 //!   its settings and errors.
 //! - `dlpack.rs`, `kernel/`: the worker side: the kernel tasks (`mod.rs`),
 //!   loading (`load.rs`), argument buffers (`buffers.rs`), the random fill
-//!   with its PRNG and float16 (`fill.rs`), the timing loop (`timing.rs`) and
-//!   the cache flush (`flush.rs`): the session-worker task types.
+//!   with its PRNG and float16 (`fill.rs`), TVM's timing loop (`timing.rs`),
+//!   the adaptive and interleaved loop (`rounds.rs`), several candidates in
+//!   one worker (`candidates.rs`), the [`Environment`] record (`env.rs`),
+//!   `SCHED_FIFO` (`realtime.rs`) and the cache flush (`flush.rs`): the
+//!   session-worker task types.
 //! - `header.rs`: the C header of the kernel ABI ([`KERNEL_HEADER`]).
 //! - `stats.rs`: [`Stats`] of batch costs (median, MAD, relative noise,
 //!   `stable`) and [`Verdict`]s on whether two measurements differ beyond noise.
@@ -19,12 +22,14 @@
 //!   [`RpcRunner`] and [`LocalRunner`] (its own `# Layout` says more).
 //! - `batch.rs`: [`Batch`], the stream of `(index, result)` runners and the
 //!   builder return (dropping it cancels its unfinished work).
+//! - `cpus.rs`: [`CpuPlan`] (which CPU measures) and [`pin_this_process`].
 //! - `cause.rs`: [`Cause`], the typed source of an error that still serializes.
 
 mod args;
 mod batch;
 mod builder;
 mod cause;
+mod cpus;
 mod dlpack;
 mod evaluator;
 mod header;
@@ -39,9 +44,14 @@ pub use builder::{
     BuilderInput, BuilderResult, CompileC, LocalBuilder, LocalBuilderConfig, MAX_NAME_LEN,
 };
 pub use cause::Cause;
-pub use evaluator::EvaluatorConfig;
+pub use cpus::{CpuPlan, pin_this_process};
+pub use evaluator::{AdaptiveStop, EvaluatorConfig};
 pub use header::{KERNEL_HEADER, KERNEL_HEADER_NAME, write_kernel_header};
-pub use kernel::{AllocArgs, DEFAULT_ENTRY, LoadKernel, ReadArg, TimeKernel, failure_kind};
+pub use kernel::{
+    AddCandidate, AllocArgs, CandidateTiming, DEFAULT_ENTRY, Environment, LoadKernel,
+    MAX_CANDIDATES, ReadArg, ReadCandidateArg, StopReason, TimeCandidates, TimeKernel, Timing,
+    failure_kind,
+};
 pub use runner::{
     DefaultPipeline, DeviceSession, Element, LocalRunner, LocalRunnerBuilder, Measurement, Output,
     OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder, RunError,

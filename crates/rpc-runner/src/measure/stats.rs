@@ -23,7 +23,13 @@ pub struct Stats {
     pub mean: f64,
     /// Median absolute deviation from the median.
     pub mad: f64,
-    /// Relative noise: `mad / median` (0 for fewer than 2 costs or a zero median).
+    /// Interquartile range (quartiles by linear interpolation).
+    pub iqr: f64,
+    /// Relative noise: `max(mad, iqr / 2) / median` (0 for fewer than 2
+    /// costs or a zero median). For normal noise `iqr / 2` and `mad` agree
+    /// (both 0.674 σ); the larger of the two keeps a bimodal set of costs
+    /// (say 60% at one value, 40% at another, where the MAD is 0) from
+    /// looking quiet.
     pub rel_noise: f64,
     /// `rel_noise` is at most the threshold the statistics were computed
     /// with, and there are at least [`Stats::MIN_STABLE_N`] costs.
@@ -66,17 +72,20 @@ impl Stats {
         let mut dev: Vec<f64> = v.iter().map(|c| (c - median).abs()).collect();
         dev.sort_by(f64::total_cmp);
         let mad = median_sorted(&dev);
-        let rel_noise = if n < 2 || median <= 0.0 { 0.0 } else { mad / median };
+        let iqr = quantile_sorted(&v, 0.75) - quantile_sorted(&v, 0.25);
+        let rel_noise = if n < 2 || median <= 0.0 { 0.0 } else { mad.max(iqr / 2.0) / median };
         let stable = n >= Self::MIN_STABLE_N && rel_noise <= threshold;
-        Some(Stats { n, min: v[0], median, mean, mad, rel_noise, stable })
+        Some(Stats { n, min: v[0], median, mean, mad, iqr, rel_noise, stable })
     }
 
     /// The interval the median is taken to lie in: `median ± 3 σ̂` with
-    /// `σ̂ = 1.4826 · MAD / √n` (the MAD's normal-equivalent standard error),
-    /// and at least `± 0.5%` of the median (the resolution of any CPU timing
-    /// worth trusting).
+    /// `σ̂ = 1.4826 · spread / √n` (`spread = rel_noise · median`, the
+    /// MAD or half the IQR, whichever is larger: its normal-equivalent
+    /// standard error), and at least `± 0.5%` of the median (the resolution
+    /// of any CPU timing worth trusting).
     pub fn interval(&self) -> (f64, f64) {
-        let se = MAD_TO_SIGMA * self.mad / (self.n.max(1) as f64).sqrt();
+        let spread = self.mad.max(self.iqr / 2.0);
+        let se = MAD_TO_SIGMA * spread / (self.n.max(1) as f64).sqrt();
         let half = (3.0 * se).max(0.005 * self.median.abs());
         (self.median - half, self.median + half)
     }
@@ -116,6 +125,16 @@ pub fn best_within_noise(stats: &[Stats]) -> Vec<usize> {
     tied
 }
 
+/// The `q` quantile of sorted `v` (linear interpolation between order
+/// statistics, R's type 7).
+fn quantile_sorted(v: &[f64], q: f64) -> f64 {
+    let pos = q * (v.len().saturating_sub(1)) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = pos - lo as f64;
+    v[lo] + (v[hi.min(v.len() - 1)] - v[lo]) * frac
+}
+
 fn median_sorted(v: &[f64]) -> f64 {
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
@@ -135,6 +154,10 @@ mod tests {
         assert!(s.stable);
         assert!(!Stats::from_costs(&[1.0, 1.2, 0.8, 1.1, 0.9], 0.02).unwrap().stable);
         // Too few costs are never stable, and an even count takes the middle pair.
+        // A bimodal set has a MAD of 0 but is not quiet.
+        let bi = Stats::from_costs(&[10.0, 12.0, 10.0, 12.0, 10.0], 0.01).unwrap();
+        assert_eq!((bi.mad, bi.iqr), (0.0, 2.0));
+        assert!((bi.rel_noise - 0.1).abs() < 1e-12 && !bi.stable, "{bi:?}");
         let two = Stats::from_costs(&[1.0, 3.0], 0.5).unwrap();
         assert_eq!((two.median, two.stable), (2.0, false));
         assert!(Stats::from_costs(&[], 0.01).is_none());

@@ -50,7 +50,9 @@ pub struct ServerConfig {
     /// [`CODE_AT_CAPACITY`]
     /// ([`SessionError::AtCapacity`](crate::SessionError::AtCapacity)).
     pub(crate) max_connections: usize,
-    /// CPUs the session workers are pinned to (default: the server's own).
+    /// CPUs the session workers are pinned to (default: the last online
+    /// CPU, [`CpuPlan::detect`](crate::measure::CpuPlan::detect); `None`:
+    /// the server's own affinity).
     pub(crate) worker_cpus: Option<Vec<usize>>,
     /// Memory ceiling of a session worker while a task runs (default: none).
     pub(crate) worker_memory_limit: Option<u64>,
@@ -73,7 +75,7 @@ impl ServerConfig {
             unused_lease_timeout: Duration::from_secs(4),
             tracker_poll: Duration::from_secs(1),
             max_connections: 64,
-            worker_cpus: None,
+            worker_cpus: Some(crate::measure::CpuPlan::detect().measure),
             worker_memory_limit: None,
         }
     }
@@ -168,12 +170,24 @@ impl ServerConfig {
         self
     }
 
-    /// Pins every session worker (and what its tasks start) to these CPUs,
-    /// e.g. to keep measurements off the cores that build (default: the
-    /// server's own affinity). See `popen_pool`'s `cpu_affinity`.
+    /// Pins every session worker (and what its tasks start) to these CPUs:
+    /// the CPUs kernels are timed on (default: the last online CPU, as
+    /// [`CpuPlan::detect`](crate::measure::CpuPlan::detect); keep builds and
+    /// other work off it, e.g. with
+    /// [`pin_this_process`](crate::measure::pin_this_process)). See
+    /// `popen_pool`'s `cpu_affinity`. A measurement records the CPUs it ran
+    /// on in `Measurement::env`.
     #[must_use]
     pub fn worker_cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
         self.worker_cpus = Some(cpus.into_iter().collect());
+        self
+    }
+
+    /// Session workers keep the server's own affinity (not pinned; their
+    /// measurements then warn that they were not pinned).
+    #[must_use]
+    pub fn no_worker_cpu_affinity(mut self) -> Self {
+        self.worker_cpus = None;
         self
     }
 

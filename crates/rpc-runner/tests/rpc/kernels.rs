@@ -64,7 +64,7 @@ async fn prepare(sess: &mut Session, entry: &str, args: Vec<ArgInfo>, alloc_repe
 }
 
 async fn time(sess: &mut Session, cfg: EvaluatorConfig) -> Result<Vec<f64>, SessionError> {
-    sess.call(TimeKernel { config: cfg }, CALL).await
+    sess.call(TimeKernel { config: cfg }, CALL).await.map(|t| t.costs)
 }
 
 fn median(costs: &[f64]) -> f64 {

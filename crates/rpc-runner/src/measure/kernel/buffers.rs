@@ -3,41 +3,107 @@
 use super::fill::{SplitMix64, fill};
 use super::*;
 
-/// A zero-initialized, 64-byte-aligned heap buffer, freed on drop.
-pub(super) struct AlignedBuf {
-    pub(super) ptr: NonNull<u8>,
-    pub(super) len: usize,
-    pub(super) layout: Layout,
+/// One zero-initialized allocation that the buffers of an argument set are
+/// carved from, freed when the last of them is dropped.
+///
+/// An allocation of at least [`HUGE_ARENA_MIN`] bytes is 2 MiB-aligned,
+/// rounded up to 2 MiB and advised `MADV_HUGEPAGE` before it is first
+/// touched: where transparent huge pages are enabled (`always` or
+/// `madvise`), the set's buffers then sit in physically contiguous 2 MiB
+/// pages, so their cache placement does not change from process to process
+/// (with 4 KiB pages it depends on which physical pages the kernel hands
+/// out, a source of run-to-run variance).
+pub(super) struct Arena {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    /// `madvise(MADV_HUGEPAGE)` was applied and accepted.
+    pub(super) huge: bool,
 }
 
-// SAFETY: an `AlignedBuf` owns its allocation exclusively, like a `Box<[u8]>`.
-unsafe impl Send for AlignedBuf {}
+// SAFETY: an `Arena` owns its allocation exclusively, like a `Box<[u8]>`;
+// the buffers that point into it only hand out accesses under `&`/`&mut`
+// of themselves (each covers its own disjoint range).
+unsafe impl Send for Arena {}
+// SAFETY: as above; `Arena` itself offers no access to the bytes.
+unsafe impl Sync for Arena {}
 
-impl AlignedBuf {
+/// Sets of at least this many bytes get a huge-page arena.
+pub(super) const HUGE_ARENA_MIN: usize = 256 << 10;
+
+/// A transparent huge page (x86_64, aarch64 with 4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Arena {
     /// `None` if the size is impossible or the allocator refuses.
-    pub(super) fn zeroed(len: usize) -> Option<Self> {
+    pub(super) fn zeroed(len: usize) -> Option<Arena> {
+        if len >= HUGE_ARENA_MIN {
+            let size = len.checked_next_multiple_of(HUGE_PAGE)?;
+            let layout = Layout::from_size_align(size, HUGE_PAGE).ok()?;
+            // SAFETY: `layout` has a nonzero size.
+            let ptr = NonNull::new(unsafe { std::alloc::alloc(layout) })?;
+            // SAFETY: `ptr..ptr+size` is our own fresh allocation, 2 MiB
+            // (hence page) aligned; madvise only changes how it is backed.
+            let huge = unsafe {
+                nix::libc::madvise(ptr.as_ptr().cast(), size, nix::libc::MADV_HUGEPAGE) == 0
+            };
+            // SAFETY: writing zeros over the whole allocation we own; the
+            // first touch, so it faults in (huge) pages after the advice.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
+            return Some(Arena { ptr, layout, huge });
+        }
         let layout = Layout::from_size_align(len.max(1), ALIGN).ok()?;
         // SAFETY: `layout` has a nonzero size.
         let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(AlignedBuf { ptr, len, layout })
+        Some(Arena { ptr, layout, huge: false })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated by the global allocator with `layout`.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A zero-initialized, 64-byte-aligned buffer inside an [`Arena`].
+pub(super) struct AlignedBuf {
+    pub(super) ptr: NonNull<u8>,
+    pub(super) len: usize,
+    /// Keeps the allocation alive.
+    pub(super) _arena: std::sync::Arc<Arena>,
+}
+
+// SAFETY: an `AlignedBuf` is the only handle to its byte range of the arena
+// (the ranges of one set are disjoint), like a `Box<[u8]>` of it.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer in an arena of its own; `None` if the size is impossible or
+    /// the allocator refuses.
+    #[cfg(test)]
+    pub(super) fn zeroed(len: usize) -> Option<Self> {
+        let arena = std::sync::Arc::new(Arena::zeroed(len)?);
+        Some(AlignedBuf { ptr: arena.ptr, len, _arena: arena })
+    }
+
+    /// `len` bytes at `offset` (a multiple of 64) into `arena`.
+    fn carve(arena: &std::sync::Arc<Arena>, offset: usize, len: usize) -> Self {
+        debug_assert!(offset + len <= arena.layout.size());
+        // SAFETY: `offset + len` is within the arena's allocation (the
+        // caller sized it to hold every buffer), so the pointer stays in it.
+        let ptr = unsafe { NonNull::new_unchecked(arena.ptr.as_ptr().add(offset)) };
+        AlignedBuf { ptr, len, _arena: std::sync::Arc::clone(arena) }
     }
 
     pub(super) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live, initialized (zeroed) allocation of at
-        // least `len` bytes owned by `self`; the borrow of `self` keeps it alive.
+        // SAFETY: `ptr` points to `len` initialized (zeroed) bytes of the
+        // arena, kept alive by `self.arena`; no other buffer covers them.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated by the global allocator with `layout`.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
 
@@ -49,6 +115,8 @@ pub(super) struct ArgSet {
     /// the `Vec`s does not move; never resized after the tensors are made).
     pub(super) _shapes: Vec<Vec<i64>>,
     pub(super) tensors: Vec<DLTensor>,
+    /// The set's buffers are in huge pages (advised, see [`Arena`]).
+    pub(super) huge_pages: bool,
 }
 
 // SAFETY: the raw pointers in `tensors` point only into `bufs` and `_shapes`,
@@ -59,9 +127,23 @@ impl ArgSet {
     pub(super) fn new(args: &[ArgInfo], rng: &mut SplitMix64) -> Result<Self, KernelError> {
         let mut bufs = Vec::with_capacity(args.len());
         let mut shapes = Vec::with_capacity(args.len());
+        // One arena for the set: each buffer at a 64-byte-aligned offset.
+        let mut offsets = Vec::with_capacity(args.len());
+        let mut total = 0usize;
         for (index, info) in args.iter().enumerate() {
             let bytes = checked_nbytes(index, info)?;
-            let mut buf = AlignedBuf::zeroed(bytes).ok_or(KernelError::Alloc { index, bytes })?;
+            let too_large = || KernelError::BadArgs("the arguments are too large together".into());
+            offsets.push((total, bytes));
+            total = total
+                .checked_add(bytes)
+                .and_then(|t| t.checked_next_multiple_of(ALIGN))
+                .filter(|&t| t <= isize::MAX as usize - HUGE_PAGE)
+                .ok_or_else(too_large)?;
+        }
+        let arena = Arena::zeroed(total).ok_or(KernelError::Alloc { bytes: total })?;
+        let arena = std::sync::Arc::new(arena);
+        for (info, &(offset, bytes)) in args.iter().zip(&offsets) {
+            let mut buf = AlignedBuf::carve(&arena, offset, bytes);
             fill(buf.as_mut_slice(), info.dtype, rng);
             bufs.push(buf);
             shapes.push(info.shape.clone());
@@ -74,7 +156,14 @@ impl ArgSet {
                 DLTensor::cpu(buf.ptr.as_ptr().cast(), DLDataType::from(info.dtype), shape)
             })
             .collect();
-        Ok(ArgSet { bufs, _shapes: shapes, tensors })
+        Ok(ArgSet { bufs, _shapes: shapes, tensors, huge_pages: arena.huge })
+    }
+
+    /// The pointer and count a kernel's entry takes.
+    pub(super) fn raw_args(&mut self) -> (*mut DLTensor, i32) {
+        // `ArgSets::new` checked that the count fits.
+        let num_args = i32::try_from(self.tensors.len()).unwrap_or(i32::MAX);
+        (self.tensors.as_mut_ptr(), num_args)
     }
 }
 

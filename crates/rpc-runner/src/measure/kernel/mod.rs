@@ -38,12 +38,23 @@ use popen_pool::{Task, TaskFailure, WorkerContext};
 use serde::{Deserialize, Serialize};
 
 mod buffers;
+mod candidates;
+mod env;
 mod fill;
 mod flush;
 mod load;
+mod realtime;
+mod rounds;
 #[cfg(test)]
 mod tests;
 mod timing;
+
+pub use self::candidates::{
+    AddCandidate, CandidateTiming, MAX_CANDIDATES, ReadCandidateArg, TimeCandidates,
+};
+pub use self::env::Environment;
+pub(crate) use self::env::online_cpus;
+pub use self::rounds::StopReason;
 
 use self::buffers::{AlignedBuf, ArgSets};
 use self::flush::CacheFlush;
@@ -143,11 +154,9 @@ pub(crate) enum KernelError {
     #[error("bad evaluator config: {0}")]
     BadConfig(String),
     /// An allocation failed.
-    #[error("cannot allocate {bytes} bytes for argument {index}")]
+    #[error("cannot allocate {bytes} bytes for an argument set")]
     Alloc {
-        /// The argument's index.
-        index: usize,
-        /// Its size.
+        /// The set's size (all its arguments in one allocation).
         bytes: usize,
     },
     /// A set or argument index out of range.
@@ -285,39 +294,66 @@ impl Task for AllocArgs {
     }
 }
 
-/// Times the loaded kernel on every allocated argument set with TVM's time
-/// evaluator (task `rpc_runner.time_kernel`); returns the costs in seconds,
-/// `repeat` per set, set after set.
+/// Times the loaded kernel on every allocated argument set (task
+/// `rpc_runner.time_kernel`); returns the costs in seconds with how they
+/// were taken ([`Timing`]: calls per batch, why timing stopped, the
+/// [`Environment`]).
 ///
-/// For each set: one discarded warm-up call, then `repeat` batches. A batch
-/// calls the entry `number` times under a monotonic clock; a batch shorter
-/// than `min_repeat_ms` is run again with TVM's
+/// **TVM's rule** (`config.adaptive == None`). For each set: one discarded
+/// warm-up call, then `repeat` batches. A batch calls the entry `number`
+/// times under a monotonic clock; a batch shorter than `min_repeat_ms` is
+/// run again with TVM's
 /// `number = max(min_repeat_ms / (batch_ms / number) + 1, number * 1.618)`
 /// (truncated; a batch that reads zero time grows `number` by the golden
 /// ratio, and 10 zero readings in a row are an error), and the grown
 /// `number` is kept for later batches and later sets, as TVM keeps it in
 /// its evaluator. A batch's cost is its time / `number`. `cooldown_ms` is
-/// slept between batches (and between sets). With `enable_cpu_cache_flush`,
-/// every argument but the first is flushed from the CPU caches before each
-/// timed batch (x86_64: `clflush` of every line, then `mfence`; elsewhere a
-/// 16 MiB scratch buffer is written instead).
+/// slept between batches (and between sets).
+///
+/// **Adaptive rule** ([`AdaptiveStop`](crate::measure::AdaptiveStop)). One
+/// warm-up call per set, `number` calibrated the same way on set 0 (these
+/// batches are discarded), then batches on the sets in turn until the
+/// relative noise of the costs is at most the target with at least
+/// `min_batches` of them, or `max_batches` / `max_time_ms` is reached
+/// ([`StopReason`] says which).
+///
+/// Both: with `enable_cpu_cache_flush`, every argument but the first is
+/// flushed from the CPU caches before each timed batch (x86_64: `clflush`
+/// of every line, then `mfence`; elsewhere a 16 MiB scratch buffer is
+/// written instead); with `realtime`, the loop runs under `SCHED_FIFO`
+/// where permitted and sleeps 0.1 ms between batches.
 ///
 /// # Errors
 ///
 /// [`failure_kind::KERNEL_ERROR`] (`kernel returned error N`; timing stops),
 /// [`failure_kind::NO_KERNEL`], [`failure_kind::NO_ARGS`],
-/// [`failure_kind::BAD_CONFIG`] (`number` or `repeat` is 0),
-/// [`failure_kind::TIMER_ERROR`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// [`failure_kind::BAD_CONFIG`] (`number` or `repeat` is 0, an impossible
+/// adaptive rule), [`failure_kind::TIMER_ERROR`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimeKernel {
     /// How to time.
     pub config: EvaluatorConfig,
 }
 
+/// What [`TimeKernel`] returns: the batch costs and how they were taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Timing {
+    /// One cost per batch, in seconds: with TVM's rule `repeat` per set,
+    /// set after set; with the adaptive rule, the sets in turn.
+    pub costs: Vec<f64>,
+    /// Calls per batch at the end.
+    pub number: u32,
+    /// Why timing stopped.
+    pub stop: StopReason,
+    /// Where and under what conditions it was timed.
+    pub env: Environment,
+}
+
 impl Task for TimeKernel {
     const NAME: &'static str = "rpc_runner.time_kernel";
-    type Output = Vec<f64>;
-    fn run(self, ctx: &mut WorkerContext) -> Result<Vec<f64>, TaskFailure> {
+    type Output = Timing;
+    fn run(self, ctx: &mut WorkerContext) -> Result<Timing, TaskFailure> {
         time_kernel(&self.config, ctx).map_err(KernelError::into_failure)
     }
 }

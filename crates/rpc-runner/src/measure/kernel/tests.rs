@@ -2,6 +2,7 @@
 
 use super::fill::{SplitMix64, fill};
 use super::flush::scratch_flush;
+use super::rounds::StopReason;
 use super::*;
 
 fn config(number: u32, repeat: u32, min_repeat_ms: u64) -> EvaluatorConfig {
@@ -145,8 +146,9 @@ fn time_kernel_calls_the_entry_on_each_set() {
     AllocArgs { args: vec![vec.clone(); 3], alloc_repeat: 2, seed: 5 }.run(&mut ctx).unwrap();
     let mut cfg = config(2, 3, 0);
     cfg.enable_cpu_cache_flush = true;
-    let costs = TimeKernel { config: cfg }.run(&mut ctx).unwrap();
-    assert_eq!(costs.len(), 6);
+    let timing = TimeKernel { config: cfg }.run(&mut ctx).unwrap();
+    let costs = timing.costs;
+    assert_eq!((costs.len(), timing.stop), (6, StopReason::Repeat));
     assert!(costs.iter().all(|&c| c > 0.0 && c < 1e-3), "{costs:?}");
     let f = |b: Vec<u8>| -> Vec<f32> {
         b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect()
@@ -191,4 +193,51 @@ fn cache_flush_runs_on_real_buffers() {
     let mut scratch = Vec::new();
     scratch_flush(&mut scratch);
     assert_eq!(scratch.len(), 16 << 20);
+}
+
+#[test]
+fn the_adaptive_rule_times_until_quiet_and_records_the_environment() {
+    let mut ctx = WorkerContext::default();
+    ctx.insert(LoadedKernel { entry: add_kernel, _lib: None });
+    let vec = ArgInfo::tensor(DType::F32, [1000]);
+    AllocArgs { args: vec![vec; 3], alloc_repeat: 2, seed: 5 }.run(&mut ctx).unwrap();
+    let stop = crate::measure::AdaptiveStop {
+        target_rel_noise: 0.5,
+        min_batches: 4,
+        max_batches: 40,
+        max_time_ms: 10_000,
+    };
+    let cfg =
+        EvaluatorConfig { min_repeat_ms: 1, ..EvaluatorConfig::adaptive() }.with_adaptive(stop);
+    let t = TimeKernel { config: cfg }.run(&mut ctx).unwrap();
+    // 50% noise is reached at once: the minimum number of batches.
+    assert_eq!((t.stop, t.costs.len()), (StopReason::Converged, 4), "{t:?}");
+    assert!(t.number > 1, "calibrated: {}", t.number);
+    assert!(!t.env.cpus.is_empty() && t.env.online_cpus >= 1, "{:?}", t.env);
+    assert!(!t.env.huge_pages, "12 KB sets stay in small pages");
+    // An impossible target spends the batch budget.
+    let stop = crate::measure::AdaptiveStop { target_rel_noise: 1e-12, max_batches: 12, ..stop };
+    let cfg =
+        EvaluatorConfig { min_repeat_ms: 1, ..EvaluatorConfig::adaptive() }.with_adaptive(stop);
+    let t = TimeKernel { config: cfg }.run(&mut ctx).unwrap();
+    assert!(matches!(t.stop, StopReason::BatchBudget | StopReason::Converged), "{t:?}");
+    assert!(t.stop == StopReason::Converged || t.costs.len() == 12, "{t:?}");
+}
+
+#[test]
+fn large_argument_sets_share_one_huge_page_arena() {
+    let mut ctx = WorkerContext::default();
+    let m = ArgInfo::tensor(DType::F32, [256, 256]);
+    AllocArgs { args: vec![m; 3], alloc_repeat: 1, seed: 1 }.run(&mut ctx).unwrap();
+    let set = &ctx.get::<ArgSets>().unwrap().sets[0];
+    let base = set.bufs[0].ptr.as_ptr() as usize;
+    assert_eq!(base % (2 << 20), 0, "2 MiB-aligned arena");
+    for (i, buf) in set.bufs.iter().enumerate() {
+        assert_eq!(buf.ptr.as_ptr() as usize - base, i * (256 << 10), "packed in order");
+    }
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.contains("[always]") || thp.contains("[madvise]") {
+        assert!(set.huge_pages, "MADV_HUGEPAGE accepted ({thp})");
+    }
 }

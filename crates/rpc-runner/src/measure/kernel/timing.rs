@@ -1,5 +1,9 @@
 //! The time evaluator's loop (TVM's semantics) and the tasks' worker-side bodies.
 
+use super::buffers::ArgSet;
+use super::env::{EnvProbe, Environment};
+use super::realtime::maybe_realtime;
+use super::rounds::{RoundsOut, StopReason, run_rounds};
 use super::*;
 
 /// The next `number` after a batch of `number` calls took `batch`, shorter
@@ -109,35 +113,111 @@ pub(super) fn run_batches(
 pub(super) fn time_kernel(
     cfg: &EvaluatorConfig,
     ctx: &mut WorkerContext,
-) -> Result<Vec<f64>, KernelError> {
+) -> Result<Timing, KernelError> {
     check_config(cfg)?;
     // The library stays in the context, untouched, for the whole task.
     let entry = ctx.get::<LoadedKernel>().ok_or(KernelError::NoKernel)?.entry;
     let sets = ctx.get_mut::<ArgSets>().ok_or(KernelError::NoArgs)?;
+    if cfg.adaptive.is_some() {
+        let (mut out, env) = time_subjects(cfg, &mut [(entry, sets)], 0)?;
+        return out.pop().unwrap_or(Err(KernelError::NoArgs)).map(|o| Timing {
+            costs: o.costs,
+            number: o.number,
+            stop: o.stop,
+            env,
+        });
+    }
+    let huge_pages = sets.sets.iter().all(|s| s.huge_pages);
+    let probe = EnvProbe::start();
     let mut number = cfg.number;
+    let (costs, realtime, warning) =
+        maybe_realtime(cfg.realtime, || tvm_loop(cfg, entry, sets, &mut number));
+    let mut env = probe.finish(realtime, warning.into_iter().collect());
+    env.huge_pages = huge_pages;
+    Ok(Timing { costs: costs?, number, stop: StopReason::Repeat, env })
+}
+
+/// TVM's evaluator over every argument set in turn.
+fn tvm_loop(
+    cfg: &EvaluatorConfig,
+    entry: EntryFn,
+    sets: &mut ArgSets,
+    number: &mut u32,
+) -> Result<Vec<f64>, KernelError> {
     let mut costs =
         Vec::with_capacity(sets.sets.len().saturating_mul(cfg.repeat.min(PREALLOC) as usize));
     for (i, set) in sets.sets.iter_mut().enumerate() {
         if i > 0 && cfg.cooldown_ms > 0 {
             std::thread::sleep(Duration::from_millis(cfg.cooldown_ms));
         }
+        let (tensors, num_args) = set.raw_args();
         let mut flusher = CacheFlush::new(&set.bufs);
-        // `ArgSets::new` checked that the count fits.
-        let num_args = i32::try_from(set.tensors.len()).unwrap_or(i32::MAX);
-        let tensors = set.tensors.as_mut_ptr();
-        let call = || {
-            // SAFETY: `entry` comes from a library kept loaded in the
-            // context for this whole task; `tensors` points to `num_args`
-            // DLTensors whose data and shape pointers point into live
-            // buffers of the sizes they describe. What the kernel does with
-            // them is beyond our control: a bad kernel can only crash this
-            // worker process, which is what session workers are for.
-            let rc = unsafe { entry(tensors, num_args) };
-            if rc == 0 { Ok(()) } else { Err(rc) }
-        };
-        costs.extend(time_batches(cfg, &mut number, call, || flusher.flush())?);
+        // SAFETY: see `call_entry`.
+        let call = || unsafe { call_entry(entry, tensors, num_args) };
+        costs.extend(time_batches(cfg, number, call, || flusher.flush())?);
     }
     Ok(costs)
+}
+
+/// Calls a kernel's entry once.
+///
+/// # Safety
+///
+/// `entry` comes from a library kept loaded for the whole call; `tensors`
+/// points to `num_args` DLTensors whose data and shape pointers point into
+/// live buffers of the sizes they describe. What the kernel does with them
+/// is beyond our control: a bad kernel can only crash this worker process,
+/// which is what session workers are for.
+unsafe fn call_entry(entry: EntryFn, tensors: *mut DLTensor, num_args: i32) -> Result<(), i32> {
+    // SAFETY: the caller's promise above.
+    let rc = unsafe { entry(tensors, num_args) };
+    if rc == 0 { Ok(()) } else { Err(rc) }
+}
+
+/// Times several kernels, each over its own argument sets, with the
+/// adaptive / interleaved loop ([`run_rounds`]), recording the environment
+/// once around all of it.
+pub(super) fn time_subjects(
+    cfg: &EvaluatorConfig,
+    subjects: &mut [(EntryFn, &mut ArgSets)],
+    order_seed: u64,
+) -> Result<(Vec<Result<RoundsOut, KernelError>>, Environment), KernelError> {
+    // Raw argument pointers first (they need `&mut`), then the flushers'
+    // shared borrows of the buffers.
+    let raw: Vec<Vec<(*mut DLTensor, i32)>> = subjects
+        .iter_mut()
+        .map(|(_, sets)| sets.sets.iter_mut().map(ArgSet::raw_args).collect())
+        .collect();
+    let entries: Vec<EntryFn> = subjects.iter().map(|(e, _)| *e).collect();
+    let mut flushers: Vec<Vec<CacheFlush<'_>>> = subjects
+        .iter()
+        .map(|(_, sets)| sets.sets.iter().map(|s| CacheFlush::new(&s.bufs)).collect())
+        .collect();
+    let nsets: Vec<usize> = raw.iter().map(Vec::len).collect();
+    let huge_pages = subjects.iter().all(|(_, sets)| sets.sets.iter().all(|s| s.huge_pages));
+    let probe = EnvProbe::start();
+    let (out, realtime, warning) = maybe_realtime(cfg.realtime, || {
+        run_rounds(
+            cfg,
+            &nsets,
+            order_seed,
+            |c, s, n| {
+                let (tensors, num_args) = raw[c][s];
+                let start = Instant::now();
+                for _ in 0..n {
+                    // SAFETY: see `call_entry`; the libraries and argument
+                    // sets are borrowed by `subjects` for this whole call.
+                    unsafe { call_entry(entries[c], tensors, num_args) }?;
+                }
+                Ok(start.elapsed())
+            },
+            |c, s| flushers[c][s].flush(),
+            std::thread::sleep,
+        )
+    });
+    let mut env = probe.finish(realtime, warning.into_iter().collect());
+    env.huge_pages = huge_pages;
+    Ok((out?, env))
 }
 
 pub(super) fn read_arg(
@@ -145,17 +225,7 @@ pub(super) fn read_arg(
     ctx: &WorkerContext,
 ) -> Result<serde_bytes::ByteBuf, KernelError> {
     let sets = &ctx.get::<ArgSets>().ok_or(KernelError::NoArgs)?.sets;
-    let set = sets.get(task.set as usize).ok_or(KernelError::OutOfRange {
-        what: "argument set",
-        index: task.set,
-        len: sets.len(),
-    })?;
-    let buf = set.bufs.get(task.index as usize).ok_or(KernelError::OutOfRange {
-        what: "argument",
-        index: task.index,
-        len: set.bufs.len(),
-    })?;
-    Ok(serde_bytes::ByteBuf::from(buf.as_slice().to_vec()))
+    super::candidates::read_from(sets, task.set, task.index)
 }
 
 #[cfg(test)]

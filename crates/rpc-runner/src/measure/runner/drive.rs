@@ -51,7 +51,7 @@ impl<P: Pipeline> Core<P> {
 }
 
 /// Awaits `fut`, bounded by `limit` when there is one.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     limit: Option<Duration>,
     fut: impl Future<Output = T>,
 ) -> Result<T, tokio::time::error::Elapsed> {

@@ -158,4 +158,12 @@ impl<P: Pipeline> Runner for LocalRunner<P> {
     fn run_with_cancel(&self, inputs: Vec<RunnerInput>, cancel: &CancellationToken) -> RunStream {
         self.core.start(inputs, cancel)
     }
+
+    fn run_interleaved_with_cancel(
+        &self,
+        inputs: Vec<RunnerInput>,
+        cancel: &CancellationToken,
+    ) -> RunStream {
+        self.core.start_interleaved(inputs, cancel)
+    }
 }

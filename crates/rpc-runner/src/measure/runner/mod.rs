@@ -12,6 +12,7 @@
 
 mod config;
 mod drive;
+mod interleave;
 mod local;
 mod pipeline;
 mod result;
@@ -89,4 +90,33 @@ pub trait Runner: Send + Sync {
     /// As [`run`](Runner::run); cancelling `cancel` (or any parent of it)
     /// cancels every unfinished measurement of the batch.
     fn run_with_cancel(&self, inputs: Vec<RunnerInput>, cancel: &CancellationToken) -> RunStream;
+
+    /// Measures every input in **one** session (one lease, one worker),
+    /// their batches interleaved: each input is uploaded and loaded as a
+    /// candidate ([`AddCandidate`](crate::measure::AddCandidate)), then
+    /// [`TimeCandidates`](crate::measure::TimeCandidates) times one batch of
+    /// each per round, in a shuffled order (seeded by the runner's seed), so
+    /// that drift hits them all alike. Results per input, as if measured
+    /// alone (`Measurement::interleaved` is set). All results come when the
+    /// set is done; dropping the stream cancels it.
+    ///
+    /// The pipeline's `create_session` and `cleanup` stages apply; the
+    /// stages in between are this method's own (inputs are uploaded as
+    /// `candidate-<i>.so`). The session timeout bounds the whole set: size
+    /// sets so that `inputs.len()` times the evaluator's budget fits. An
+    /// input that fails to upload or load, or whose kernel returns an
+    /// error, fails alone; a kernel that crashes the worker while timing
+    /// makes every candidate be timed again on its own (their measurements
+    /// then say so in `env.warnings`), so the crash is reported for the
+    /// kernel that causes it.
+    fn run_interleaved(&self, inputs: Vec<RunnerInput>) -> RunStream {
+        self.run_interleaved_with_cancel(inputs, &CancellationToken::new())
+    }
+
+    /// As [`run_interleaved`](Runner::run_interleaved), cancelled by `cancel`.
+    fn run_interleaved_with_cancel(
+        &self,
+        inputs: Vec<RunnerInput>,
+        cancel: &CancellationToken,
+    ) -> RunStream;
 }

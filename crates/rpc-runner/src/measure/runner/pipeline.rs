@@ -251,7 +251,7 @@ pub trait Pipeline: Send + Sync + 'static {
         input: &RunnerInput,
     ) -> impl Future<Output = Result<Measurement, RunError>> + Send {
         async move {
-            let run_secs = dev.call(TimeKernel { config: ctx.evaluator.clone() }).await?;
+            let timing = dev.call(TimeKernel { config: ctx.evaluator.clone() }).await?;
             let mut outputs = Vec::with_capacity(input.read_args.len());
             for &index in &input.read_args {
                 let bytes = dev.call(ReadArg { set: 0, index }).await?;
@@ -261,7 +261,7 @@ pub trait Pipeline: Send + Sync + 'static {
                 };
                 outputs.push(Output::new(index, info.clone(), bytes.into_vec()));
             }
-            Ok(Measurement::new(run_secs).with_outputs(outputs))
+            Ok(Measurement::from_timing(timing, &ctx.evaluator).with_outputs(outputs))
         }
     }
 

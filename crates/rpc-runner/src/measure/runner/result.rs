@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::args::{ArgInfo, DType};
 use super::super::cause::Cause;
-use super::super::kernel::failure_kind;
+use super::super::kernel::{Environment, StopReason, Timing, failure_kind};
 use crate::session::SessionError;
 
 /// One kernel to measure.
@@ -155,6 +155,26 @@ pub struct Measurement {
     pub server: String,
     /// How long each stage took.
     pub stages: StageTimes,
+    /// Where and under what conditions the kernel was timed (pinned CPUs,
+    /// governor, turbo, neighbour load) and warnings about it.
+    #[serde(default)]
+    pub env: Environment,
+    /// Why timing stopped (the adaptive rule's budget ends first: not stable).
+    #[serde(default)]
+    pub stop: StopReason,
+    /// The relative noise under which [`stats`](Measurement::stats) calls
+    /// the costs stable: the adaptive rule's target, else
+    /// [`Stats::DEFAULT_THRESHOLD`](crate::measure::Stats::DEFAULT_THRESHOLD).
+    #[serde(default = "default_threshold")]
+    pub noise_threshold: f64,
+    /// The batches were timed interleaved with other candidates
+    /// ([`Runner::run_interleaved`](super::Runner::run_interleaved)).
+    #[serde(default)]
+    pub interleaved: bool,
+}
+
+fn default_threshold() -> f64 {
+    crate::measure::Stats::DEFAULT_THRESHOLD
 }
 
 impl Measurement {
@@ -166,12 +186,57 @@ impl Measurement {
             outputs: Vec::new(),
             server: String::new(),
             stages: StageTimes::default(),
+            env: Environment::default(),
+            stop: StopReason::Repeat,
+            noise_threshold: default_threshold(),
+            interleaved: false,
         }
     }
 
+    /// A measurement of what [`TimeKernel`](crate::measure::TimeKernel)
+    /// returned under `config` (its costs, environment and stop reason;
+    /// stable against the config's [`noise_threshold`](crate::measure::EvaluatorConfig::noise_threshold)).
+    pub fn from_timing(timing: Timing, config: &crate::measure::EvaluatorConfig) -> Self {
+        let mut m = Measurement::new(timing.costs);
+        m.env = timing.env;
+        m.stop = timing.stop;
+        m.noise_threshold = config.noise_threshold();
+        m
+    }
+
+    /// Whether the costs can be trusted to their noise: the statistics are
+    /// stable (see [`stats`](Measurement::stats)); `false` without costs.
+    pub fn is_stable(&self) -> bool {
+        self.stats().is_some_and(|s| s.stable)
+    }
+
+    /// Everything that makes this measurement suspect: the environment's
+    /// warnings, plus one when the costs are not stable.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = self.env.warnings.clone();
+        match self.stats() {
+            Some(s) if !s.stable => w.push(format!(
+                "unstable: relative noise {:.2}% over {} batches exceeds {:.2}%{}",
+                s.rel_noise * 100.0,
+                s.n,
+                self.noise_threshold * 100.0,
+                match self.stop {
+                    StopReason::BatchBudget => " (batch budget spent)",
+                    StopReason::TimeBudget => " (time budget spent)",
+                    _ => "",
+                }
+            )),
+            Some(_) => {}
+            None => w.push("no finite cost".into()),
+        }
+        w
+    }
+
     /// Statistics of [`run_secs`](Measurement::run_secs), `stable` against
-    /// [`Stats::DEFAULT_THRESHOLD`](crate::measure::Stats::DEFAULT_THRESHOLD) (1% relative noise); `None` if there is
-    /// no finite cost.
+    /// [`noise_threshold`](Measurement::noise_threshold) (by default
+    /// [`Stats::DEFAULT_THRESHOLD`](crate::measure::Stats::DEFAULT_THRESHOLD),
+    /// 1% relative noise; the adaptive rule's target when it was used);
+    /// `None` if there is no finite cost.
     ///
     /// ```
     /// use rpc_runner::measure::{Measurement, Verdict};
@@ -182,7 +247,7 @@ impl Measurement {
     /// assert_eq!(sa.compare(&sb), Verdict::Faster);
     /// ```
     pub fn stats(&self) -> Option<crate::measure::Stats> {
-        self.stats_with(crate::measure::Stats::DEFAULT_THRESHOLD)
+        self.stats_with(self.noise_threshold)
     }
 
     /// As [`stats`](Measurement::stats), `stable` against `threshold`.

@@ -168,4 +168,12 @@ impl<P: Pipeline> Runner for RpcRunner<P> {
     fn run_with_cancel(&self, inputs: Vec<RunnerInput>, cancel: &CancellationToken) -> RunStream {
         self.core.start(inputs, cancel)
     }
+
+    fn run_interleaved_with_cancel(
+        &self,
+        inputs: Vec<RunnerInput>,
+        cancel: &CancellationToken,
+    ) -> RunStream {
+        self.core.start_interleaved(inputs, cancel)
+    }
 }
