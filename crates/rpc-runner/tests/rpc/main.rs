@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod common;
 mod edges;
+mod fidelity;
 mod kernels;
 mod runners;
 mod server_input;

@@ -31,7 +31,7 @@ static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
 "#;
 
 /// Compiles `body` (after the prelude) into a shared library in `dir`.
-fn kernel(dir: &Path, name: &str, body: &str) -> PathBuf {
+pub(crate) fn kernel(dir: &Path, name: &str, body: &str) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, format!("{PRELUDE}\n{body}")).unwrap();
     let out = dir.join(format!("{name}.so"));
@@ -104,7 +104,7 @@ async fn a_known_kernel_time_is_measured_and_both_runners_agree() {
     // (The mean of the middle pair; the helper above takes the upper one.)
     assert!((stats.median - rpc_median).abs() < 5e-6, "{stats:?} vs {rpc_median}");
     assert!(stats.min <= stats.median && stats.mad >= 0.0, "{stats:?}");
-    assert!((stats.rel_noise - stats.mad / stats.median).abs() < 1e-12);
+    assert!((stats.rel_noise - stats.mad.max(stats.iqr / 2.0) / stats.median).abs() < 1e-12);
     // Where and how long: the server, and every stage timed.
     assert_eq!(m.server, st.server.addr().to_string());
     let t = m.stages;

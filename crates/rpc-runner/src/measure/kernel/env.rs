@@ -31,6 +31,11 @@ pub struct Environment {
     /// an unpinned thread, all CPUs minus the timed thread's own CPU time);
     /// `None` if unknown (no /proc/stat, a single CPU).
     pub neighbour_load: Option<f64>,
+    /// The share of the wall time the timed thread was on a CPU while
+    /// timing (its CPU time over the wall time, sleeps excluded), 0 to 1;
+    /// below 1 when another task shared its CPU (e.g. a second server pinned
+    /// to the same CPU) or for kernels that sleep. `None` if unknown.
+    pub cpu_share: Option<f64>,
     /// The timed loop ran under `SCHED_FIFO`.
     pub realtime: bool,
     /// Every argument set was backed by huge pages (sets of at least
@@ -44,6 +49,9 @@ pub struct Environment {
 
 /// Neighbour load above which a measurement gets a warning.
 pub(crate) const NEIGHBOUR_LOAD_WARNING: f64 = 0.25;
+
+/// CPU share below which a measurement gets a warning.
+pub(crate) const CPU_SHARE_WARNING: f64 = 0.9;
 
 /// CPU times of one CPU from /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -172,13 +180,24 @@ impl EnvProbe {
         }
     }
 
-    /// The environment, with `realtime` and any warnings of the loop itself.
-    pub(super) fn finish(self, realtime: bool, mut warnings: Vec<String>) -> Environment {
+    /// The environment, with `realtime` and any warnings of the loop
+    /// itself; `paused` is how long the loop slept on purpose.
+    pub(super) fn finish(
+        self,
+        realtime: bool,
+        paused: std::time::Duration,
+        mut warnings: Vec<String>,
+    ) -> Environment {
         let elapsed = self.started.elapsed();
-        let own = match (self.cpu_time, thread_cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => elapsed,
+        let measured_own = match (self.cpu_time, thread_cpu_time()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
         };
+        let own = measured_own.unwrap_or(elapsed);
+        let awake = elapsed.saturating_sub(paused);
+        let cpu_share = measured_own
+            .filter(|_| awake >= std::time::Duration::from_millis(1))
+            .map(|cpu| (cpu.as_secs_f64() / awake.as_secs_f64()).clamp(0.0, 1.0));
         let after = fs::read_to_string("/proc/stat").ok().map(|s| parse_proc_stat(&s));
         let pinned = !self.cpus.is_empty()
             && !self.online.is_empty()
@@ -208,6 +227,12 @@ impl EnvProbe {
                     .into(),
             );
         }
+        if let Some(share) = cpu_share.filter(|&s| s < CPU_SHARE_WARNING) {
+            warnings.push(format!(
+                "the timed thread was on its CPU only {:.0}% of the time: another task shared the CPU (another server or worker pinned to it?)",
+                share * 100.0
+            ));
+        }
         if let Some(load) = neighbour_load.filter(|&l| l > NEIGHBOUR_LOAD_WARNING) {
             warnings.push(format!(
                 "the other CPUs were {:.0}% busy while timing: shared caches and memory bandwidth can shift costs",
@@ -221,6 +246,7 @@ impl EnvProbe {
             governor,
             turbo,
             neighbour_load,
+            cpu_share,
             realtime,
             huge_pages: false,
             warnings,
@@ -308,7 +334,16 @@ mod tests {
 
     #[test]
     fn a_probe_records_this_thread() {
-        let env = EnvProbe::start().finish(false, vec!["x".into()]);
+        let probe = EnvProbe::start();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let env = probe.finish(false, std::time::Duration::from_millis(20), vec!["x".into()]);
+        // Spinning, then a sleep that is accounted for: (nearly) all of its CPU.
+        let share = env.cpu_share.unwrap();
+        assert!(share > 0.3, "{env:?}");
         assert!(!env.cpus.is_empty(), "{env:?}");
         assert!(env.online_cpus >= 1);
         assert_eq!(env.warnings[0], "x");

@@ -210,8 +210,10 @@ fn the_adaptive_rule_times_until_quiet_and_records_the_environment() {
     let cfg =
         EvaluatorConfig { min_repeat_ms: 1, ..EvaluatorConfig::adaptive() }.with_adaptive(stop);
     let t = TimeKernel { config: cfg }.run(&mut ctx).unwrap();
-    // 50% noise is reached at once: the minimum number of batches.
-    assert_eq!((t.stop, t.costs.len()), (StopReason::Converged, 4), "{t:?}");
+    // 50% noise is reached at once (at the minimum number of batches,
+    // unless a preempted batch makes the first few look noisy).
+    assert_eq!(t.stop, StopReason::Converged, "{t:?}");
+    assert!((4..40).contains(&t.costs.len()), "{t:?}");
     assert!(t.number > 1, "calibrated: {}", t.number);
     assert!(!t.env.cpus.is_empty() && t.env.online_cpus >= 1, "{:?}", t.env);
     assert!(!t.env.huge_pages, "12 KB sets stay in small pages");

@@ -132,9 +132,12 @@ pub(super) fn time_kernel(
     let mut number = cfg.number;
     let (costs, realtime, warning) =
         maybe_realtime(cfg.realtime, || tvm_loop(cfg, entry, sets, &mut number));
-    let mut env = probe.finish(realtime, warning.into_iter().collect());
+    let costs = costs?;
+    let pauses = (costs.len().saturating_sub(1) as u64).saturating_mul(cfg.cooldown_ms);
+    let mut env =
+        probe.finish(realtime, Duration::from_millis(pauses), warning.into_iter().collect());
     env.huge_pages = huge_pages;
-    Ok(Timing { costs: costs?, number, stop: StopReason::Repeat, env })
+    Ok(Timing { costs, number, stop: StopReason::Repeat, env })
 }
 
 /// TVM's evaluator over every argument set in turn.
@@ -196,6 +199,7 @@ pub(super) fn time_subjects(
     let nsets: Vec<usize> = raw.iter().map(Vec::len).collect();
     let huge_pages = subjects.iter().all(|(_, sets)| sets.sets.iter().all(|s| s.huge_pages));
     let probe = EnvProbe::start();
+    let mut paused = Duration::ZERO;
     let (out, realtime, warning) = maybe_realtime(cfg.realtime, || {
         run_rounds(
             cfg,
@@ -212,10 +216,13 @@ pub(super) fn time_subjects(
                 Ok(start.elapsed())
             },
             |c, s| flushers[c][s].flush(),
-            std::thread::sleep,
+            |d| {
+                paused += d;
+                std::thread::sleep(d);
+            },
         )
     });
-    let mut env = probe.finish(realtime, warning.into_iter().collect());
+    let mut env = probe.finish(realtime, paused, warning.into_iter().collect());
     env.huge_pages = huge_pages;
     Ok((out?, env))
 }
