@@ -183,3 +183,14 @@ async fn upload(raw: &mut Raw, id: u64, data: &[u8]) {
     }
     raw.io.send(msg_frame(&Request::UploadEnd { id })).await.unwrap();
 }
+
+#[test]
+fn session_workers_are_pinned_to_the_last_online_cpu_by_default() {
+    let program = popen_pool::WorkerProgram::current_exe().unwrap();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let last: usize = online.trim().rsplit([',', '-']).next().unwrap().parse().unwrap();
+    let cfg = ServerConfig::new("dev", program);
+    assert_eq!(cfg.worker_cpus, Some(vec![last]));
+    assert_eq!(cfg.clone().no_worker_cpu_affinity().worker_cpus, None);
+    assert_eq!(cfg.worker_cpu_affinity([0]).worker_cpus, Some(vec![0]));
+}

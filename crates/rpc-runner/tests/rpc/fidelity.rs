@@ -44,8 +44,8 @@ fn open_fds() -> usize {
 async fn an_interleaved_set_is_measured_pinned_ranked_and_faults_stay_with_their_kernel() {
     let fds_before = open_fds();
     let t = tracker().await;
-    // The default server pins its session workers to the last online CPU.
-    let s = server(Some(&t), "cpu", |c| c).await;
+    // Pinned as a default server is (see `server::tests`).
+    let s = server(Some(&t), "cpu", |c| c.worker_cpu_affinity(CpuPlan::detect().measure)).await;
     let dir = tempfile::tempdir().unwrap();
     let fast = kernel(dir.path(), "fast", &busy(100));
     let mid = kernel(dir.path(), "mid", &busy(200));

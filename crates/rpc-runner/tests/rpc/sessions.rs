@@ -26,7 +26,10 @@ pub(crate) async fn server(
     key: &str,
     tweak: impl FnOnce(ServerConfig) -> ServerConfig,
 ) -> ServerHandle {
-    let mut cfg = ServerConfig::new(key, crate::test_worker_program());
+    // Unpinned: tests run in parallel, and every server pinning its session
+    // workers to the same (last) CPU would make them share it. The
+    // fidelity tests pin explicitly.
+    let mut cfg = ServerConfig::new(key, crate::test_worker_program()).no_worker_cpu_affinity();
     if let Some(t) = tracker {
         cfg = cfg.tracker(t.addr().to_string());
     }
