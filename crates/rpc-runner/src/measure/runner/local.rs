@@ -68,6 +68,7 @@ pub struct LocalRunnerBuilder<P> {
     program: WorkerProgram,
     pipeline: P,
     ctx: StageContext,
+    cpus: Option<Vec<usize>>,
 }
 
 impl LocalRunner<DefaultPipeline> {
@@ -76,14 +77,14 @@ impl LocalRunner<DefaultPipeline> {
     pub fn builder(program: WorkerProgram) -> LocalRunnerBuilder<DefaultPipeline> {
         let mut ctx = StageContext::new(RpcConfig::new("", 0, "local"));
         ctx.rpc.session_timeout = Duration::from_secs(60);
-        LocalRunnerBuilder { program, pipeline: DefaultPipeline, ctx }
+        LocalRunnerBuilder { program, pipeline: DefaultPipeline, ctx, cpus: None }
     }
 }
 
 impl<P: Pipeline> LocalRunnerBuilder<P> {
     /// Uses `pipeline` instead of the default stages.
     pub fn pipeline<Q: Pipeline>(self, pipeline: Q) -> LocalRunnerBuilder<Q> {
-        LocalRunnerBuilder { program: self.program, pipeline, ctx: self.ctx }
+        LocalRunnerBuilder { program: self.program, pipeline, ctx: self.ctx, cpus: self.cpus }
     }
 
     /// The time evaluator's configuration.
@@ -121,13 +122,28 @@ impl<P: Pipeline> LocalRunnerBuilder<P> {
         self
     }
 
+    /// Pins the worker (the timed thread) to these CPUs, e.g.
+    /// [`CpuPlan::detect`](crate::measure::CpuPlan::detect)`().measure`
+    /// (default: not pinned, unlike a device server's session workers: test
+    /// suites run many local runners in parallel, and pinning them all to
+    /// one CPU would make them share it).
+    #[must_use]
+    pub fn cpu_affinity(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        self.cpus = Some(cpus.into_iter().collect());
+        self
+    }
+
     /// Builds the runner; its worker starts with the first measurement.
     ///
     /// # Errors
     ///
     /// If the worker cannot be configured (no tokio runtime...).
     pub fn build(self) -> Result<LocalRunner<P>, PoolError> {
-        let worker = Arc::new(Mutex::new(PopenWorker::builder(self.program).build()?));
+        let mut builder = PopenWorker::builder(self.program);
+        if let Some(cpus) = self.cpus {
+            builder = builder.cpu_affinity(cpus);
+        }
+        let worker = Arc::new(Mutex::new(builder.build()?));
         let mut ctx = self.ctx;
         ctx.local = Some(Arc::clone(&worker));
         let core = Arc::new(Core { pipeline: self.pipeline, ctx, slots: Semaphore::new(1) });
