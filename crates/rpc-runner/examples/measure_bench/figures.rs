@@ -141,6 +141,9 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
     out.insert("kendall_tau_min".into(), num(min(taus)));
     out.insert("kendall_candidates".into(), json!(apart.len()));
     out.insert("top1_agreement".into(), num(modal_fraction(&winners)));
+    // The first near-equal candidate does the least work: the true fastest.
+    let right = winners.iter().filter(|&&w| w == 0).count();
+    out.insert("top1_truth".into(), num(frac(right, winners.len())));
     out.insert("neighbour_load_shift_max".into(), num(shift));
     out.insert("unstable_flagged".into(), num(frac(noisy_flagged, noisy)));
     out.insert("false_alarms".into(), num(frac(calm_flagged, calm)));

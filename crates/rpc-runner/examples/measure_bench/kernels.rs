@@ -5,12 +5,10 @@
 //!   dummy float32 `[1]` argument;
 //! - matmul candidates: `C[M][N] = A[M][K] · B[K][N]`, float32, row-major,
 //!   `args = [A, B, C]`: a clearly-different set (naive ijk, ikj, two
-//!   cache-tiled, a register-blocked one) and a near-equal set (the same
-//!   tiled kernel with i-tiles of 8, 16, 32, 64 rows: the same work and
-//!   memory traffic per tile, only the loop overhead and the reuse of a B
-//!   panel differ slightly).
-
-use std::fmt::Write as _;
+//!   cache-tiled, a register-blocked one) and a near-equal set (one tiled
+//!   kernel plus 0, 0.5, 1, 1.5% of extra work: a dependent chain of
+//!   multiply-adds after the product), so the truth is a known order with
+//!   gaps of about 0.5%, the first one fastest.
 
 /// One kernel of the set.
 #[derive(Debug, Clone)]
@@ -122,6 +120,22 @@ fn tiled(ti: usize, tj: usize, tk: usize) -> String {
     )
 }
 
+/// A dependent chain of `n` multiply-adds folded into `C[0]` as `+ 0 * x`
+/// (exact for a finite `x`, and not removable without fast-math). `n` is
+/// read from a volatile, so the compiled code is the same for every `n`.
+fn extra_chain(n: u64) -> String {
+    format!(
+        "  {{
+    static volatile long extra = {n}L; /* opaque: the same code for every n */
+    const long n = extra;
+    float x = C[0];
+    for (long r = 0; r < n; r++) x = x * 0.9999999f + 1e-7f;
+    C[0] = C[0] + 0.0f * x;
+  }}
+"
+    )
+}
+
 /// A 4 x 32 register block of C accumulated over all of K (M % 4 == 0,
 /// N % 32 == 0).
 const REGISTER_BLOCKED: &str = "  for (int i = 0; i < M; i += 4)
@@ -153,11 +167,15 @@ pub(crate) fn kernel_set(quick: bool) -> Vec<Kernel> {
     }
     set.push(mm("mm_tiled_32x64x64", &tiled(32, 64, 64), KernelKind::Matmul));
     set.push(mm("mm_regblock_4x32", REGISTER_BLOCKED, KernelKind::Matmul));
-    let near: &[usize] = if quick { &[8, 16, 32] } else { &[8, 16, 32, 64] };
-    for &ti in near {
-        let mut name = String::new();
-        let _ = write!(name, "mm_near_ti{ti}");
-        set.push(mm(&name, &tiled(ti, s, 64), KernelKind::NearEqual));
+    // The near-equal set: the 16-row tiled kernel plus a dependent chain of
+    // `extra` multiply-adds (~4 cycles each) sized at 0, 0.5, 1, 1.5% of its
+    // estimated time: really different, in a known order.
+    let per_percent = (s * s * s / 2250) as u64;
+    let steps: &[u64] = if quick { &[0, 1, 2] } else { &[0, 1, 2, 3] };
+    for &step in steps {
+        let extra = step * per_percent / 2;
+        let body = format!("{}{}", tiled(16, s, 64), extra_chain(extra));
+        set.push(mm(&format!("mm_near_plus{}permille", step * 5), &body, KernelKind::NearEqual));
     }
     set
 }
