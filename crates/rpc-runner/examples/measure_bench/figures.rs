@@ -177,3 +177,71 @@ pub(crate) fn ratios(ours: &Map<String, Value>, peer: &Map<String, Value>) -> Ma
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::kernel_set;
+
+    /// A pass where every kernel's batch costs are `median(k)` exactly,
+    /// the busy-waits at their nominal time.
+    fn pass(kernels: &[Kernel], median: impl Fn(usize) -> f64) -> Pass {
+        let costs = (0..kernels.len())
+            .map(|k| match kernels[k].kind {
+                KernelKind::BusyWait(nominal) => vec![nominal; 10],
+                _ => vec![median(k); 10],
+            })
+            .collect();
+        Pass::flagged_by_stats(costs, 1.0)
+    }
+
+    fn get(f: &Map<String, Value>, key: &str) -> Option<f64> {
+        f.get(key).and_then(Value::as_f64)
+    }
+
+    #[test]
+    fn figures_follow_the_passes() {
+        let kernels = kernel_set(true);
+        let n = kernels.len();
+        // Candidate k takes 2^k ms: all more than 3% apart.
+        let speed = |k: usize| 1e-3 * f64::powi(2.0, k as i32);
+        let mut a = pass(&kernels, speed);
+        a.costs[0][3] *= 1.05; // one busy-wait batch 5% long
+        let b = pass(&kernels, speed);
+        let loaded = pass(&kernels, |k| speed(k) * 1.25);
+        let f = figures(&kernels, &Runs { quiet: vec![a, b.clone()], loaded: loaded.clone() });
+        assert!((get(&f, "busywait_max_rel_err").unwrap() - 0.05).abs() < 1e-9);
+        assert_eq!(get(&f, "kendall_tau_min"), Some(1.0));
+        assert_eq!(get(&f, "run_to_run_cv_max"), Some(0.0));
+        assert_eq!(get(&f, "noise_max"), Some(0.0));
+        assert!((get(&f, "neighbour_load_shift_max").unwrap() - 0.25).abs() < 1e-9);
+        assert_eq!(get(&f, "top1_agreement"), Some(1.0));
+        assert_eq!(get(&f, "top1_truth"), Some(1.0), "the first near-equal one is fastest");
+        assert_eq!(get(&f, "unstable_fraction"), Some(0.0));
+        assert_eq!(f.get("unstable_flagged"), Some(&Value::Null), "no noisy measurement");
+
+        // A pass in reverse order disagrees completely; a noisy measurement
+        // is flagged, and a flag on a calm one is a false alarm.
+        // (Scaled up so that the cross-pass medians stay more than 3% apart.)
+        let mut rev = pass(&kernels, |k| 1e3 * speed(n - k));
+        rev.costs[n - 1] = vec![1.0, 2.0, 3.0, 4.0, 5.0];
+        rev.flagged = rev.costs.iter().map(|c| !is_stable(c)).collect();
+        let mut calm = b;
+        calm.flagged[n - 1] = true;
+        let f = figures(&kernels, &Runs { quiet: vec![calm, rev], loaded });
+        assert_eq!(get(&f, "kendall_tau_min"), Some(-1.0));
+        assert_eq!(get(&f, "top1_agreement"), Some(0.5));
+        assert_eq!(get(&f, "unstable_flagged"), Some(1.0));
+        // 3 passes of n kernels: 1 noisy, 3n - 1 calm of which one flagged.
+        assert!((get(&f, "false_alarms").unwrap() - 1.0 / (3 * n - 1) as f64).abs() < 1e-12);
+        assert!((get(&f, "unstable_fraction").unwrap() - 2.0 / (3 * n) as f64).abs() < 1e-12);
+    }
+
+    #[test]
+    fn ratios_skip_counts_objects_and_zero_peers() {
+        let ours = json!({"a": 2.0, "b": 1.0, "kendall_candidates": 4, "medians_s": {}});
+        let peer = json!({"a": 4.0, "b": 0.0, "kendall_candidates": 4});
+        let r = ratios(ours.as_object().unwrap(), peer.as_object().unwrap());
+        assert_eq!(Value::Object(r), json!({"a": 0.5, "b": null}));
+    }
+}
