@@ -44,7 +44,7 @@ def main():
     if not runs:
         sys.exit(__doc__)
     keys = [k for k, v in runs[0]["ours"].items() if not isinstance(v, dict)]
-    print(f"### measure_bench: median of {len(runs)} runs\n")
+    print(f"### measure_bench: median of {len(runs)} run(s)\n")
     print("| metric | ours | tvm_mode | harness_free | ours / tvm_mode | ours / harness_free |")
     print("|---|---:|---:|---:|---:|---:|")
     for k in keys:

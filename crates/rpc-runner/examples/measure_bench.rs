@@ -114,7 +114,14 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")?
-            .block_on(run(opts))
+            .block_on(async {
+                // On SIGINT / SIGTERM the run is dropped: its guards kill and
+                // reap the hog and the driver, its temp dir is removed.
+                tokio::select! {
+                    r = run(opts) => r,
+                    s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),
+                }
+            })
     });
     match result {
         Ok(line) => {
@@ -125,6 +132,19 @@ fn main() -> ExitCode {
             eprintln!("measure_bench: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM, with its name (never, if the
+/// handlers cannot be installed).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
     }
 }
 
