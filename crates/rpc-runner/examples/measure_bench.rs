@@ -14,8 +14,9 @@
 //!
 //! - `tvm_mode`: `EvaluatorConfig { number: 3, repeat: 10, min_repeat_ms: 10 }`,
 //!   one session per candidate, session worker not pinned;
-//! - `ours`: `measure_ours` (pinned; adaptive and interleaved once the
-//!   library has them);
+//! - `ours`: `measure_ours`: pinned to the measuring CPU,
+//!   `EvaluatorConfig::adaptive()`, all kernels in one session interleaved
+//!   (`Runner::run_interleaved`);
 //! - `harness_free`: the C driver (`procs.rs`), a new process per pass,
 //!   pinned to the measuring CPU, TVM's number/repeat protocol.
 //!
@@ -294,7 +295,7 @@ impl Ctx<'_> {
         if mode == Mode::Ours {
             cfg = cfg.worker_cpu_affinity([self.measure_cpu]);
         } else {
-            // TODO(lead): cfg = cfg.no_worker_cpu_affinity(); once the default pins.
+            cfg = cfg.no_worker_cpu_affinity();
         }
         let server = DeviceServer::start("127.0.0.1:0", cfg).await;
         let results = match server {
@@ -315,12 +316,14 @@ impl Ctx<'_> {
         tracker.shutdown().await?;
         let mut costs = Vec::new();
         let mut flagged = Vec::new();
+        let mut threshold = rpc_runner::measure::Stats::DEFAULT_THRESHOLD;
         for (k, r) in self.kernels.iter().zip(results?) {
             let m = r.map_err(|e| anyhow::anyhow!("{}: {e}", k.name))?;
-            flagged.push(!m.stats().is_some_and(|s| s.stable));
+            flagged.push(!m.is_stable());
+            threshold = m.noise_threshold;
             costs.push(m.run_secs);
         }
-        Ok(Pass { costs, flagged, wall_secs: start.elapsed().as_secs_f64() })
+        Ok(Pass { costs, flagged, wall_secs: start.elapsed().as_secs_f64(), threshold })
     }
 }
 
@@ -343,14 +346,14 @@ async fn measure_tvm(
     Ok(runner.run(inputs).collect_ordered().await)
 }
 
-/// `ours`: our measurement as a tuner would use it (the session worker is
-/// pinned by the caller's `ServerConfig`).
+/// `ours`: our measurement as a tuner would use it: pinned (by the caller's
+/// `ServerConfig`), the adaptive stop rule, every kernel in one session,
+/// interleaved.
 async fn measure_ours(
     rpc: RpcConfig,
     inputs: Vec<RunnerInput>,
 ) -> anyhow::Result<Vec<RunnerResult>> {
-    // TODO(lead): adaptive + interleaved: `.evaluator(EvaluatorConfig::adaptive())` and
-    // `runner.run_interleaved(inputs)` once the library has them.
-    let runner = RpcRunner::builder(rpc).evaluator(tvm_evaluator()).seed(SEED).build().await?;
-    Ok(runner.run(inputs).collect_ordered().await)
+    let runner =
+        RpcRunner::builder(rpc).evaluator(EvaluatorConfig::adaptive()).seed(SEED).build().await?;
+    Ok(runner.run_interleaved(inputs).collect_ordered().await)
 }

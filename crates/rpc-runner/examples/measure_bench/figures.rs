@@ -14,6 +14,9 @@ pub(crate) struct Pass {
     pub(crate) costs: Vec<Vec<f64>>,
     /// Per kernel: whether the measurement was marked unstable.
     pub(crate) flagged: Vec<bool>,
+    /// The relative noise the measurements count as stable under (ours:
+    /// the adaptive target; the others: `Stats::DEFAULT_THRESHOLD`).
+    pub(crate) threshold: f64,
     /// Wall time of the pass, seconds.
     pub(crate) wall_secs: f64,
 }
@@ -22,8 +25,9 @@ impl Pass {
     /// A pass whose flags come from [`Stats::from_costs`] with the default
     /// threshold (tvm_mode and harness_free).
     pub(crate) fn flagged_by_stats(costs: Vec<Vec<f64>>, wall_secs: f64) -> Pass {
-        let flagged = costs.iter().map(|c| !is_stable(c)).collect();
-        Pass { costs, flagged, wall_secs }
+        let threshold = Stats::DEFAULT_THRESHOLD;
+        let flagged = costs.iter().map(|c| !is_stable(c, threshold)).collect();
+        Pass { costs, flagged, wall_secs, threshold }
     }
 
     fn median_of(&self, k: usize) -> f64 {
@@ -31,8 +35,8 @@ impl Pass {
     }
 }
 
-fn is_stable(costs: &[f64]) -> bool {
-    Stats::from_costs(costs, Stats::DEFAULT_THRESHOLD).is_some_and(|s| s.stable)
+fn is_stable(costs: &[f64], threshold: f64) -> bool {
+    Stats::from_costs(costs, threshold).is_some_and(|s| s.stable)
 }
 
 /// The passes of one mode.
@@ -117,7 +121,7 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
         for (costs, &f) in p.costs.iter().zip(&p.flagged) {
             all += 1;
             flagged += usize::from(f);
-            if is_stable(costs) {
+            if is_stable(costs, p.threshold) {
                 calm += 1;
                 calm_flagged += usize::from(f);
             } else {
@@ -127,6 +131,19 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
         }
     }
     let frac = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
+
+    // Does "stable" predict a faithful median? Of the quiet matmul
+    // measurements not flagged, how many are more than 2% off their
+    // candidate's cross-pass median.
+    let (mut trusted, mut trusted_off) = (0usize, 0usize);
+    for p in quiet {
+        for (j, &k) in matmul.iter().enumerate() {
+            if !p.flagged[k] && cross[j].is_finite() {
+                trusted += 1;
+                trusted_off += usize::from((p.median_of(k) / cross[j] - 1.0).abs() > 0.02);
+            }
+        }
+    }
 
     let per_candidate = median(
         &quiet.iter().map(|p| p.wall_secs / p.costs.len().max(1) as f64).collect::<Vec<_>>(),
@@ -148,6 +165,7 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
     out.insert("unstable_flagged".into(), num(frac(noisy_flagged, noisy)));
     out.insert("false_alarms".into(), num(frac(calm_flagged, calm)));
     out.insert("unstable_fraction".into(), num(frac(flagged, all)));
+    out.insert("stable_but_off".into(), num(frac(trusted_off, trusted)));
     out.insert("seconds_per_candidate".into(), num(per_candidate));
     out.insert(
         "medians_s".into(),
@@ -225,7 +243,7 @@ mod tests {
         // (Scaled up so that the cross-pass medians stay more than 3% apart.)
         let mut rev = pass(&kernels, |k| 1e3 * speed(n - k));
         rev.costs[n - 1] = vec![1.0, 2.0, 3.0, 4.0, 5.0];
-        rev.flagged = rev.costs.iter().map(|c| !is_stable(c)).collect();
+        rev.flagged = rev.costs.iter().map(|c| !is_stable(c, rev.threshold)).collect();
         let mut calm = b;
         calm.flagged[n - 1] = true;
         let f = figures(&kernels, &Runs { quiet: vec![calm, rev], loaded });
