@@ -77,7 +77,7 @@ enum Command {
         /// (default: the last online CPU); the server itself then runs on
         /// the other CPUs.
         #[arg(long, alias = "cpus", value_parser = parse_cpus, conflicts_with = "no_pin")]
-        measure_cpus: Option<Vec<usize>>,
+        measure_cpus: Option<CpuList>,
         /// Do not pin: session workers and the server keep the affinity
         /// the server was started with.
         #[arg(long)]
@@ -103,8 +103,13 @@ enum Command {
     },
 }
 
+/// A parsed `--measure-cpus` list (a newtype: clap takes a bare `Vec` for
+/// repeated values).
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
 /// A CPU list: `0,2-3` (at most 4096 CPUs).
-fn parse_cpus(s: &str) -> std::result::Result<Vec<usize>, String> {
+fn parse_cpus(s: &str) -> std::result::Result<CpuList, String> {
     let mut cpus = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let num = |t: &str| -> std::result::Result<usize, String> {
@@ -122,7 +127,7 @@ fn parse_cpus(s: &str) -> std::result::Result<Vec<usize>, String> {
     if cpus.is_empty() {
         return Err("give at least one CPU".into());
     }
-    Ok(cpus)
+    Ok(CpuList(cpus))
 }
 
 /// A size in bytes with an optional binary suffix: `4G`, `512M`, `65536`.
@@ -251,9 +256,13 @@ async fn main() -> Result<()> {
             } else {
                 let online = rpc_runner::measure::CpuPlan::detect();
                 let plan = match measure_cpus {
-                    Some(cpus) => {
-                        let all: Vec<usize> =
+                    Some(CpuList(cpus)) => {
+                        let mut all: Vec<usize> =
                             online.measure.iter().chain(&online.others).copied().collect();
+                        all.sort_unstable();
+                        if let Some(c) = cpus.iter().find(|c| !all.contains(c)) {
+                            bail!("--measure-cpus: CPU {c} is not online (online: {all:?})");
+                        }
                         rpc_runner::measure::CpuPlan::with_measure(&all, cpus)
                     }
                     None => online,

@@ -196,8 +196,13 @@ fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn bad_server_arguments_are_clear_errors_not_panics() {
     let missing = std::env::temp_dir().join(format!("rpc-no-such-dir-{}", std::process::id()));
-    let cases: [(&[&str], &str); 7] = [
+    let m = missing.to_str().unwrap();
+    let cases: [(&[&str], &str); 10] = [
+        // A valid list gets past parsing and pinning to the next check.
+        (&["server", "--port", "0", "--measure-cpus", "0", "--work-dir", m], "work dir"),
         (&["server", "--port", "0", "--cpus", "3-1"], "not a CPU range"),
+        (&["server", "--port", "0", "--measure-cpus", "4000"], "not online"),
+        (&["server", "--port", "0", "--measure-cpus", "0", "--no-pin"], "cannot be used with"),
         (&["server", "--port", "0", "--memory-limit", "4X"], "unknown unit"),
         (&["server", "--port", "0", "--memory-limit", "99999999999T"], "out of range"),
         (&["server", "--port", "0", "--session-timeout", "1e20"], "out of range"),
