@@ -134,12 +134,7 @@ impl Task for TimeCandidates {
         Ok(out
             .into_iter()
             .map(|r| match r {
-                Ok(o) => CandidateTiming::Timed(Timing {
-                    costs: o.costs,
-                    number: o.number,
-                    stop: o.stop,
-                    env: env.clone(),
-                }),
+                Ok(o) => CandidateTiming::Timed(Timing::of(o, env.clone())),
                 Err(e) => {
                     CandidateTiming::Failed { kind: e.kind().to_owned(), message: e.to_string() }
                 }

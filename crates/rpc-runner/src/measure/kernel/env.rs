@@ -128,7 +128,7 @@ fn own_affinity() -> Vec<usize> {
 }
 
 /// The calling thread's CPU time.
-fn thread_cpu_time() -> Option<std::time::Duration> {
+pub(super) fn thread_cpu_time() -> Option<std::time::Duration> {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
         .ok()
         .map(std::time::Duration::from)

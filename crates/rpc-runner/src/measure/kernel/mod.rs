@@ -346,8 +346,24 @@ pub struct Timing {
     pub number: u32,
     /// Why timing stopped.
     pub stop: StopReason,
+    /// Batches the adaptive rule discarded and timed again because the
+    /// timed thread was off its CPU for more than 0.5% of the batch (other
+    /// tasks ran on it); at most `max_batches`, then such batches count.
+    pub preempted: u32,
     /// Where and under what conditions it was timed.
     pub env: Environment,
+}
+
+impl Timing {
+    fn of(o: rounds::RoundsOut, mut env: Environment) -> Timing {
+        if o.preempted_counted > 0 {
+            env.warnings.push(format!(
+                "{} batches lost more than 0.5% of their time to other tasks on the CPU and were counted (after {} were timed again)",
+                o.preempted_counted, o.preempted
+            ));
+        }
+        Timing { costs: o.costs, number: o.number, stop: o.stop, preempted: o.preempted, env }
+    }
 }
 
 impl Task for TimeKernel {

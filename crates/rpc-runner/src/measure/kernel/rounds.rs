@@ -92,14 +92,39 @@ pub(super) struct RoundsOut {
     pub(super) costs: Vec<f64>,
     pub(super) number: u32,
     pub(super) stop: StopReason,
+    /// Batches discarded and timed again because the thread was preempted.
+    pub(super) preempted: u32,
+    /// Preempted batches counted anyway (the retry budget was spent).
+    pub(super) preempted_counted: u32,
 }
+
+/// How long one batch took: on the wall clock, and on the timed thread's
+/// CPU clock when it could be read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct BatchTime {
+    pub(super) wall: Duration,
+    pub(super) cpu: Option<Duration>,
+}
+
+impl From<Duration> for BatchTime {
+    fn from(wall: Duration) -> Self {
+        BatchTime { wall, cpu: None }
+    }
+}
+
+/// Under the adaptive rule, a batch whose thread was off its CPU for more
+/// than this share of the batch (other tasks ran) is discarded and timed
+/// again, at most `max_batches` times per candidate; then disturbed
+/// batches count like the others.
+pub(super) const PREEMPTED_SHARE: f64 = 0.005;
 
 /// What the loop pauses for between batches under `SCHED_FIFO`, so other
 /// work on the CPU gets to run.
 pub(super) const REALTIME_YIELD: Duration = Duration::from_micros(100);
 
 /// Times `sets.len()` candidates (candidate `c` has `sets[c]` argument
-/// sets) through `batch(candidate, set, number) -> elapsed`.
+/// sets) through `batch(candidate, set, number) -> elapsed` (a
+/// [`BatchTime`], or a bare wall time).
 ///
 /// Per candidate: one warm-up call per set, then `number` calibrated on set
 /// 0 with TVM's rule until a batch reaches `min_repeat_ms` (these batches
@@ -107,11 +132,11 @@ pub(super) const REALTIME_YIELD: Duration = Duration::from_micros(100);
 /// candidate once, in an order shuffled by `order_seed`, timing one batch
 /// on its next set (sets in turn). A candidate whose call fails is dropped
 /// with its error; the others go on.
-pub(super) fn run_rounds(
+pub(super) fn run_rounds<B: Into<BatchTime>>(
     cfg: &EvaluatorConfig,
     sets: &[usize],
     order_seed: u64,
-    mut batch: impl FnMut(usize, usize, u32) -> Result<Duration, i32>,
+    mut batch: impl FnMut(usize, usize, u32) -> Result<B, i32>,
     mut flush: impl FnMut(usize, usize),
     mut pause: impl FnMut(Duration),
 ) -> Result<Vec<Result<RoundsOut, KernelError>>, KernelError> {
@@ -125,6 +150,8 @@ pub(super) fn run_rounds(
             costs: Vec::with_capacity(rules[c].capacity()),
             number,
             stop: StopReason::Repeat,
+            preempted: 0,
+            preempted_counted: 0,
         }));
     }
     let mut active: Vec<usize> = (0..sets.len()).filter(|&c| out[c].is_ok()).collect();
@@ -152,10 +179,24 @@ pub(super) fn run_rounds(
             if cfg.enable_cpu_cache_flush {
                 flush(c, set);
             }
-            match batch(c, set, state.number) {
-                Ok(elapsed) => {
-                    state.costs.push(elapsed.as_secs_f64() / f64::from(state.number));
+            match batch(c, set, state.number).map(Into::into) {
+                Ok(BatchTime { wall: elapsed, cpu }) => {
                     timed[c] += elapsed;
+                    let disturbed = cpu.is_some_and(|cpu| {
+                        cpu.as_secs_f64() < elapsed.as_secs_f64() * (1.0 - PREEMPTED_SHARE)
+                    });
+                    if let (Rule::Adaptive(stop), true) = (rules[c], disturbed) {
+                        if state.preempted < stop.max_batches {
+                            state.preempted += 1;
+                            if timed[c] >= Duration::from_millis(stop.max_time_ms) {
+                                state.stop = StopReason::TimeBudget;
+                                finished.push(c);
+                            }
+                            continue;
+                        }
+                        state.preempted_counted += 1;
+                    }
+                    state.costs.push(elapsed.as_secs_f64() / f64::from(state.number));
                     if let Some(stop) = rules[c].done(&state.costs, timed[c]) {
                         state.stop = stop;
                         finished.push(c);
@@ -173,12 +214,12 @@ pub(super) fn run_rounds(
 }
 
 /// Warm-up calls and TVM's growth of `number` for one candidate.
-fn calibrate(
+fn calibrate<B: Into<BatchTime>>(
     cfg: &EvaluatorConfig,
     c: usize,
     nsets: usize,
     min: Duration,
-    batch: &mut impl FnMut(usize, usize, u32) -> Result<Duration, i32>,
+    batch: &mut impl FnMut(usize, usize, u32) -> Result<B, i32>,
     flush: &mut impl FnMut(usize, usize),
 ) -> Result<u32, KernelError> {
     if nsets == 0 {
@@ -193,7 +234,7 @@ fn calibrate(
         if cfg.enable_cpu_cache_flush {
             flush(c, 0);
         }
-        let elapsed = batch(c, 0, number).map_err(KernelError::Kernel)?;
+        let elapsed = batch(c, 0, number).map_err(KernelError::Kernel)?.into().wall;
         if elapsed >= min {
             return Ok(number);
         }
@@ -349,6 +390,51 @@ mod tests {
         .unwrap();
         assert_eq!(out[0].as_ref().unwrap().costs.len(), 3);
         assert_eq!(out[1], Err(KernelError::Kernel(-7)));
+    }
+
+    #[test]
+    fn preempted_batches_are_timed_again_within_a_budget() {
+        let cfg = adaptive(0.01, 5, 8, 10_000);
+        let mut i = 0u32;
+        // Every third batch lost 10% of its time to another task (and reads 10% longer).
+        let out = run_rounds(
+            &cfg,
+            &[1],
+            1,
+            |_, _, n| {
+                i += 1;
+                let wall = Duration::from_micros(10 * u64::from(n));
+                if i % 3 == 0 {
+                    Ok(BatchTime { wall: wall * 11 / 10, cpu: Some(wall) })
+                } else {
+                    Ok(BatchTime { wall, cpu: Some(wall) })
+                }
+            },
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap();
+        let o = out[0].as_ref().unwrap();
+        assert_eq!(o.stop, StopReason::Converged);
+        assert!(o.preempted >= 1, "{o:?}");
+        assert!(o.costs.iter().all(|&c| (c - 10e-6).abs() < 1e-12), "only clean batches: {o:?}");
+        // A kernel that is always off its CPU (it sleeps) is timed anyway
+        // once the retry budget is spent.
+        let out = run_rounds(
+            &cfg,
+            &[1],
+            1,
+            |_, _, n| {
+                let wall = Duration::from_micros(10 * u64::from(n));
+                Ok(BatchTime { wall, cpu: Some(wall / 2) })
+            },
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap();
+        let o = out[0].as_ref().unwrap();
+        assert_eq!((o.preempted, o.costs.len(), o.stop), (8, 5, StopReason::Converged), "{o:?}");
+        assert_eq!(o.preempted_counted, 5);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The time evaluator's loop (TVM's semantics) and the tasks' worker-side bodies.
 
 use super::buffers::ArgSet;
+use super::env::thread_cpu_time;
 use super::env::{EnvProbe, Environment};
 use super::realtime::maybe_realtime;
-use super::rounds::{RoundsOut, StopReason, run_rounds};
+use super::rounds::{BatchTime, RoundsOut, StopReason, run_rounds};
 use super::*;
 
 /// The next `number` after a batch of `number` calls took `batch`, shorter
@@ -120,12 +121,7 @@ pub(super) fn time_kernel(
     let sets = ctx.get_mut::<ArgSets>().ok_or(KernelError::NoArgs)?;
     if cfg.adaptive.is_some() {
         let (mut out, env) = time_subjects(cfg, &mut [(entry, sets)], 0)?;
-        return out.pop().unwrap_or(Err(KernelError::NoArgs)).map(|o| Timing {
-            costs: o.costs,
-            number: o.number,
-            stop: o.stop,
-            env,
-        });
+        return out.pop().unwrap_or(Err(KernelError::NoArgs)).map(|o| Timing::of(o, env));
     }
     let huge_pages = sets.sets.iter().all(|s| s.huge_pages);
     let probe = EnvProbe::start();
@@ -137,7 +133,7 @@ pub(super) fn time_kernel(
     let mut env =
         probe.finish(realtime, Duration::from_millis(pauses), warning.into_iter().collect());
     env.huge_pages = huge_pages;
-    Ok(Timing { costs, number, stop: StopReason::Repeat, env })
+    Ok(Timing { costs, number, stop: StopReason::Repeat, preempted: 0, env })
 }
 
 /// TVM's evaluator over every argument set in turn.
@@ -207,13 +203,16 @@ pub(super) fn time_subjects(
             order_seed,
             |c, s, n| {
                 let (tensors, num_args) = raw[c][s];
+                let cpu0 = thread_cpu_time();
                 let start = Instant::now();
                 for _ in 0..n {
                     // SAFETY: see `call_entry`; the libraries and argument
                     // sets are borrowed by `subjects` for this whole call.
                     unsafe { call_entry(entries[c], tensors, num_args) }?;
                 }
-                Ok(start.elapsed())
+                let wall = start.elapsed();
+                let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
+                Ok(BatchTime { wall, cpu })
             },
             |c, s| flushers[c][s].flush(),
             |d| {

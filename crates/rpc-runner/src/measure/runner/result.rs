@@ -162,6 +162,10 @@ pub struct Measurement {
     /// Why timing stopped (the adaptive rule's budget ends first: not stable).
     #[serde(default)]
     pub stop: StopReason,
+    /// Batches discarded and timed again because the timed thread was
+    /// preempted during them ([`Timing::preempted`](crate::measure::Timing::preempted)).
+    #[serde(default)]
+    pub preempted: u32,
     /// The relative noise under which [`stats`](Measurement::stats) calls
     /// the costs stable: the adaptive rule's target, else
     /// [`Stats::DEFAULT_THRESHOLD`](crate::measure::Stats::DEFAULT_THRESHOLD).
@@ -188,6 +192,7 @@ impl Measurement {
             stages: StageTimes::default(),
             env: Environment::default(),
             stop: StopReason::Repeat,
+            preempted: 0,
             noise_threshold: default_threshold(),
             interleaved: false,
         }
@@ -200,6 +205,7 @@ impl Measurement {
         let mut m = Measurement::new(timing.costs);
         m.env = timing.env;
         m.stop = timing.stop;
+        m.preempted = timing.preempted;
         m.noise_threshold = config.noise_threshold();
         m
     }
