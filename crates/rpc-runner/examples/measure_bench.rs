@@ -2,7 +2,8 @@
 //! measurements (`ours`) with TVM's protocol run by our evaluator
 //! (`tvm_mode`) and with a bare C driver (`harness_free`).
 //!
-//! `cargo run --release -p rpc-runner --example measure_bench [-- --quick] [-- --passes N]`
+//! `cargo run --release -p rpc-runner --example measure_bench [-- --quick] [--passes N] [--realtime]`
+//! (`--realtime`: `ours` times under `SCHED_FIFO` where permitted)
 //!
 //! One fixed kernel set (busy-waits of 50 µs, 500 µs and 5 ms, and 8+ matmul
 //! candidates: clearly different ones and a near-equal set) is built once
@@ -83,14 +84,16 @@ impl Mode {
 struct Opts {
     quick: bool,
     passes: usize,
+    realtime: bool,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
-    let mut opts = Opts { quick: false, passes: 0 };
+    let mut opts = Opts { quick: false, passes: 0, realtime: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--realtime" => opts.realtime = true,
             "--passes" => {
                 let n = args.next().context("--passes needs a number")?;
                 opts.passes = n.parse().with_context(|| format!("--passes {n:?}"))?;
@@ -98,7 +101,9 @@ fn parse_args() -> anyhow::Result<Opts> {
                     bail!("--passes must be in 2..=20");
                 }
             }
-            _ => bail!("unknown argument {a:?} (usage: measure_bench [--quick] [--passes N])"),
+            _ => bail!(
+                "unknown argument {a:?} (usage: measure_bench [--quick] [--passes N] [--realtime])"
+            ),
         }
     }
     if opts.passes == 0 {
@@ -206,8 +211,15 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         cpus.len()
     );
 
-    let ctx =
-        Ctx { program, kernels: &kernels, paths: &paths, measure_cpu, programs, tmp: tmp.path() };
+    let ctx = Ctx {
+        program,
+        kernels: &kernels,
+        paths: &paths,
+        measure_cpu,
+        realtime: opts.realtime,
+        programs,
+        tmp: tmp.path(),
+    };
     let mut quiet: [Vec<Pass>; 3] = Default::default();
     for pass in 0..opts.passes {
         for (i, mode) in Mode::ALL.into_iter().enumerate() {
@@ -243,6 +255,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
     out.insert("cpus".into(), json!(cpus.len()));
     out.insert("measure_cpu".into(), json!(measure_cpu));
     out.insert("quick".into(), json!(opts.quick));
+    out.insert("realtime".into(), json!(opts.realtime));
     out.insert("passes".into(), json!(opts.passes));
     out.insert("kernels".into(), json!(kernels.iter().map(|k| &k.name).collect::<Vec<_>>()));
     out.insert("total_s".into(), json!(started.elapsed().as_secs_f64()));
@@ -255,6 +268,7 @@ struct Ctx<'a> {
     kernels: &'a [Kernel],
     paths: &'a [PathBuf],
     measure_cpu: usize,
+    realtime: bool,
     programs: Programs,
     tmp: &'a Path,
 }
@@ -305,7 +319,7 @@ impl Ctx<'_> {
                 let results = match server.wait_for(Duration::from_secs(10), |s| s.registered).await
                 {
                     Err(st) => Err(anyhow::anyhow!("the server did not register: {st:?}")),
-                    Ok(_) if mode == Mode::Ours => measure_ours(rpc, inputs).await,
+                    Ok(_) if mode == Mode::Ours => measure_ours(rpc, inputs, self.realtime).await,
                     Ok(_) => measure_tvm(rpc, inputs).await,
                 };
                 let stopped = server.shutdown().await;
@@ -352,8 +366,9 @@ async fn measure_tvm(
 async fn measure_ours(
     rpc: RpcConfig,
     inputs: Vec<RunnerInput>,
+    realtime: bool,
 ) -> anyhow::Result<Vec<RunnerResult>> {
-    let runner =
-        RpcRunner::builder(rpc).evaluator(EvaluatorConfig::adaptive()).seed(SEED).build().await?;
+    let cfg = EvaluatorConfig { realtime, ..EvaluatorConfig::adaptive() };
+    let runner = RpcRunner::builder(rpc).evaluator(cfg).seed(SEED).build().await?;
     Ok(runner.run_interleaved(inputs).collect_ordered().await)
 }
