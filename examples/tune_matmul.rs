@@ -45,7 +45,7 @@ use rpc_runner::tracker::{Tracker, TrackerConfig, TrackerHandle};
 use rpc_runner::{DeviceServer, ServerConfig, ServerHandle};
 
 use crate::candidates::{Kind, Size};
-use crate::outcome::{Outcome, RTOL, Status};
+use crate::outcome::{Outcome, Status};
 use crate::report::Trial;
 use crate::rounds::{DEFAULT_FINALISTS, MAX_FINALISTS};
 
@@ -288,6 +288,8 @@ async fn tune(
     measure_bar.tick();
     final_bar.tick();
 
+    let mut phases = Vec::new();
+    let phase = Instant::now();
     // 1. Build everything (the two cores compile; nothing is timed meanwhile).
     let inputs: Vec<BuilderInput> = candidates
         .iter()
@@ -305,6 +307,7 @@ async fn tune(
         build_bar.inc(1);
     }
     build_bar.finish_with_message("done");
+    phases.push(format!("build {:.1} s", phase.elapsed().as_secs_f64()));
 
     // Nothing is timed while building; now keep this process (the tracker,
     // the server, the runtime) off the CPU the session workers time on.
@@ -345,6 +348,7 @@ async fn tune(
         }
     }
     measure_bar.reset_elapsed();
+    let phase = Instant::now();
     let mut measured: Vec<Option<Result<Measurement, RunError>>> = vec![None; n];
     let mut results = runners.screen.run(inputs);
     while let Some((j, result)) = results.next().await {
@@ -354,13 +358,14 @@ async fn tune(
         measured[i] = Some(result);
     }
     measure_bar.finish_with_message("done");
+    phases.push(format!("screening {:.1} s", phase.elapsed().as_secs_f64()));
 
     // 3. Check every output against the naive kernel's (itself checked on the host).
     let naive =
         candidates.iter().position(|c| c.kind == Kind::Naive).context("no naive candidate")?;
     let (reference, naive_problem) = match measured[naive].take() {
         Some(Ok(m)) => {
-            let (reference, outcome) = check_naive(size, m).await?;
+            let (reference, outcome) = outcome::check_naive(size, m).await?;
             outcomes[naive] = Some(outcome);
             (reference, None)
         }
@@ -388,6 +393,7 @@ async fn tune(
     final_bar.set_length(finalists.len() as u64);
     final_bar.set_message(format!("{} candidates interleaved in one session", finalists.len()));
     final_bar.reset_elapsed();
+    let phase = Instant::now();
     final_bar.enable_steady_tick(Duration::from_millis(200));
     rounds::final_round(
         &runners.last,
@@ -400,6 +406,7 @@ async fn tune(
     .await;
     final_bar.set_position(finalists.len() as u64);
     final_bar.finish_with_message("done");
+    phases.push(format!("final round {:.1} s", phase.elapsed().as_secs_f64()));
     bars.clear()?;
 
     let trials: Vec<Trial> = candidates
@@ -482,6 +489,7 @@ async fn tune(
     let ok = trials.iter().filter(|t| t.outcome.status == Status::Ok).count();
     summary.push_str(&format!("{ok} of {} candidates ok\n", trials.len()));
     summary.push_str(&summary::best(&trials, size, naive_median, naive_problem.as_deref()));
+    summary.push_str(&format!("time: {}\n", phases.join(", ")));
     summary.push_str(&format!(
         "tuning log: {}\nconvergence plot: {}\noutput directory: {}",
         log_path.display(),
@@ -492,27 +500,6 @@ async fn tune(
         bail!("{summary}\n{problem}: the other results could not be verified");
     }
     Ok(summary)
-}
-
-/// Checks the naive kernel's C against a float64 product of its A and B on
-/// the host; returns its C (the reference of every other candidate) if right.
-async fn check_naive(size: Size, m: Measurement) -> anyhow::Result<(Option<Vec<f64>>, Outcome)> {
-    let [a, b, c] = [0, 1, 2].map(|i| m.output_as::<f32>(i));
-    let (a, b, c) = (a?, b?, c?);
-    let (err, c) = tokio::task::spawn_blocking(move || {
-        let host = outcome::host_matmul(&a, &b, size.m, size.n, size.k);
-        (outcome::max_rel_err(&c, &host), c)
-    })
-    .await?;
-    let ok = err <= RTOL;
-    let outcome = match ok {
-        true => Outcome::ran(Status::Ok, None, m, Some(err)),
-        false => {
-            let why = format!("max rel err {err:.2e} against the host's float64 product");
-            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
-        }
-    };
-    Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
 }
 
 fn parse_addr(addr: &str) -> anyhow::Result<(String, u16)> {

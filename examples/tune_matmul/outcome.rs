@@ -5,7 +5,7 @@ use rpc_runner::measure::{
     BuildError, Environment, Measurement, RunError, StageTimes, Stats, StopReason,
 };
 
-use crate::candidates::Expect;
+use crate::candidates::{Expect, Size};
 
 /// Relative tolerance of the result check (float32 sums in another order).
 pub(crate) const RTOL: f64 = 1e-3;
@@ -238,6 +238,30 @@ impl Outcome {
     pub(crate) fn median(&self) -> Option<f64> {
         median(&self.run_secs)
     }
+}
+
+/// Checks the naive kernel's C against a float64 product of its A and B on
+/// the host; returns its C (the reference of every other candidate) if right.
+pub(crate) async fn check_naive(
+    size: Size,
+    m: Measurement,
+) -> anyhow::Result<(Option<Vec<f64>>, Outcome)> {
+    let [a, b, c] = [0, 1, 2].map(|i| m.output_as::<f32>(i));
+    let (a, b, c) = (a?, b?, c?);
+    let (err, c) = tokio::task::spawn_blocking(move || {
+        let host = host_matmul(&a, &b, size.m, size.n, size.k);
+        (max_rel_err(&c, &host), c)
+    })
+    .await?;
+    let ok = err <= RTOL;
+    let outcome = match ok {
+        true => Outcome::ran(Status::Ok, None, m, Some(err)),
+        false => {
+            let why = format!("max rel err {err:.2e} against the host's float64 product");
+            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
+        }
+    };
+    Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
 }
 
 /// Checks a candidate's C against the reference.

@@ -87,14 +87,16 @@ pub(crate) fn write_log(path: &Path, trials: &[Trial], size: Size) -> anyhow::Re
     Ok(())
 }
 
-/// `1.23 ms`, `456 us`, `2.50 s`.
+/// `1.23 ms`, `456.7 us`, `89.0 ns`, `2.50 s`.
 pub(crate) fn fmt_secs(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.2} s")
     } else if s >= 1e-3 {
         format!("{:.3} ms", s * 1e3)
-    } else {
+    } else if s >= 1e-6 {
         format!("{:.1} us", s * 1e6)
+    } else {
+        format!("{:.1} ns", s * 1e9)
     }
 }
 
