@@ -62,6 +62,10 @@ pub(crate) fn finalists(outcomes: &[Option<Outcome>], k: usize) -> Vec<usize> {
 /// Re-measures the finalists in one interleaved session, checks their
 /// outputs against `reference` again, and replaces their screening outcomes
 /// (a finalist that fails here keeps that failure).
+///
+/// Cancel safety: dropping the future cancels the set (its stream is
+/// dropped) and leaves `outcomes` as they were: they are replaced only
+/// once every result is in.
 pub(crate) async fn final_round(
     runner: &RpcRunner,
     finalists: &[usize],
