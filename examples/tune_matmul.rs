@@ -312,6 +312,9 @@ async fn tune(
     // Nothing is timed while building; now keep this process (the tracker,
     // the server, the runtime) off the CPU the session workers time on.
     let mut pin_note = None;
+    if runners.plan.is_none() {
+        pin_note = Some("remote servers: each pins its own session workers".to_owned());
+    }
     if let Some(plan) = &runners.plan {
         pin_note = Some(match pin_this_process(&plan.others) {
             Ok(()) => format!(
@@ -450,13 +453,7 @@ async fn tune(
     if let Some(note) = pin_note {
         println!("{note}");
     }
-    println!(
-        "screening: each candidate on its own until {:.1}% noise (>= 5, <= 20 batches, <= 300 ms); \
-         final round: the fastest {} interleaved until {:.1}% noise (>= 10, <= 100 batches, <= 1 s)",
-        rounds::screening_evaluator().noise_threshold() * 100.0,
-        finalists.len(),
-        rounds::final_evaluator().noise_threshold() * 100.0,
-    );
+    println!("{}", rounds::describe(finalists.len()));
     println!();
     print!("{}", report::table(&trials, size, naive_median));
     print!(

@@ -36,6 +36,29 @@ pub(crate) fn final_evaluator() -> EvaluatorConfig {
     EvaluatorConfig::adaptive()
 }
 
+/// The rounds in one line (for the report's header).
+pub(crate) fn describe(finalists: usize) -> String {
+    let rule = |cfg: &EvaluatorConfig| match cfg.adaptive {
+        Some(stop) => format!(
+            "batches of >= {} ms until {:.1}% noise ({}-{} batches, <= {} ms)",
+            cfg.min_repeat_ms,
+            stop.target_rel_noise * 100.0,
+            stop.min_batches,
+            stop.max_batches,
+            stop.max_time_ms
+        ),
+        None => format!("{} batches of >= {} ms", cfg.repeat, cfg.min_repeat_ms),
+    };
+    let screen = format!("screening: each candidate on its own, {}", rule(&screening_evaluator()));
+    if finalists == 0 {
+        return format!("{screen}; no final round");
+    }
+    format!(
+        "{screen}; final round: the fastest {finalists} in one session, interleaved, {}",
+        rule(&final_evaluator())
+    )
+}
+
 /// The final round's session timeout: it bounds the whole interleaved set,
 /// so it grows with the number of finalists (4 s each: calibration, the 1 s
 /// budget, upload and load, with room for a loaded machine), at least 60 s.

@@ -9,20 +9,19 @@ use rpc_runner::measure::{Stats, best_within_noise};
 use crate::candidates::Size;
 use crate::report::{Trial, fmt_cost, fmt_secs};
 
-/// The candidates the best is chosen among: the ranked finalists with
-/// statistics, or every ranked candidate with statistics if no finalist
-/// has any (no final round, or it failed); `(trial index, stats)`.
+/// The candidates the best is chosen among, `(trial index, stats)`: the
+/// ranked finalists with statistics; every ranked candidate with statistics
+/// when there was no final round (`--finalists 0`); none when every
+/// finalist failed in the final round (the best of the rest would be a
+/// claim about the candidates already ranked below them).
 fn contenders(trials: &[Trial]) -> Vec<(usize, Stats)> {
-    let ranked = |finalists_only: bool| -> Vec<(usize, Stats)> {
-        trials
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.outcome.status.ranked() && (!finalists_only || t.outcome.finalist))
-            .filter_map(|(i, t)| t.outcome.stats().map(|s| (i, s)))
-            .collect()
-    };
-    let finalists = ranked(true);
-    if finalists.is_empty() { ranked(false) } else { finalists }
+    let any_finalist = trials.iter().any(|t| t.outcome.finalist);
+    trials
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.outcome.status.ranked() && (!any_finalist || t.outcome.finalist))
+        .filter_map(|(i, t)| t.outcome.stats().map(|s| (i, s)))
+        .collect()
 }
 
 /// The best lines: `best: ...` when one candidate is faster than every
@@ -37,8 +36,28 @@ pub(crate) fn best(
     let contenders = contenders(trials);
     let stats: Vec<Stats> = contenders.iter().map(|&(_, s)| s).collect();
     let tied = best_within_noise(&stats);
+    let mut out = String::new();
+    let failed: Vec<&str> = trials
+        .iter()
+        .filter(|t| t.outcome.finalist && !t.outcome.status.ranked())
+        .map(|t| t.candidate.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: {} of the finalists failed in the final round and are not ranked: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
     let Some(&fastest) = tied.first() else {
-        return "no candidate ran successfully\n".to_owned();
+        let why = if failed.is_empty() {
+            "no candidate ran successfully"
+        } else {
+            "no best: every finalist failed in the final round"
+        };
+        let _ = writeln!(out, "{why}");
+        return out;
     };
     let (ti, s) = contenders[fastest];
     let t = &trials[ti];
@@ -50,7 +69,7 @@ pub(crate) fn best(
         fmt_cost(&s),
         size.flops() / s.median / 1e9
     );
-    let mut out = String::new();
+    let figures = if s.stable { figures } else { format!("{figures} (~ unstable)") };
     if tied.len() == 1 {
         let _ = write!(out, "best: {figures}");
         // The runner-up: the next fastest median among the contenders.
