@@ -8,9 +8,18 @@
 //! kernel's, and prints a ranked table and the speedup over naive. It writes
 //! a JSON-lines tuning log and a convergence plot.
 //!
+//! Measuring has two rounds: screening times every candidate on its own
+//! under a cheap adaptive rule; the fastest `--finalists` (8) are then timed
+//! again together in one session, their batches interleaved, under
+//! `EvaluatorConfig::adaptive()`. Costs are `median ± relative noise`; the
+//! best is named only if it beats every other finalist beyond noise, else
+//! the finalists tied with the fastest are listed.
+//!
 //! By default the tracker and the device server run in this process (the
 //! server's session workers, like the builder's workers, are this program
-//! re-executed); `--tracker HOST:PORT --key KEY` measures on real servers.
+//! re-executed; they time on the last CPU, and this process moves to the
+//! others once the builds are done); `--tracker HOST:PORT --key KEY`
+//! measures on real servers.
 //!
 //! ```sh
 //! cargo run --release --example tune_matmul
@@ -49,7 +58,7 @@ use crate::outcome::{Outcome, Status};
 use crate::report::Trial;
 use crate::rounds::{DEFAULT_FINALISTS, MAX_FINALISTS};
 
-/// Candidates measured by default: about 20 s on a 2-core machine.
+/// Candidates measured by default: 18-33 s on a 2-core machine (load 1.3-2.8).
 const DEFAULT_TRIALS: usize = 96;
 
 /// Tunes a float32 C matmul C = A * B end to end: builds candidate kernels in
