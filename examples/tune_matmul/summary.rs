@@ -1,6 +1,6 @@
-//! The closing summary: the best candidate (only when it beats the
-//! runner-up beyond noise, else the set tied within noise), and the
-//! measurements' environment warnings, each once.
+//! The closing summary: the best candidate (only when it beats every other
+//! finalist beyond noise, else the set tied within noise with the fastest),
+//! and the measurements' environment warnings, each once.
 
 use std::fmt::Write as _;
 
