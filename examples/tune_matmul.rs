@@ -8,9 +8,18 @@
 //! kernel's, and prints a ranked table and the speedup over naive. It writes
 //! a JSON-lines tuning log and a convergence plot.
 //!
+//! Measuring has two rounds: screening times every candidate on its own
+//! under a cheap adaptive rule; the fastest `--finalists` (8) are then timed
+//! again together in one session, their batches interleaved, under
+//! `EvaluatorConfig::adaptive()`. Costs are `median ± relative noise`; the
+//! best is named only if it beats every other finalist beyond noise, else
+//! the finalists tied with the fastest are listed.
+//!
 //! By default the tracker and the device server run in this process (the
 //! server's session workers, like the builder's workers, are this program
-//! re-executed); `--tracker HOST:PORT --key KEY` measures on real servers.
+//! re-executed; they time on the last CPU, and this process moves to the
+//! others once the builds are done); `--tracker HOST:PORT --key KEY`
+//! measures on real servers.
 //!
 //! ```sh
 //! cargo run --release --example tune_matmul
@@ -23,6 +32,10 @@ mod candidates;
 mod outcome;
 #[path = "tune_matmul/report.rs"]
 mod report;
+#[path = "tune_matmul/rounds.rs"]
+mod rounds;
+#[path = "tune_matmul/summary.rs"]
+mod summary;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,17 +47,18 @@ use futures::StreamExt as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use popen_pool::{OutputMode, WorkerProgram};
 use rpc_runner::measure::{
-    ArgInfo, BuilderInput, DType, EvaluatorConfig, LocalBuilder, LocalBuilderConfig, Measurement,
-    RpcConfig, RpcRunner, RunError, Runner, RunnerInput,
+    ArgInfo, BuilderInput, CpuPlan, DType, LocalBuilder, LocalBuilderConfig, Measurement,
+    RpcConfig, RpcRunner, RunError, Runner, RunnerInput, pin_this_process,
 };
 use rpc_runner::tracker::{Tracker, TrackerConfig, TrackerHandle};
 use rpc_runner::{DeviceServer, ServerConfig, ServerHandle};
 
 use crate::candidates::{Kind, Size};
-use crate::outcome::{Outcome, RTOL, Status};
+use crate::outcome::{Outcome, Status};
 use crate::report::Trial;
+use crate::rounds::{DEFAULT_FINALISTS, MAX_FINALISTS};
 
-/// Candidates measured by default: about 20 s on a 2-core machine.
+/// Candidates measured by default: 18-33 s on a 2-core machine (load 1.3-2.8).
 const DEFAULT_TRIALS: usize = 96;
 
 /// Tunes a float32 C matmul C = A * B end to end: builds candidate kernels in
@@ -81,6 +95,11 @@ struct Args {
     /// [default: "-march=native" with the embedded server, none with --tracker].
     #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     cflags: Option<String>,
+    /// Candidates re-measured in the final round: the fastest K of the
+    /// screening, timed together in one session, interleaved, until their
+    /// noise is at most 0.5% (0: screening only).
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_FINALISTS, value_parser = parse_finalists)]
+    finalists: usize,
 }
 
 fn parse_size(s: &str) -> Result<Size, String> {
@@ -98,6 +117,16 @@ fn parse_size(s: &str) -> Result<Size, String> {
         }
         [_, _, _] => Err("dimensions must be positive".into()),
         _ => Err("expected three dimensions M,N,K (e.g. 256,256,256)".into()),
+    }
+}
+
+fn parse_finalists(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(k) if k <= MAX_FINALISTS => Ok(k),
+        Ok(k) => {
+            Err(format!("{k} finalists: at most {MAX_FINALISTS} (one session times them all)"))
+        }
+        Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
 
@@ -194,15 +223,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rpc = rpc.token(token);
     }
     // Fails clearly if the tracker is unreachable or has no server for the key.
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).seed(args.seed).build().await;
-    let result = match (LocalBuilder::new(program, build_cfg), runner) {
-        (Ok(builder), Ok(runner)) => {
-            let result = tune(&args, size, &cflags, &builder, &runner, &out_dir).await;
+    let screen = RpcRunner::builder(rpc.clone())
+        .evaluator(rounds::screening_evaluator())
+        .seed(args.seed)
+        .build()
+        .await;
+    let final_rpc = rpc.session_timeout(rounds::final_session_timeout(args.finalists));
+    let last = RpcRunner::builder(final_rpc)
+        .evaluator(rounds::final_evaluator())
+        .seed(args.seed)
+        .build()
+        .await;
+    // With the embedded server, this process (tracker, server, runtime)
+    // moves off the measuring CPU once the builds are done; remote servers
+    // pin their own workers.
+    let plan = embedded.as_ref().map(|_| CpuPlan::detect());
+    let result = match (LocalBuilder::new(program, build_cfg), screen, last) {
+        (Ok(builder), Ok(screen), Ok(last)) => {
+            let runners = Runners { screen, last, plan };
+            let result = tune(&args, size, &cflags, &builder, &runners, &out_dir).await;
             builder.shutdown().await;
             result
         }
-        (Err(e), _) => Err(e).context("cannot start the builder"),
-        (_, Err(e)) => Err(e).context("cannot start the runner"),
+        (Err(e), _, _) => Err(e).context("cannot start the builder"),
+        (_, Err(e), _) | (_, _, Err(e)) => Err(e).context("cannot start the runner"),
     };
 
     // Everything stops, whatever happened.
@@ -217,13 +261,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runners of the two rounds, and the CPU plan of the embedded server.
+struct Runners {
+    /// Screening: every candidate on its own, a cheap adaptive rule.
+    screen: RpcRunner,
+    /// The final round: the finalists interleaved, the recommended rule.
+    last: RpcRunner,
+    /// `Some` with the embedded server: this process is pinned to `others`.
+    plan: Option<CpuPlan>,
+}
+
 /// Builds, measures, checks and reports; returns the closing summary.
 async fn tune(
     args: &Args,
     size: Size,
     cflags: &[String],
     builder: &LocalBuilder,
-    runner: &RpcRunner,
+    runners: &Runners,
     out_dir: &Path,
 ) -> anyhow::Result<String> {
     let candidates = candidates::generate(size, args.trials, args.seed);
@@ -235,11 +289,16 @@ async fn tune(
     .progress_chars("=> ");
     let build_bar = bars.add(ProgressBar::new(n as u64).with_style(style.clone()));
     build_bar.set_prefix("building");
-    let measure_bar = bars.add(ProgressBar::new(n as u64).with_style(style));
-    measure_bar.set_prefix("measuring");
+    let measure_bar = bars.add(ProgressBar::new(n as u64).with_style(style.clone()));
+    measure_bar.set_prefix("screening");
+    let final_bar = bars.add(ProgressBar::new(args.finalists as u64).with_style(style));
+    final_bar.set_prefix("final");
     build_bar.tick();
     measure_bar.tick();
+    final_bar.tick();
 
+    let mut phases = Vec::new();
+    let phase = Instant::now();
     // 1. Build everything (the two cores compile; nothing is timed meanwhile).
     let inputs: Vec<BuilderInput> = candidates
         .iter()
@@ -257,9 +316,30 @@ async fn tune(
         build_bar.inc(1);
     }
     build_bar.finish_with_message("done");
+    phases.push(format!("build {:.1} s", phase.elapsed().as_secs_f64()));
 
-    // 2. Measure what was built, in candidate order, one device at a time per
-    //    server; every candidate gets the same random inputs (same seed).
+    // Nothing is timed while building; now keep this process (the tracker,
+    // the server, the runtime) off the CPU the session workers time on.
+    let mut pin_note = None;
+    if runners.plan.is_none() {
+        pin_note = Some("remote servers: each pins its own session workers".to_owned());
+    }
+    if let Some(plan) = &runners.plan {
+        pin_note = Some(match pin_this_process(&plan.others) {
+            Ok(()) => format!(
+                "timing on CPU {:?} (session workers); tracker, server and this process on {:?}",
+                plan.measure, plan.others
+            ),
+            Err(_) if plan.others.is_empty() => {
+                "one CPU: the timed kernels share it with the tracker and the server".to_owned()
+            }
+            Err(e) => format!("note: cannot pin this process to CPUs {:?}: {e}", plan.others),
+        });
+    }
+
+    // 2. Screening: what was built, in candidate order, one device at a time
+    //    per server, each on its own; every candidate gets the same random
+    //    inputs (same seed).
     let args_info = vec![
         ArgInfo::tensor(DType::F32, [size.m as i64, size.k as i64]),
         ArgInfo::tensor(DType::F32, [size.k as i64, size.n as i64]),
@@ -280,8 +360,9 @@ async fn tune(
         }
     }
     measure_bar.reset_elapsed();
+    let phase = Instant::now();
     let mut measured: Vec<Option<Result<Measurement, RunError>>> = vec![None; n];
-    let mut results = runner.run(inputs);
+    let mut results = runners.screen.run(inputs);
     while let Some((j, result)) = results.next().await {
         let i = order[j];
         measure_bar.set_message(candidates[i].name.clone());
@@ -289,14 +370,14 @@ async fn tune(
         measured[i] = Some(result);
     }
     measure_bar.finish_with_message("done");
-    bars.clear()?;
+    phases.push(format!("screening {:.1} s", phase.elapsed().as_secs_f64()));
 
     // 3. Check every output against the naive kernel's (itself checked on the host).
     let naive =
         candidates.iter().position(|c| c.kind == Kind::Naive).context("no naive candidate")?;
     let (reference, naive_problem) = match measured[naive].take() {
         Some(Ok(m)) => {
-            let (reference, outcome) = check_naive(size, m).await?;
+            let (reference, outcome) = outcome::check_naive(size, m).await?;
             outcomes[naive] = Some(outcome);
             (reference, None)
         }
@@ -314,9 +395,31 @@ async fn tune(
         let Some(m) = m else { continue };
         outcomes[i] = Some(match m {
             Err(e) => Outcome::run_failed(&e),
-            Ok(m) => check(m, reference.as_deref()),
+            Ok(m) => outcome::check(m, reference.as_deref()),
         });
     }
+
+    // 4. The final round: the fastest few, interleaved in one session, under
+    //    the recommended adaptive rule; their outputs are checked again.
+    let finalists = rounds::finalists(&outcomes, args.finalists);
+    final_bar.set_length(finalists.len() as u64);
+    final_bar.set_message(format!("{} candidates interleaved in one session", finalists.len()));
+    final_bar.reset_elapsed();
+    let phase = Instant::now();
+    final_bar.enable_steady_tick(Duration::from_millis(200));
+    rounds::final_round(
+        &runners.last,
+        &finalists,
+        &artifacts,
+        &args_info,
+        reference.as_deref(),
+        &mut outcomes,
+    )
+    .await;
+    final_bar.set_position(finalists.len() as u64);
+    final_bar.finish_with_message("done");
+    phases.push(format!("final round {:.1} s", phase.elapsed().as_secs_f64()));
+    bars.clear()?;
 
     let trials: Vec<Trial> = candidates
         .into_iter()
@@ -329,7 +432,7 @@ async fn tune(
         })
         .collect();
 
-    // 4. Report.
+    // 5. Report.
     let naive_trial = &trials[naive];
     let naive_median =
         naive_trial.outcome.status.ranked().then(|| naive_trial.outcome.median()).flatten();
@@ -356,8 +459,20 @@ async fn tune(
     if !cflags.is_empty() && args.cflags.is_none() {
         println!("(the kernels are compiled for this machine: --cflags \"\" for portable code)");
     }
+    if let Some(note) = pin_note {
+        println!("{note}");
+    }
+    println!("{}", rounds::describe(finalists.len()));
     println!();
     print!("{}", report::table(&trials, size, naive_median));
+    print!(
+        "{}",
+        report::legend(
+            rounds::screening_evaluator().noise_threshold(),
+            rounds::final_evaluator().noise_threshold(),
+            trials.iter().any(|t| t.outcome.status.ranked() && t.outcome.unstable()),
+        )
+    );
     println!();
 
     let mut summary = String::new();
@@ -373,34 +488,14 @@ async fn tune(
             ));
         }
     }
-    let ok = trials.iter().filter(|t| t.outcome.status == Status::Ok).count();
-    let best = trials
-        .iter()
-        .filter(|t| t.outcome.status.ranked())
-        .filter_map(|t| t.outcome.median().map(|m| (t, m)))
-        .min_by(|a, b| a.1.total_cmp(&b.1));
-    summary.push_str(&format!("{ok} of {} candidates ok\n", trials.len()));
-    match (best, naive_median) {
-        (Some((t, m)), Some(naive_m)) => summary.push_str(&format!(
-            "best: {} ({}) {}, {:.2} GFLOP/s; naive {}, {:.2} GFLOP/s\nbest speedup over naive: {:.2}x\n",
-            t.candidate.describe(),
-            t.candidate.name,
-            report::fmt_secs(m),
-            size.flops() / m / 1e9,
-            report::fmt_secs(naive_m),
-            size.flops() / naive_m / 1e9,
-            naive_m / m,
-        )),
-        (Some((t, m)), None) => summary.push_str(&format!(
-            "best: {} ({}) {}, {:.2} GFLOP/s; no speedup: {}\n",
-            t.candidate.describe(),
-            t.candidate.name,
-            report::fmt_secs(m),
-            size.flops() / m / 1e9,
-            naive_problem.as_deref().unwrap_or("no naive cost"),
-        )),
-        (None, _) => summary.push_str("no candidate ran successfully\n"),
+    for note in summary::notes(&trials) {
+        summary.push_str(&note);
+        summary.push('\n');
     }
+    let ok = trials.iter().filter(|t| t.outcome.status == Status::Ok).count();
+    summary.push_str(&format!("{ok} of {} candidates ok\n", trials.len()));
+    summary.push_str(&summary::best(&trials, size, naive_median, naive_problem.as_deref()));
+    summary.push_str(&format!("time: {}\n", phases.join(", ")));
     summary.push_str(&format!(
         "tuning log: {}\nconvergence plot: {}\noutput directory: {}",
         log_path.display(),
@@ -411,50 +506,6 @@ async fn tune(
         bail!("{summary}\n{problem}: the other results could not be verified");
     }
     Ok(summary)
-}
-
-/// Checks the naive kernel's C against a float64 product of its A and B on
-/// the host; returns its C (the reference of every other candidate) if right.
-async fn check_naive(size: Size, m: Measurement) -> anyhow::Result<(Option<Vec<f64>>, Outcome)> {
-    let [a, b, c] = [0, 1, 2].map(|i| m.output_as::<f32>(i));
-    let (a, b, c) = (a?, b?, c?);
-    let (err, c) = tokio::task::spawn_blocking(move || {
-        let host = outcome::host_matmul(&a, &b, size.m, size.n, size.k);
-        (outcome::max_rel_err(&c, &host), c)
-    })
-    .await?;
-    let ok = err <= RTOL;
-    let outcome = match ok {
-        true => Outcome::ran(Status::Ok, None, m, Some(err)),
-        false => {
-            let why = format!("max rel err {err:.2e} against the host's float64 product");
-            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
-        }
-    };
-    Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
-}
-
-/// Checks a candidate's C against the reference.
-fn check(m: Measurement, reference: Option<&[f64]>) -> Outcome {
-    let Some(reference) = reference else {
-        return Outcome::ran(Status::Unverified, None, m, None);
-    };
-    let err = match m.output_as::<f32>(0) {
-        Ok(c) => outcome::max_rel_err(&c, reference),
-        Err(e) => return Outcome::failed(Status::Error, e.to_string()),
-    };
-    if err <= RTOL {
-        Outcome::ran(Status::Ok, None, m, Some(err))
-    } else {
-        let why = format!("max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})");
-        Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
-    }
-}
-
-/// Timing for speed: three batches of at least 25 ms each (TVM's defaults,
-/// one batch of at least 100 ms, are slower and give no spread).
-fn evaluator() -> EvaluatorConfig {
-    EvaluatorConfig { number: 1, repeat: 3, min_repeat_ms: 25, ..EvaluatorConfig::default() }
 }
 
 fn parse_addr(addr: &str) -> anyhow::Result<(String, u16)> {

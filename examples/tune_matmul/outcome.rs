@@ -1,9 +1,11 @@
 //! What happened to each candidate: the status classification, the result
 //! check against the reference, and the costs.
 
-use rpc_runner::measure::{BuildError, Measurement, RunError, StageTimes};
+use rpc_runner::measure::{
+    BuildError, Environment, Measurement, RunError, StageTimes, Stats, StopReason,
+};
 
-use crate::candidates::Expect;
+use crate::candidates::{Expect, Size};
 
 /// Relative tolerance of the result check (float32 sums in another order).
 pub(crate) const RTOL: f64 = 1e-3;
@@ -129,6 +131,44 @@ pub(crate) struct Outcome {
     pub(crate) max_rel_err: Option<f64>,
     /// The server that measured it and how long each stage took, if it ran.
     pub(crate) measured: Option<(String, StageTimes)>,
+    /// How trustworthy the costs are, if it ran.
+    pub(crate) fidelity: Option<Fidelity>,
+    /// Re-measured in the final round (interleaved with the other finalists).
+    pub(crate) finalist: bool,
+    /// A finalist's median cost in the screening round, in seconds.
+    pub(crate) screen_median: Option<f64>,
+}
+
+/// What the measurement says about its own trustworthiness.
+#[derive(Debug, Clone)]
+pub(crate) struct Fidelity {
+    /// Statistics of the costs, `stable` against the round's noise target.
+    pub(crate) stats: Option<Stats>,
+    /// Why timing stopped.
+    pub(crate) stop: StopReason,
+    /// Timed interleaved with other candidates.
+    pub(crate) interleaved: bool,
+    /// Where and how it was timed (its `warnings` are the environment's).
+    pub(crate) env: Environment,
+    /// The environment's warnings plus "unstable: ..." (`Measurement::warnings`).
+    pub(crate) warnings: Vec<String>,
+}
+
+impl Fidelity {
+    fn of(m: &Measurement) -> Self {
+        Fidelity {
+            stats: m.stats(),
+            stop: m.stop,
+            interleaved: m.interleaved,
+            env: m.env.clone(),
+            warnings: m.warnings(),
+        }
+    }
+
+    /// The costs are stable (false without statistics).
+    pub(crate) fn stable(&self) -> bool {
+        self.stats.is_some_and(|s| s.stable)
+    }
 }
 
 impl Outcome {
@@ -150,6 +190,9 @@ impl Outcome {
             run_secs: Vec::new(),
             max_rel_err: None,
             measured: None,
+            fidelity: None,
+            finalist: false,
+            screen_median: None,
         }
     }
 
@@ -160,13 +203,81 @@ impl Outcome {
         m: Measurement,
         max_rel_err: Option<f64>,
     ) -> Self {
+        let fidelity = Some(Fidelity::of(&m));
         let measured = Some((m.server, m.stages));
-        Outcome { status, error, run_secs: m.run_secs, max_rel_err, measured }
+        Outcome {
+            status,
+            error,
+            run_secs: m.run_secs,
+            max_rel_err,
+            measured,
+            fidelity,
+            finalist: false,
+            screen_median: None,
+        }
+    }
+
+    /// This outcome as a finalist's: `screen` is its screening outcome.
+    pub(crate) fn into_finalist(mut self, screen: &Outcome) -> Self {
+        self.finalist = true;
+        self.screen_median = screen.median();
+        self
+    }
+
+    /// The statistics of the costs, if it ran.
+    pub(crate) fn stats(&self) -> Option<Stats> {
+        self.fidelity.as_ref().and_then(|f| f.stats)
+    }
+
+    /// Ran and its costs are not stable (noise above the round's target).
+    pub(crate) fn unstable(&self) -> bool {
+        self.fidelity.as_ref().is_some_and(|f| !f.stable())
     }
 
     /// Median cost in seconds.
     pub(crate) fn median(&self) -> Option<f64> {
         median(&self.run_secs)
+    }
+}
+
+/// Checks the naive kernel's C against a float64 product of its A and B on
+/// the host; returns its C (the reference of every other candidate) if right.
+pub(crate) async fn check_naive(
+    size: Size,
+    m: Measurement,
+) -> anyhow::Result<(Option<Vec<f64>>, Outcome)> {
+    let [a, b, c] = [0, 1, 2].map(|i| m.output_as::<f32>(i));
+    let (a, b, c) = (a?, b?, c?);
+    let (err, c) = tokio::task::spawn_blocking(move || {
+        let host = host_matmul(&a, &b, size.m, size.n, size.k);
+        (max_rel_err(&c, &host), c)
+    })
+    .await?;
+    let ok = err <= RTOL;
+    let outcome = match ok {
+        true => Outcome::ran(Status::Ok, None, m, Some(err)),
+        false => {
+            let why = format!("max rel err {err:.2e} against the host's float64 product");
+            Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
+        }
+    };
+    Ok((ok.then(|| c.into_iter().map(f64::from).collect()), outcome))
+}
+
+/// Checks a candidate's C against the reference.
+pub(crate) fn check(m: Measurement, reference: Option<&[f64]>) -> Outcome {
+    let Some(reference) = reference else {
+        return Outcome::ran(Status::Unverified, None, m, None);
+    };
+    let err = match m.output_as::<f32>(0) {
+        Ok(c) => max_rel_err(&c, reference),
+        Err(e) => return Outcome::failed(Status::Error, e.to_string()),
+    };
+    if err <= RTOL {
+        Outcome::ran(Status::Ok, None, m, Some(err))
+    } else {
+        let why = format!("max rel err {err:.2e} against the naive kernel (tolerance {RTOL:.0e})");
+        Outcome::ran(Status::WrongResult, Some(why), m, Some(err))
     }
 }
 

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
+use rpc_runner::measure::Stats;
+
 use crate::candidates::{Candidate, Expect, Size};
 use crate::outcome::{Outcome, Status};
 
@@ -41,6 +43,20 @@ impl Trial {
         let gflops = self.outcome.status.ranked().then(|| self.gflops(size)).flatten();
         obj.insert("gflops".into(), json!(gflops));
         obj.insert("max_rel_err".into(), json!(self.outcome.max_rel_err));
+        let o = &self.outcome;
+        let stats = o.stats();
+        obj.insert("rel_noise".into(), json!(stats.map(|s| s.rel_noise)));
+        obj.insert("stable".into(), json!(stats.map(|s| s.stable)));
+        obj.insert("finalist".into(), json!(o.finalist));
+        // The screening round's median: a finalist's is kept, anyone else's
+        // is its only one.
+        let screen = if o.finalist { o.screen_median } else { o.median() };
+        obj.insert("screen_median_s".into(), json!(screen));
+        let f = o.fidelity.as_ref();
+        obj.insert("interleaved".into(), json!(f.map(|f| f.interleaved)));
+        obj.insert("stop".into(), json!(f.map(|f| f.stop)));
+        obj.insert("warnings".into(), json!(f.map(|f| &f.warnings)));
+        obj.insert("env".into(), json!(f.map(|f| &f.env)));
         if let Some((server, stages)) = &self.outcome.measured {
             obj.insert("server".into(), json!(server));
             obj.insert("stages".into(), json!(stages));
@@ -71,15 +87,22 @@ pub(crate) fn write_log(path: &Path, trials: &[Trial], size: Size) -> anyhow::Re
     Ok(())
 }
 
-/// `1.23 ms`, `456 us`, `2.50 s`.
+/// `1.23 ms`, `456.7 us`, `89.0 ns`, `2.50 s`.
 pub(crate) fn fmt_secs(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.2} s")
     } else if s >= 1e-3 {
         format!("{:.3} ms", s * 1e3)
-    } else {
+    } else if s >= 1e-6 {
         format!("{:.1} us", s * 1e6)
+    } else {
+        format!("{:.1} ns", s * 1e9)
     }
+}
+
+/// `243.1 us ± 0.3%`: the median and the relative noise.
+pub(crate) fn fmt_cost(s: &Stats) -> String {
+    format!("{} ± {:.1}%", fmt_secs(s.median), s.rel_noise * 100.0)
 }
 
 /// The first line of an error, cut to `max` characters.
@@ -100,54 +123,72 @@ fn short(text: &str, max: usize) -> String {
     }
 }
 
-/// The result table: ranked trials by cost, then the failures in trial order.
+/// The result table: ranked finalists by final cost, then the other ranked
+/// trials by screening cost, then the failures in trial order. A cost is
+/// `median ± relative noise`, followed by `~` when it is unstable (see
+/// [`legend`]).
 pub(crate) fn table(trials: &[Trial], size: Size, naive_median: Option<f64>) -> String {
     let mut order: Vec<&Trial> = trials.iter().collect();
     order.sort_by(|a, b| {
-        let key = |t: &Trial| (!t.outcome.status.ranked(), t.outcome.median().unwrap_or(f64::MAX));
-        let (ra, ca) = key(a);
-        let (rb, cb) = key(b);
-        ra.cmp(&rb).then(ca.total_cmp(&cb)).then(a.trial.cmp(&b.trial))
+        let key = |t: &Trial| {
+            let o = &t.outcome;
+            (!o.status.ranked(), !o.finalist, o.median().unwrap_or(f64::MAX))
+        };
+        let (ra, fa, ca) = key(a);
+        let (rb, fb, cb) = key(b);
+        ra.cmp(&rb).then(fa.cmp(&fb)).then(ca.total_cmp(&cb)).then(a.trial.cmp(&b.trial))
     });
-    let rows: Vec<[String; 7]> = order
+    let rows: Vec<[String; 8]> = order
         .iter()
         .enumerate()
         .map(|(rank, t)| {
-            let ranked = t.outcome.status.ranked();
-            let median = t.outcome.median();
+            let o = &t.outcome;
+            let ranked = o.status.ranked();
+            let median = o.median();
             let speedup = match (ranked, median, naive_median) {
                 (true, Some(m), Some(n)) if m > 0.0 => format!("{:.2}x", n / m),
                 _ => String::new(),
             };
-            let mut status = t.outcome.status.label().to_owned();
-            if t.candidate.expect != Expect::Ok && t.outcome.status.meets(t.candidate.expect) {
+            let mut status = o.status.label().to_owned();
+            if t.candidate.expect != Expect::Ok && o.status.meets(t.candidate.expect) {
                 status.push_str(" (expected)");
             }
-            let detail = t.outcome.error.as_deref().map(|e| short(e, 64)).unwrap_or_default();
+            let detail = o.error.as_deref().map(|e| short(e, 64)).unwrap_or_default();
+            let cost = match o.stats() {
+                Some(s) => format!("{} {}", fmt_cost(&s), if o.unstable() { '~' } else { ' ' }),
+                None => median.map(fmt_secs).unwrap_or_default(),
+            };
+            let round = match (o.finalist, o.fidelity.is_some()) {
+                (true, _) => "final",
+                (false, true) => "screen",
+                (false, false) => "",
+            };
             [
                 if ranked { (rank + 1).to_string() } else { "-".to_owned() },
                 t.candidate.describe(),
-                median.map(fmt_secs).unwrap_or_default(),
+                cost,
                 if ranked {
                     t.gflops(size).map(|g| format!("{g:.2}")).unwrap_or_default()
                 } else {
                     String::new()
                 },
                 speedup,
+                round.to_owned(),
                 status,
                 detail,
             ]
         })
         .collect();
-    let header = ["#", "config", "median", "GFLOP/s", "speedup", "status", "detail"];
-    let mut widths = header.map(str::len);
+    let header =
+        ["#", "config", "median ± noise", "GFLOP/s", "speedup", "round", "status", "detail"];
+    let mut widths = header.map(|h| h.chars().count());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     // Right-align the numbers, left-align the words.
-    let right = [true, false, true, true, true, false, false];
+    let right = [true, false, true, true, true, false, false, false];
     let mut out = String::new();
     let line = |out: &mut String, cells: &[String]| {
         let mut l = String::new();
@@ -167,6 +208,24 @@ pub(crate) fn table(trials: &[Trial], size: Size, naive_median: Option<f64>) -> 
     for row in &rows {
         line(&mut out, row);
     }
+    out
+}
+
+/// The lines under the table: what `~` and the round column mean.
+pub(crate) fn legend(screen_noise: f64, final_noise: f64, any_unstable: bool) -> String {
+    let mut out = String::new();
+    if any_unstable {
+        let _ = writeln!(
+            out,
+            "~ unstable: noise above the threshold ({:.1}% relative noise in screening, {:.1}% in the final round)",
+            screen_noise * 100.0,
+            final_noise * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "round: final = re-measured interleaved with the other finalists; screen = screening only"
+    );
     out
 }
 
