@@ -151,6 +151,20 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
 
     let mut out = Map::new();
     out.insert("busywait_max_rel_err".into(), num(busywait));
+    // Per busy-wait: the worst batch, and the median batch, error.
+    let mut by_kernel = Map::new();
+    for (k, kernel) in kernels.iter().enumerate() {
+        let KernelKind::BusyWait(nominal) = kernel.kind else { continue };
+        let errs: Vec<f64> = quiet
+            .iter()
+            .flat_map(|p| p.costs[k].iter().map(|c| (c / nominal - 1.0).abs()))
+            .collect();
+        by_kernel.insert(
+            kernel.name.clone(),
+            json!({ "max": num(max(errs.iter().copied())), "median": num(median(&errs)) }),
+        );
+    }
+    out.insert("busywait_rel_err_by_kernel".into(), Value::Object(by_kernel));
     out.insert("noise_median".into(), num(median(&noise)));
     out.insert("noise_p90".into(), num(percentile(&noise, 90.0)));
     out.insert("noise_max".into(), num(max(noise.iter().copied())));

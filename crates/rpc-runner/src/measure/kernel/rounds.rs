@@ -130,8 +130,9 @@ pub(super) const REALTIME_YIELD: Duration = Duration::from_micros(100);
 /// 0 with TVM's rule until a batch reaches `min_repeat_ms` (these batches
 /// are discarded). Then rounds: each round visits every unfinished
 /// candidate once, in an order shuffled by `order_seed`, timing one batch
-/// on its next set (sets in turn). A candidate whose call fails is dropped
-/// with its error; the others go on.
+/// on its next set (sets in turn), after one untimed call when another
+/// kernel or set ran last (unless the cache flush is on). A candidate whose
+/// call fails is dropped with its error; the others go on.
 pub(super) fn run_rounds<B: Into<BatchTime>>(
     cfg: &EvaluatorConfig,
     sets: &[usize],
@@ -157,6 +158,7 @@ pub(super) fn run_rounds<B: Into<BatchTime>>(
     let mut active: Vec<usize> = (0..sets.len()).filter(|&c| out[c].is_ok()).collect();
     let mut rng = SplitMix64(order_seed);
     let mut first = true;
+    let mut last: Option<(usize, usize)> = None;
     while !active.is_empty() {
         // Fisher-Yates with the seeded stream.
         for i in (1..active.len()).rev() {
@@ -175,10 +177,21 @@ pub(super) fn run_rounds<B: Into<BatchTime>>(
             }
             first = false;
             let Ok(state) = &mut out[c] else { continue };
-            let set = state.costs.len() % sets[c].max(1);
+            let set = (state.costs.len() + state.preempted as usize) % sets[c].max(1);
             if cfg.enable_cpu_cache_flush {
                 flush(c, set);
+            } else if last != Some((c, set)) {
+                // Another kernel or set ran last: one untimed call brings
+                // this one's code and data back into the caches, as if it
+                // were measured alone.
+                if let Err(rc) = batch(c, set, 1) {
+                    out[c] = Err(KernelError::Kernel(rc));
+                    finished.push(c);
+                    continue;
+                }
             }
+            last = Some((c, set));
+            let Ok(state) = &mut out[c] else { continue };
             match batch(c, set, state.number).map(Into::into) {
                 Ok(BatchTime { wall: elapsed, cpu }) => {
                     timed[c] += elapsed;
@@ -298,7 +311,8 @@ mod tests {
             &[2],
             1,
             |_, _, n| {
-                i += 1;
+                // Count the timed batches only (not the untimed single calls).
+                i += u64::from(n > 1);
                 Ok(Duration::from_micros((10 + 2 * (i % 2)) * u64::from(n)))
             },
             |_, _| {},
@@ -331,8 +345,9 @@ mod tests {
 
     #[test]
     fn rounds_interleave_in_shuffled_orders_and_rotate_sets() {
-        let cfg = EvaluatorConfig { number: 1, repeat: 4, min_repeat_ms: 0, ..Default::default() };
+        let cfg = EvaluatorConfig { number: 2, repeat: 4, min_repeat_ms: 0, ..Default::default() };
         let mut timed: Vec<(usize, usize)> = Vec::new();
+        let mut warm: Vec<(usize, usize)> = Vec::new();
         let mut calls = 0;
         let out = run_rounds(
             &cfg,
@@ -340,9 +355,10 @@ mod tests {
             7,
             |c, s, n| {
                 calls += 1;
-                if n > 0 && calls > 4 + 3 {
-                    // after the warm-ups (4) and calibrations (3)
-                    timed.push((c, s));
+                // After the warm-ups (4) and calibrations (3): timed batches
+                // of 2 calls, and untimed single calls between kernels.
+                if calls > 4 + 3 {
+                    if n == 2 { timed.push((c, s)) } else { warm.push((c, s)) }
                 }
                 Ok(Duration::from_micros(5))
             },
@@ -350,6 +366,9 @@ mod tests {
             |_| {},
         )
         .unwrap();
+        // Each timed batch whose kernel or set differs from the last one is
+        // preceded by one untimed call of it.
+        assert!(!warm.is_empty() && warm.len() <= timed.len(), "{warm:?}");
         // Count rule: repeat * sets batches each.
         let lens: Vec<usize> = out.iter().map(|o| o.as_ref().unwrap().costs.len()).collect();
         assert_eq!(lens, vec![4, 8, 4]);
