@@ -4,7 +4,9 @@
 
 use std::fmt::Write as _;
 
-use rpc_runner::measure::{Stats, best_within_noise};
+use rpc_runner::measure::{
+    Stats, Verdict, best_within_noise, best_within_noise_paired, compare_paired,
+};
 
 use crate::candidates::Size;
 use crate::report::{Trial, fmt_cost, fmt_secs};
@@ -35,7 +37,15 @@ pub(crate) fn best(
 ) -> String {
     let contenders = contenders(trials);
     let stats: Vec<Stats> = contenders.iter().map(|&(_, s)| s).collect();
-    let tied = best_within_noise(&stats);
+    // Finalists timed interleaved in one set are compared round by round
+    // (their shared drift cancels); otherwise by their own intervals.
+    let paired = contenders.len() > 1
+        && contenders
+            .iter()
+            .all(|&(i, _)| trials[i].outcome.fidelity.as_ref().is_some_and(|f| f.interleaved));
+    let costs: Vec<&[f64]> =
+        contenders.iter().map(|&(i, _)| trials[i].outcome.run_secs.as_slice()).collect();
+    let tied = if paired { best_within_noise_paired(&costs) } else { best_within_noise(&stats) };
     let mut out = String::new();
     let failed: Vec<&str> = trials
         .iter()
@@ -78,6 +88,10 @@ pub(crate) fn best(
             .min_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median));
         if let Some(j) = runner_up {
             let (rj, rs) = contenders[j];
+            debug_assert!(
+                !paired || compare_paired(costs[fastest], costs[j]) == Verdict::Faster,
+                "a clear best beats the runner-up"
+            );
             let _ = write!(
                 out,
                 "; {:.1}% faster than the runner-up {} beyond noise ({round})",
@@ -91,8 +105,9 @@ pub(crate) fn best(
             tied.iter().map(|&j| trials[contenders[j].0].candidate.name.as_str()).collect();
         let _ = writeln!(
             out,
-            "best within noise: {} (differences below the measurement noise; {round})",
-            names.join(", ")
+            "best within noise: {} (differences below the measurement noise{}; {round})",
+            names.join(", "),
+            if paired { ", compared round by round" } else { "" }
         );
         let _ = writeln!(out, "fastest median: {figures}");
     }

@@ -57,4 +57,4 @@ pub use runner::{
     OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder, RunError,
     RunStream, Runner, RunnerInput, RunnerResult, StageContext, StageTimes,
 };
-pub use stats::{Stats, Verdict, best_within_noise};
+pub use stats::{Stats, Verdict, best_within_noise, best_within_noise_paired, compare_paired};

@@ -135,6 +135,68 @@ fn quantile_sorted(v: &[f64], q: f64) -> f64 {
     v[lo] + (v[hi.min(v.len() - 1)] - v[lo]) * frac
 }
 
+/// Whether costs `a` are faster, slower or tied with costs `b` **timed
+/// interleaved in one set** (`Runner::run_interleaved`: batch `k` of each
+/// was timed in round `k`, close in time): compares the per-round ratios
+/// `a[k] / b[k]`, so drift both share (frequency, temperature, a neighbour)
+/// cancels out instead of widening the intervals. Faster if the ratios'
+/// interval `median ± 3 · 1.4826 · spread / √n` (at least ± 0.5%) lies
+/// below 1, slower if above; tied otherwise or with fewer than
+/// [`Stats::MIN_STABLE_N`] pairs. For costs measured apart, use
+/// [`Stats::compare`].
+///
+/// ```
+/// use rpc_runner::measure::{Verdict, compare_paired};
+/// // Both drift by 10% over the rounds; a stays 2% faster throughout.
+/// let b: Vec<f64> = (0..20).map(|k| 1.0 + 0.005 * k as f64).collect();
+/// let a: Vec<f64> = b.iter().map(|x| 0.98 * x).collect();
+/// assert_eq!(compare_paired(&a, &b), Verdict::Faster);
+/// assert_eq!(compare_paired(&b, &a), Verdict::Slower);
+/// assert_eq!(compare_paired(&a, &a), Verdict::Tied);
+/// ```
+pub fn compare_paired(a: &[f64], b: &[f64]) -> Verdict {
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|&(&x, &y)| x.is_finite() && y.is_finite() && y > 0.0)
+        .map(|(&x, &y)| x / y)
+        .collect();
+    let Some(r) = Stats::from_costs(&ratios, 0.0) else { return Verdict::Tied };
+    if r.n < Stats::MIN_STABLE_N {
+        return Verdict::Tied;
+    }
+    let (lo, hi) = r.interval();
+    if hi < 1.0 {
+        Verdict::Faster
+    } else if lo > 1.0 {
+        Verdict::Slower
+    } else {
+        Verdict::Tied
+    }
+}
+
+/// [`best_within_noise`] for costs timed interleaved in one set: the
+/// candidates tied with the fastest median by [`compare_paired`], fastest
+/// first.
+pub fn best_within_noise_paired(costs: &[&[f64]]) -> Vec<usize> {
+    let medians: Vec<f64> = costs
+        .iter()
+        .map(|c| Stats::from_costs(c, 0.0).map_or(f64::INFINITY, |s| s.median))
+        .collect();
+    let Some(best) = (0..costs.len())
+        .filter(|&i| medians[i].is_finite())
+        .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
+    else {
+        return Vec::new();
+    };
+    let mut tied: Vec<usize> = (0..costs.len())
+        .filter(|&i| medians[i].is_finite())
+        .filter(|&i| i == best || compare_paired(costs[best], costs[i]) == Verdict::Tied)
+        .collect();
+    tied.sort_by(|&a, &b| medians[a].total_cmp(&medians[b]));
+    tied
+}
+
 fn median_sorted(v: &[f64]) -> f64 {
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
@@ -181,5 +243,29 @@ mod tests {
         assert_eq!(best_within_noise(&[slow, near, fast]), vec![2, 1]);
         assert_eq!(best_within_noise(&[slow, fast]), vec![1]);
         assert!(best_within_noise(&[]).is_empty());
+    }
+
+    #[test]
+    fn paired_comparison_cancels_shared_drift() {
+        // A shared 20% drift makes the unpaired intervals overlap...
+        let b: Vec<f64> = (0..30).map(|k| 1.0 + 0.2 * (k as f64 / 29.0)).collect();
+        let a: Vec<f64> = b.iter().map(|x| 0.985 * x).collect();
+        let c: Vec<f64> = b.iter().map(|x| 1.001 * x).collect();
+        let sa = Stats::from_costs(&a, 0.01).unwrap();
+        let sb = Stats::from_costs(&b, 0.01).unwrap();
+        assert_eq!(sa.compare(&sb), Verdict::Tied);
+        // ...the per-round ratios do not.
+        assert_eq!(compare_paired(&a, &b), Verdict::Faster);
+        assert_eq!(compare_paired(&b, &a), Verdict::Slower);
+        // 0.1% is below the ±0.5% floor: tied.
+        assert_eq!(compare_paired(&c, &b), Verdict::Tied);
+        assert_eq!(compare_paired(&a[..2], &b[..2]), Verdict::Tied, "too few pairs");
+        assert_eq!(best_within_noise_paired(&[&b, &a, &c]), vec![1]);
+        assert_eq!(best_within_noise_paired(&[&b, &c]), vec![0, 1]);
+        assert!(best_within_noise_paired(&[]).is_empty());
+        // Noisy ratios are tied.
+        let noisy: Vec<f64> =
+            b.iter().enumerate().map(|(k, x)| x * if k % 2 == 0 { 0.9 } else { 1.08 }).collect();
+        assert_eq!(compare_paired(&noisy, &b), Verdict::Tied);
     }
 }
