@@ -138,7 +138,10 @@ fn a_small_tuning_run_ranks_the_good_kernels_and_classifies_the_broken_ones() {
     });
     assert!(status.success(), "exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
     eprintln!("tune_matmul ran in {:.1} s:\n{stdout}", started.elapsed().as_secs_f64());
-    assert!(stdout.contains("best speedup over naive:"), "{stdout}");
+    assert!(stdout.contains("speedup of the fastest median over naive:"), "{stdout}");
+    // A best only beyond noise, else the tie set; finalists re-measured interleaved.
+    assert!(stdout.contains("\nbest: ") || stdout.contains("\nbest within noise: "), "{stdout}");
+    assert!(stdout.contains(" ± "), "costs as median ± noise: {stdout}");
     assert!(stdout.contains(out_arg), "the output directory is printed: {stdout}");
 
     // The tuning log: one parseable object per candidate, in trial order.
@@ -182,8 +185,16 @@ fn a_small_tuning_run_ranks_the_good_kernels_and_classifies_the_broken_ones() {
         // Where and how long: the server and the time of each stage.
         assert!(line["server"].as_str().is_some_and(|s| s.starts_with("127.0.0.1:")), "{line}");
         assert!(line["stages"]["evaluate"].is_object(), "{line}");
+        // How far to trust it.
+        assert!(line["rel_noise"].as_f64().is_some_and(|n| n >= 0.0), "{line}");
+        assert!(line["stable"].is_boolean() && line["finalist"].is_boolean(), "{line}");
+        assert!(line["stop"].is_string() && line["warnings"].is_array(), "{line}");
     }
     assert!(good.iter().any(|l| l["name"] != "naive"), "a tuned candidate: {text}");
+    // The fastest were re-measured together, interleaved.
+    let finalists: Vec<&&Value> = good.iter().filter(|l| l["finalist"] == true).collect();
+    assert!(!finalists.is_empty(), "{text}");
+    assert!(finalists.iter().all(|l| l["interleaved"] == true), "{text}");
 
     // The convergence plot.
     let png = std::fs::read(out_dir.join("convergence.png")).unwrap();
