@@ -34,19 +34,19 @@ impl<P: Pipeline> Core<P> {
             let core = Arc::clone(self);
             let token = cancel.clone();
             let handle = tokio::spawn(async move { measure(&core, input, token).await });
-            handle
-                .map(|r| {
-                    r.unwrap_or_else(|e| {
-                        Err(if e.is_cancelled() {
-                            RunError::Cancelled
-                        } else {
-                            RunError::Other { message: format!("a pipeline stage panicked: {e}") }
-                        })
-                    })
-                })
-                .boxed()
+            handle.map(|r| r.unwrap_or_else(|e| Err(join_error(&e)))).boxed()
         });
         Batch::new(futures.collect::<Vec<_>>(), cancel)
+    }
+}
+
+/// The error of a measurement task that did not finish: cancelled (the
+/// runtime shut down) or a panicking stage.
+pub(crate) fn join_error(e: &tokio::task::JoinError) -> RunError {
+    if e.is_cancelled() {
+        RunError::Cancelled
+    } else {
+        RunError::Other { message: format!("a pipeline stage panicked: {e}") }
     }
 }
 

@@ -8,7 +8,7 @@ use futures::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::RunStream;
-use super::drive::{Core, bounded};
+use super::drive::{Core, bounded, join_error};
 use super::pipeline::{DeviceSession, Pipeline, StageContext};
 use super::result::{Measurement, Output, RunError, RunnerInput, RunnerResult, StageTimes};
 use crate::measure::batch::Batch;
@@ -33,16 +33,7 @@ impl<P: Pipeline> Core<P> {
         let core = Arc::clone(self);
         let token = cancel.clone();
         let all = tokio::spawn(async move { measure_set(&core, inputs, token).await })
-            .map(move |r| {
-                Arc::new(r.unwrap_or_else(|e| {
-                    let err = if e.is_cancelled() {
-                        RunError::Cancelled
-                    } else {
-                        RunError::Other { message: format!("a pipeline stage panicked: {e}") }
-                    };
-                    vec![Err(err); n]
-                }))
-            })
+            .map(move |r| Arc::new(r.unwrap_or_else(|e| vec![Err(join_error(&e)); n])))
             .shared();
         let items = (0..n).map(|i| {
             let all = all.clone();
