@@ -72,7 +72,8 @@ impl TvmExport {
 
     /// Checks both names (they are pasted into C source).
     pub(crate) fn validate(&self) -> Result<(), String> {
-        check_identifier(&self.name).map_err(|e| format!("tvm_export name {:?}: {e}", self.name))?;
+        check_identifier(&self.name)
+            .map_err(|e| format!("tvm_export name {:?}: {e}", self.name))?;
         check_identifier(&self.entry)
             .map_err(|e| format!("tvm_export entry {:?}: {e}", self.entry))?;
         if self.symbol() == self.entry {
