@@ -100,10 +100,8 @@ async fn run_python(python: &Path, script: &Path, args: &[&str]) -> String {
         fn drop(&mut self) {
             // The group is gone once the script exited and reaped its
             // server; ESRCH is fine.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.0)])
-                .stderr(Stdio::null())
-                .status();
+            let pgid = nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         }
     }
     let _group = KillGroup(pgid);
