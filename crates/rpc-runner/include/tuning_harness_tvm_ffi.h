@@ -70,9 +70,15 @@ static inline DLTensor* th_ffi_tensor_dltensor(THFFIObject* obj) {
   return (DLTensor*)(void*)((char*)obj + sizeof(THFFIObject));
 }
 
+#ifdef __cplusplus
+extern "C" {
+#endif
 /* TVM-FFI's error setter. Weak: it resolves inside a TVM process (TVM's
  * runtime library is loaded globally), and is NULL elsewhere (e.g. when the
  * library is loaded by rpc-runner's own workers). */
 void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message) __attribute__((weak));
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* TUNING_HARNESS_TVM_FFI_H */
