@@ -12,7 +12,8 @@
  * measurement with that code.
  *
  * The three structs below are laid out exactly as in DLPack's dlpack.h
- * (v0.8 and v1.x). If dlpack.h is included first, its definitions are used.
+ * (v0.8 and v1.x). If dlpack.h is included first (any version: its include
+ * guard or version macros are defined), its definitions are used.
  *
  * Print this file with `rpc-runner kernel-header`; LocalBuilder puts it on
  * every build's include path: `#include "tuning_harness_kernel.h"`.
@@ -22,7 +23,7 @@
 
 #include <stdint.h>
 
-#ifndef DLPACK_VERSION
+#if !defined(DLPACK_DLPACK_H_) && !defined(DLPACK_VERSION) && !defined(DLPACK_MAJOR_VERSION)
 typedef enum { kDLCPU = 1 } DLDeviceType;
 typedef enum { kDLInt = 0U, kDLUInt = 1U, kDLFloat = 2U } DLDataTypeCode;
 
@@ -46,7 +47,7 @@ typedef struct {
   int64_t* strides;  /* NULL: compact row-major */
   uint64_t byte_offset;
 } DLTensor;
-#endif /* DLPACK_VERSION */
+#endif /* dlpack.h */
 
 /* The signature of a kernel's entry point. */
 typedef int32_t (*tuning_harness_kernel_fn)(DLTensor* args, int32_t num_args);

@@ -1,5 +1,5 @@
-//! The C header of the kernel ABI, shipped with the crate so kernel authors
-//! don't copy the DLPack structs by hand.
+//! The C headers shipped with the crate, so kernel authors don't copy the
+//! DLPack structs (or TVM-FFI's) by hand.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +11,18 @@ pub const KERNEL_HEADER_NAME: &str = "tuning_harness_kernel.h";
 /// macro. `rpc-runner kernel-header` prints it.
 pub const KERNEL_HEADER: &str = include_str!("../../include/tuning_harness_kernel.h");
 
+/// File name of the TVM-FFI header.
+pub const TVM_FFI_HEADER_NAME: &str = "tuning_harness_tvm_ffi.h";
+
+/// The few TVM-FFI declarations a TVM export uses
+/// (`include/tuning_harness_tvm_ffi.h` of this crate): the packed value
+/// `THFFIAny`, the object header, the type indices of tensors, the
+/// safe-call signature; written for this project (prefixed `THFFI`, so it
+/// coexists with TVM's `<tvm/ffi/c_api.h>`), no TVM install needed. It
+/// includes [`KERNEL_HEADER`]. The shim of
+/// [`TvmExport`](crate::measure::TvmExport) is built against it.
+pub const TVM_FFI_HEADER: &str = include_str!("../../include/tuning_harness_tvm_ffi.h");
+
 /// Writes [`KERNEL_HEADER`] into `dir` (created if needed) unless an
 /// identical copy is there; returns the header's path. Pass `-I dir` to the
 /// compiler.
@@ -19,13 +31,28 @@ pub const KERNEL_HEADER: &str = include_str!("../../include/tuning_harness_kerne
 ///
 /// If `dir` or the file cannot be written.
 pub fn write_kernel_header(dir: &Path) -> std::io::Result<PathBuf> {
+    write_header(dir, KERNEL_HEADER_NAME, KERNEL_HEADER)
+}
+
+/// Writes [`TVM_FFI_HEADER`] and the [`KERNEL_HEADER`] it includes into
+/// `dir`, as [`write_kernel_header`] does; returns the TVM-FFI header's path.
+///
+/// # Errors
+///
+/// If `dir` or a file cannot be written.
+pub fn write_tvm_ffi_header(dir: &Path) -> std::io::Result<PathBuf> {
+    write_kernel_header(dir)?;
+    write_header(dir, TVM_FFI_HEADER_NAME, TVM_FFI_HEADER)
+}
+
+fn write_header(dir: &Path, name: &str, text: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(KERNEL_HEADER_NAME);
-    if std::fs::read(&path).ok().as_deref() != Some(KERNEL_HEADER.as_bytes()) {
+    let path = dir.join(name);
+    if std::fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
         // Write a sibling and rename it, so a concurrent compiler never
         // reads a half-written header.
-        let tmp = dir.join(format!(".{KERNEL_HEADER_NAME}.{}", std::process::id()));
-        std::fs::write(&tmp, KERNEL_HEADER)?;
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &path)?;
     }
     Ok(path)

@@ -15,7 +15,8 @@
 //!   one worker (`candidates.rs`), the [`Environment`] record (`env.rs`),
 //!   `SCHED_FIFO` (`realtime.rs`) and the cache flush (`flush.rs`): the
 //!   session-worker task types.
-//! - `header.rs`: the C header of the kernel ABI ([`KERNEL_HEADER`]).
+//! - `header.rs`: the C headers of the kernel ABI ([`KERNEL_HEADER`]) and of
+//!   the TVM-FFI declarations of TVM exports ([`TVM_FFI_HEADER`]).
 //! - `stats.rs`: [`Stats`] of batch costs (median, MAD, relative noise,
 //!   `stable`) and [`Verdict`]s on whether two measurements differ beyond noise.
 //! - `runner/`: the [`Runner`] trait, the [`Pipeline`] of stages,
@@ -42,11 +43,15 @@ pub use batch::Batch;
 pub use builder::{
     BuildError, BuildFailure, BuildOutput, BuildPlan, BuildStream, BuildTask, BuildTaskOutput,
     BuilderInput, BuilderResult, CompileC, LocalBuilder, LocalBuilderConfig, MAX_NAME_LEN,
+    MAX_SYMBOL_LEN, TVM_SHIM_MAX_ARGS, TvmExport,
 };
 pub use cause::Cause;
 pub use cpus::{CpuPlan, pin_this_process};
 pub use evaluator::{AdaptiveStop, EvaluatorConfig};
-pub use header::{KERNEL_HEADER, KERNEL_HEADER_NAME, write_kernel_header};
+pub use header::{
+    KERNEL_HEADER, KERNEL_HEADER_NAME, TVM_FFI_HEADER, TVM_FFI_HEADER_NAME, write_kernel_header,
+    write_tvm_ffi_header,
+};
 pub use kernel::{
     AddCandidate, AllocArgs, CandidateTiming, DEFAULT_ENTRY, Environment, LoadKernel,
     MAX_CANDIDATES, ReadArg, ReadCandidateArg, StopReason, TimeCandidates, TimeKernel, Timing,

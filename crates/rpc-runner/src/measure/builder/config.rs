@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::error::BuildError;
+use super::tvm::TvmExport;
 
 /// A [`LocalBuilder`](super::LocalBuilder)'s settings.
 ///
@@ -43,6 +44,10 @@ pub struct LocalBuilderConfig {
     /// Memory ceiling of a build worker while it compiles (default: none); a
     /// build over it fails as a crash of its worker, the builder goes on.
     pub memory_limit: Option<u64>,
+    /// Also export every build as a TVM function, so TVM's runtime and RPC
+    /// servers can load and time the same artifact (default: off). See
+    /// [`TvmExport`].
+    pub tvm_export: Option<TvmExport>,
 }
 
 impl Default for LocalBuilderConfig {
@@ -66,6 +71,7 @@ impl Default for LocalBuilderConfig {
             out_dir: None,
             cpus: None,
             memory_limit: None,
+            tvm_export: None,
         }
     }
 }
@@ -83,6 +89,22 @@ impl LocalBuilderConfig {
     #[must_use]
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Makes every build also export the TVM function `export` (a name, or
+    /// a [`TvmExport`] with another entry symbol): the symbol
+    /// `__tvm_ffi_<name>`, next to the kernel's entry point.
+    #[must_use]
+    pub fn tvm_export(mut self, export: impl Into<TvmExport>) -> Self {
+        self.tvm_export = Some(export.into());
+        self
+    }
+
+    /// Turns [`tvm_export`](Self::tvm_export) off again (the default).
+    #[must_use]
+    pub fn no_tvm_export(mut self) -> Self {
+        self.tvm_export = None;
         self
     }
 
@@ -154,6 +176,9 @@ impl LocalBuilderConfig {
         if self.compiler.trim().is_empty() {
             return bad("compiler must not be empty");
         }
+        if let Some(export) = &self.tvm_export {
+            export.validate().map_err(|message| BuildError::Config { message })?;
+        }
         Ok(())
     }
 }
@@ -175,6 +200,10 @@ mod tests {
         assert!(cfg.clone().timeout(Duration::ZERO).validate().is_err());
         assert_eq!(cfg.clone().out_dir("x").temp_out_dir().out_dir, None);
         assert!(cfg.clone().add_flags(["-g"]).flags.ends_with(&["-fPIC".into(), "-g".into()]));
+        assert_eq!(cfg.tvm_export, None);
+        assert!(cfg.clone().tvm_export("vadd").validate().is_ok());
+        assert!(cfg.clone().tvm_export("v-add").validate().is_err());
+        assert_eq!(cfg.clone().tvm_export("vadd").no_tvm_export().tvm_export, None);
         assert!(cfg.compiler(" ").validate().is_err());
     }
 }

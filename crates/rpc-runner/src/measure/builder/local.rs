@@ -163,9 +163,10 @@ impl<T: BuildTask> LocalBuilder<T> {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        // The kernel ABI header, on every build's include path.
+        // The kernel ABI header and the TVM-FFI header (which includes it),
+        // on every build's include path.
         let include = out_dir.join("include");
-        crate::measure::write_kernel_header(&include).map_err(out_dir_err(include.clone()))?;
+        crate::measure::write_tvm_ffi_header(&include).map_err(out_dir_err(include.clone()))?;
         let mut pool =
             PopenPool::builder(program).max_workers(cfg.max_workers).timeout(cfg.timeout);
         if let Some(cpus) = &cfg.cpus {
@@ -334,6 +335,7 @@ impl<T: BuildTask> LocalBuilder<T> {
             source: input.source,
             compiler: cfg.compiler.clone(),
             flags,
+            tvm_export: cfg.tvm_export.clone(),
         }
     }
 }

@@ -25,12 +25,15 @@
 //!   task [`CompileC`] and what it returns.
 //! - `local.rs`: the parent side: [`LocalBuilder`] and its [`BuildStream`].
 //! - `config.rs`: [`LocalBuilderConfig`].
+//! - `tvm.rs`: [`TvmExport`], the generated shim that exports a kernel to
+//!   TVM's runtime (`__tvm_ffi_<name>`).
 //! - `error.rs`: [`BuildError`], [`BuilderResult`].
 
 mod config;
 mod error;
 mod local;
 mod plan;
+mod tvm;
 
 pub use config::LocalBuilderConfig;
 pub use error::{BuildError, BuilderResult};
@@ -39,3 +42,4 @@ pub use plan::{
     BuildFailure, BuildOutput, BuildPlan, BuildTask, BuildTaskOutput, BuilderInput, CompileC,
     MAX_NAME_LEN,
 };
+pub use tvm::{MAX_SYMBOL_LEN, TVM_SHIM_MAX_ARGS, TvmExport};

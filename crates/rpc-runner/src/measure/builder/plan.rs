@@ -11,6 +11,8 @@ use std::time::Instant;
 use popen_pool::{Task, TaskFailure, WorkerContext};
 use serde::{Deserialize, Serialize};
 
+use super::tvm::TvmExport;
+
 /// The longest candidate name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -141,6 +143,9 @@ pub struct BuildPlan {
     pub source_path: PathBuf,
     /// Where the shared library goes: `<out_dir>/<name>.so` (absolute).
     pub artifact_path: PathBuf,
+    /// The TVM export to compile into the library too (the builder's
+    /// [`tvm_export`](super::LocalBuilderConfig::tvm_export)); `None`: none.
+    pub tvm_export: Option<TvmExport>,
 }
 
 impl BuildPlan {
@@ -149,6 +154,11 @@ impl BuildPlan {
     /// `compiler flags... -o artifact_path source_path` with stdin closed and
     /// stdout and stderr captured (stdout is discarded). This is what
     /// [`CompileC`] does in a worker.
+    ///
+    /// With a [`tvm_export`](Self::tvm_export), its shim
+    /// ([`TvmExport::shim_source`]) is written to
+    /// `<scratch_dir>/tvm_export.c` and compiled with the same flags into
+    /// the same library: `... -o artifact_path source_path <scratch_dir>/tvm_export.c`.
     ///
     /// # Errors
     ///
@@ -194,11 +204,16 @@ impl BuildPlan {
             }
             _ => {}
         }
-        let output = Command::new(&self.compiler)
-            .args(&self.flags)
-            .arg("-o")
-            .arg(&self.artifact_path)
-            .arg(&self.source_path)
+        let mut command = Command::new(&self.compiler);
+        command.args(&self.flags).arg("-o").arg(&self.artifact_path).arg(&self.source_path);
+        if let Some(export) = &self.tvm_export {
+            let shim = scratch.join("tvm_export.c");
+            std::fs::write(&shim, export.shim_source()).map_err(|e| {
+                BuildFailure::io(format_args!("cannot write {}", shim.display()), e)
+            })?;
+            command.arg(shim);
+        }
+        let output = command
             .env("TMPDIR", scratch)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
