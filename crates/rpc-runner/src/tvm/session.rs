@@ -1,0 +1,749 @@
+//! [`TvmSession`]: a session with one of TVM's own RPC servers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::args::{
+    DataType, Device, RemoteFunc, RemoteModule, RemoteTensor, TvmValue, call_return, read_seq,
+    write_seq, write_tensor,
+};
+use super::error::TvmError;
+use super::packet::{PROTOCOL_VERSION, Packet, PacketWriter, Reader, RpcCode, read_packet};
+use crate::wire::handshake::{
+    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_UNAUTHORIZED, ClientHello,
+    HandshakeFailure, client_handshake,
+};
+
+/// How a [`TvmSession`] is opened and bounded.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TvmOptions {
+    /// Ask the server to end the session after this long (sent in the
+    /// handshake as `-timeout=`; TVM's server then reports
+    /// [`TvmError::SessionTimeout`] and kills the session's process).
+    pub session_timeout: Option<Duration>,
+    /// Limit of the TCP connect, handshake and `kInitServer` (default 10 s);
+    /// also of [`TvmSession::close`]'s wait for the server to finish.
+    pub connect_timeout: Duration,
+    /// Limit of each call's wait for its reply (default 10 min).
+    pub call_timeout: Duration,
+    /// Largest packet accepted from the server (default 1 GiB).
+    pub max_packet_bytes: u64,
+}
+
+impl Default for TvmOptions {
+    fn default() -> Self {
+        TvmOptions {
+            session_timeout: None,
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(600),
+            max_packet_bytes: 1 << 30,
+        }
+    }
+}
+
+impl TvmOptions {
+    /// Sets the session timeout.
+    #[must_use]
+    pub fn session_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.session_timeout = limit;
+        self
+    }
+
+    /// Sets the connect timeout.
+    #[must_use]
+    pub fn connect_timeout(mut self, limit: Duration) -> Self {
+        self.connect_timeout = limit;
+        self
+    }
+
+    /// Sets the per-call timeout.
+    #[must_use]
+    pub fn call_timeout(mut self, limit: Duration) -> Self {
+        self.call_timeout = limit;
+        self
+    }
+
+    /// Sets the largest packet accepted.
+    #[must_use]
+    pub fn max_packet_bytes(mut self, limit: u64) -> Self {
+        self.max_packet_bytes = limit;
+        self
+    }
+}
+
+/// The settings of `runtime.RPCTimeEvaluator` (TVM 0.27's 12 arguments
+/// after the module, name and device), with TVM's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TimeEvaluatorConfig {
+    /// Runs per measurement (averaged).
+    pub number: i32,
+    /// Measurements (one float64 cost each).
+    pub repeat: i32,
+    /// Minimum duration of one measurement; `number` grows to reach it.
+    pub min_repeat_ms: i32,
+    /// How many zero-time measurements are retried.
+    pub limit_zero_time_iterations: i32,
+    /// Pause between groups of repeats.
+    pub cooldown_interval_ms: i32,
+    /// Repeats per cooldown group.
+    pub repeats_to_cooldown: i32,
+    /// Bytes of cache flushed before each repeat (TVM's
+    /// `cache_flush_bytes`; 0 = none).
+    pub cache_flush_bytes: i32,
+    /// Name of a global preprocessing function, or empty.
+    pub f_preproc: String,
+}
+
+impl Default for TimeEvaluatorConfig {
+    fn default() -> Self {
+        TimeEvaluatorConfig {
+            number: 10,
+            repeat: 1,
+            min_repeat_ms: 0,
+            limit_zero_time_iterations: 100,
+            cooldown_interval_ms: 0,
+            repeats_to_cooldown: 1,
+            cache_flush_bytes: 0,
+            f_preproc: String::new(),
+        }
+    }
+}
+
+impl TimeEvaluatorConfig {
+    /// `number` runs per measurement, `repeat` measurements, each at least
+    /// `min_repeat_ms` long.
+    pub fn new(number: i32, repeat: i32, min_repeat_ms: i32) -> Self {
+        TimeEvaluatorConfig { number, repeat, min_repeat_ms, ..TimeEvaluatorConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    /// A request was sent and its reply not read to the end.
+    InCall,
+    Closed,
+    Broken(String),
+}
+
+/// A session with one of TVM's own RPC servers (`python -m
+/// tvm.exec.rpc_server`, the C++ `tvm_rpc`, TVM's Android app), TVM >= 0.21.
+///
+/// Its lifetime is explicit: [`close`](TvmSession::close) sends
+/// `kShutdown`, waits until the server has closed the connection (TVM's
+/// Python server then has ended the session's process and removed its
+/// temp dir) and is idempotent. Dropping a session without closing it
+/// closes its socket at once; the server's session process sees the end of
+/// its stream and exits, freeing the device.
+///
+/// # Cancel safety
+///
+/// TVM's protocol has no way to cancel a call, so a method whose future is
+/// dropped before its reply was read leaves the session **broken**: every
+/// later call fails fast with [`TvmError::Broken`], never reads a stale
+/// reply. Close or drop it (the server's process ends with the connection).
+/// A call that exceeds [`TvmOptions::call_timeout`] ends the same way, with
+/// [`TvmError::Timeout`]. Errors the server raised
+/// ([`TvmError::Remote`], [`TvmError::NoSuchFunction`]) and refused
+/// arguments ([`TvmError::InvalidArgument`]) leave it usable; every other
+/// error breaks it.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(kernel: Vec<u8>) -> Result<(), rpc_runner::tvm::TvmError> {
+/// use rpc_runner::tvm::{DataType, Device, TimeEvaluatorConfig, TvmOptions, TvmSession, TvmValue};
+/// let mut sess = TvmSession::connect("127.0.0.1:9090", "", &TvmOptions::default()).await?;
+/// sess.upload("add.so", &kernel).await?;
+/// let module = sess.load_module("add.so").await?;
+/// let dev = Device::cpu(0);
+/// let timer =
+///     sess.time_evaluator(module, "add", dev, &TimeEvaluatorConfig::new(10, 3, 0)).await?;
+/// let x = sess.alloc(&[1024], DataType::FLOAT32, dev).await?;
+/// let costs = sess.time(timer, &[TvmValue::Tensor(x.clone())]).await?;
+/// assert_eq!(costs.len(), 3);
+/// sess.free(&x).await?;
+/// sess.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct TvmSession {
+    stream: Option<TcpStream>,
+    state: State,
+    addr: String,
+    server_key: String,
+    opts: TvmOptions,
+    /// A reply has decoded (so the server speaks TVM >= 0.21's encoding).
+    decoded_once: bool,
+    /// Global functions looked up once per session.
+    funcs: HashMap<&'static str, RemoteFunc>,
+}
+
+impl TvmSession {
+    /// Connects to the TVM RPC server at `addr` (`host:port`) with its match
+    /// key (without a tracker: the server's `--key`), then initialises the
+    /// remote session (`kInitServer` with the protocol version).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::Connect`], [`TvmError::KeyMismatch`],
+    /// [`TvmError::Handshake`], [`TvmError::Timeout`], and
+    /// [`TvmError::Incompatible`] if the server's reply does not decode (an
+    /// older TVM, or not a TVM server).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the half-open connection; the server's
+    /// session ends with it.
+    pub async fn connect(
+        addr: &str,
+        matchkey: &str,
+        opts: &TvmOptions,
+    ) -> Result<TvmSession, TvmError> {
+        let limit = opts.connect_timeout;
+        tokio::time::timeout(limit, Self::connect_inner(addr, matchkey, opts))
+            .await
+            .map_err(|_| TvmError::Timeout { what: "connecting to the TVM RPC server", limit })?
+    }
+
+    async fn connect_inner(
+        addr: &str,
+        matchkey: &str,
+        opts: &TvmOptions,
+    ) -> Result<TvmSession, TvmError> {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| TvmError::Connect { addr: addr.to_owned(), source })?;
+        let _ = stream.set_nodelay(true);
+        let hello = ClientHello {
+            matchkey: matchkey.to_owned(),
+            timeout: opts.session_timeout,
+            token: None,
+        };
+        let server_key = match client_handshake(&mut stream, &hello).await {
+            Ok(key) => key,
+            Err(HandshakeFailure::Io(e)) => {
+                return Err(TvmError::Handshake {
+                    message: format!("{e} (is {addr} an RPC server?)"),
+                });
+            }
+            Err(HandshakeFailure::Refused(CODE_MISMATCH)) => {
+                return Err(TvmError::KeyMismatch { matchkey: matchkey.to_owned() });
+            }
+            Err(HandshakeFailure::Refused(code)) => {
+                let why = match code {
+                    CODE_DUPLICATE => "busy with another session".to_owned(),
+                    CODE_UNAUTHORIZED => "token refused".to_owned(),
+                    CODE_AT_CAPACITY => "at its connection limit".to_owned(),
+                    other => format!("unexpected answer {other:#x}"),
+                };
+                return Err(TvmError::Handshake { message: why });
+            }
+        };
+        let mut sess = TvmSession {
+            stream: Some(stream),
+            state: State::Open,
+            addr: addr.to_owned(),
+            server_key,
+            opts: opts.clone(),
+            decoded_once: false,
+            funcs: HashMap::new(),
+        };
+        let mut w = PacketWriter::new(RpcCode::InitServer);
+        w.blob(PROTOCOL_VERSION.as_bytes());
+        write_seq(&mut w, &[])?;
+        let ret = sess.request(w.finish(), "initialising the session", false, read_seq).await?;
+        match ret.as_slice() {
+            [TvmValue::None] => Ok(sess),
+            other => Err(sess.fail(TvmError::Incompatible {
+                detail: format!("kInitServer answered {other:?}, not a void return"),
+            })),
+        }
+    }
+
+    /// The address of the server.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The server's key from the handshake (`server:<key>` without the prefix).
+    pub fn server_key(&self) -> &str {
+        &self.server_key
+    }
+
+    /// The RPC protocol version both sides agreed on (TVM's `kRPCProtocolVer`).
+    pub fn protocol_version(&self) -> &'static str {
+        PROTOCOL_VERSION
+    }
+
+    /// True until the session is closed or broken.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    fn fail(&mut self, e: TvmError) -> TvmError {
+        if e.breaks_session() && self.state != State::Closed {
+            self.state = State::Broken(e.to_string());
+        }
+        e
+    }
+
+    fn check_open(&self) -> Result<(), TvmError> {
+        match &self.state {
+            State::Open => Ok(()),
+            State::Closed => Err(TvmError::Closed),
+            State::InCall => Err(TvmError::Broken {
+                reason: "an earlier call was cancelled before its reply was read".into(),
+            }),
+            State::Broken(reason) => Err(TvmError::Broken { reason: reason.clone() }),
+        }
+    }
+
+    /// Sends one request packet and reads its reply (`kReturn`, or
+    /// `kCopyAck` if `copy_ack`), decoded by `decode`.
+    async fn request<T>(
+        &mut self,
+        packet: Vec<u8>,
+        what: &'static str,
+        copy_ack: bool,
+        decode: impl FnOnce(&mut Reader<'_>) -> Result<T, TvmError>,
+    ) -> Result<T, TvmError> {
+        self.check_open()?;
+        let Some(stream) = self.stream.as_mut() else { return Err(TvmError::Closed) };
+        self.state = State::InCall;
+        let (limit, max) = (self.opts.call_timeout, self.opts.max_packet_bytes);
+        let exchange = async {
+            stream.write_all(&packet).await?;
+            read_packet(stream, max).await
+        };
+        let packet: Packet = match tokio::time::timeout(limit, exchange).await {
+            Err(_) => return Err(self.fail(TvmError::Timeout { what, limit })),
+            Ok(Err(source)) => return Err(self.fail(TvmError::ConnectionLost { what, source })),
+            Ok(Ok(Err(e))) => return Err(self.fail(e)),
+            Ok(Ok(Ok(p))) => p,
+        };
+        let mut r = Reader::new(&packet.body);
+        let decoded = match packet.code {
+            c if c == RpcCode::Return as i32 && !copy_ack => decode(&mut r),
+            c if c == RpcCode::CopyAck as i32 && copy_ack => decode(&mut r),
+            c if c == RpcCode::Exception as i32 => match read_seq(&mut r) {
+                Ok(v) => match <[TvmValue; 1]>::try_from(v) {
+                    Ok([TvmValue::Str(message)]) => {
+                        self.decoded_once = true;
+                        self.state = State::Open;
+                        return Err(self.fail(if message.starts_with("RPCSessionTimeoutError") {
+                            TvmError::SessionTimeout { message }
+                        } else {
+                            TvmError::Remote { message }
+                        }));
+                    }
+                    other => Err(TvmError::protocol(format!("exception carries {other:?}"))),
+                },
+                Err(e) => Err(e),
+            },
+            other => Err(TvmError::protocol(format!("unexpected RPC code {other} while {what}"))),
+        };
+        match decoded.and_then(|v| r.finish(what).map(|()| v)) {
+            Ok(v) => {
+                self.decoded_once = true;
+                self.state = State::Open;
+                Ok(v)
+            }
+            Err(e) if !self.decoded_once => {
+                Err(self.fail(TvmError::Incompatible { detail: e.to_string() }))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// A syscall (`kGetGlobalFunc`, `kDev*`, `kFreeHandle`): its one value.
+    async fn syscall(
+        &mut self,
+        code: RpcCode,
+        args: &[TvmValue],
+        what: &'static str,
+    ) -> Result<TvmValue, TvmError> {
+        let mut w = PacketWriter::new(code);
+        write_seq(&mut w, args)?;
+        let mut values = self.request(w.finish(), what, false, read_seq).await?;
+        match values.len() {
+            1 => Ok(values.remove(0)),
+            n => Err(self.fail(TvmError::protocol(format!("{what}: {n} return values, not 1")))),
+        }
+    }
+
+    /// Looks up the server's global function `name` (`kGetGlobalFunc`).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::NoSuchFunction`]; connection errors as for every call.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn get_global_func(&mut self, name: &str) -> Result<RemoteFunc, TvmError> {
+        let v = self
+            .syscall(
+                RpcCode::GetGlobalFunc,
+                &[TvmValue::Str(name.to_owned())],
+                "getting a function",
+            )
+            .await?;
+        match v {
+            TvmValue::OpaquePtr(h) | TvmValue::Func(RemoteFunc(h)) if h != 0 => Ok(RemoteFunc(h)),
+            TvmValue::None | TvmValue::OpaquePtr(0) => {
+                Err(TvmError::NoSuchFunction { name: name.to_owned() })
+            }
+            other => Err(self.fail(TvmError::protocol(format!("function handle is {other:?}")))),
+        }
+    }
+
+    async fn cached_func(&mut self, name: &'static str) -> Result<RemoteFunc, TvmError> {
+        if let Some(f) = self.funcs.get(name) {
+            return Ok(*f);
+        }
+        let f = self.get_global_func(name).await?;
+        self.funcs.insert(name, f);
+        Ok(f)
+    }
+
+    /// Calls `func` with `args` (`kCallFunc`) and returns its value
+    /// (functions and modules as handles, bytes and strings by value).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::Remote`] if the function raised; [`TvmError::Timeout`]
+    /// after [`TvmOptions::call_timeout`]; [`TvmError::SessionTimeout`];
+    /// [`TvmError::ConnectionLost`] if the server died.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn call(
+        &mut self,
+        func: RemoteFunc,
+        args: &[TvmValue],
+    ) -> Result<TvmValue, TvmError> {
+        let mut w = PacketWriter::new(RpcCode::CallFunc);
+        w.u64(func.0);
+        write_seq(&mut w, args)?;
+        let values = self.request(w.finish(), "calling a function", false, read_seq).await?;
+        call_return(values).map_err(|e| self.fail(e))
+    }
+
+    /// Frees a handle the server gave out (`kFreeHandle`): a function, a
+    /// module or another object.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn free_handle(&mut self, handle: u64) -> Result<(), TvmError> {
+        self.funcs.retain(|_, f| f.0 != handle);
+        self.syscall(RpcCode::FreeHandle, &[TvmValue::OpaquePtr(handle)], "freeing a handle")
+            .await
+            .map(drop)
+    }
+
+    /// Writes `data` to `path` in the session's temp dir on the server
+    /// (`tvm.rpc.server.upload`).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn upload(&mut self, path: &str, data: &[u8]) -> Result<(), TvmError> {
+        let f = self.cached_func("tvm.rpc.server.upload").await?;
+        self.call(f, &[TvmValue::Str(path.to_owned()), TvmValue::Bytes(data.to_vec())]).await?;
+        Ok(())
+    }
+
+    /// Loads the uploaded shared library `path` (`tvm.rpc.server.load_module`).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::Remote`] if it cannot be loaded; as [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn load_module(&mut self, path: &str) -> Result<RemoteModule, TvmError> {
+        let f = self.cached_func("tvm.rpc.server.load_module").await?;
+        match self.call(f, &[TvmValue::Str(path.to_owned())]).await? {
+            TvmValue::Module(m) => Ok(m),
+            other => Err(self.fail(TvmError::protocol(format!("load_module returned {other:?}")))),
+        }
+    }
+
+    /// The function `name` of `module` (`ffi.ModuleGetFunction`, imports
+    /// included); free it with [`free_handle`](TvmSession::free_handle).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::NoSuchFunction`] if the module lacks it; as [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn module_function(
+        &mut self,
+        module: RemoteModule,
+        name: &str,
+    ) -> Result<RemoteFunc, TvmError> {
+        let f = self.cached_func("ffi.ModuleGetFunction").await?;
+        let args = [TvmValue::Module(module), TvmValue::Str(name.to_owned()), TvmValue::Bool(true)];
+        match self.call(f, &args).await? {
+            TvmValue::Func(func) => Ok(func),
+            TvmValue::None => Err(TvmError::NoSuchFunction { name: name.to_owned() }),
+            other => Err(self.fail(TvmError::protocol(format!("module function is {other:?}")))),
+        }
+    }
+
+    /// Removes `path` from the session's temp dir (`tvm.rpc.server.remove`).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn remove(&mut self, path: &str) -> Result<(), TvmError> {
+        let f = self.cached_func("tvm.rpc.server.remove").await?;
+        self.call(f, &[TvmValue::Str(path.to_owned())]).await.map(drop)
+    }
+
+    /// A timer of `module`'s function `name` on `device`
+    /// (`runtime.RPCTimeEvaluator`): call it with [`time`](TvmSession::time).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::Remote`] naming the function if the module lacks it; as
+    /// [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn time_evaluator(
+        &mut self,
+        module: RemoteModule,
+        name: &str,
+        device: Device,
+        cfg: &TimeEvaluatorConfig,
+    ) -> Result<RemoteFunc, TvmError> {
+        let f = self.cached_func("runtime.RPCTimeEvaluator").await?;
+        let c = cfg;
+        let args = [
+            TvmValue::Module(module),
+            TvmValue::Str(name.to_owned()),
+            TvmValue::Int(device.device_type.into()),
+            TvmValue::Int(device.device_id.into()),
+            TvmValue::Int(c.number.into()),
+            TvmValue::Int(c.repeat.into()),
+            TvmValue::Int(c.min_repeat_ms.into()),
+            TvmValue::Int(c.limit_zero_time_iterations.into()),
+            TvmValue::Int(c.cooldown_interval_ms.into()),
+            TvmValue::Int(c.repeats_to_cooldown.into()),
+            TvmValue::Int(c.cache_flush_bytes.into()),
+            TvmValue::Str(c.f_preproc.clone()),
+        ];
+        match self.call(f, &args).await? {
+            TvmValue::Func(t) => Ok(t),
+            other => Err(self.fail(TvmError::protocol(format!("time evaluator is {other:?}")))),
+        }
+    }
+
+    /// Calls a timer from [`time_evaluator`](TvmSession::time_evaluator):
+    /// the `repeat` costs in seconds.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call); [`TvmError::Protocol`] if it did not
+    /// return float64 costs.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn time(
+        &mut self,
+        timer: RemoteFunc,
+        args: &[TvmValue],
+    ) -> Result<Vec<f64>, TvmError> {
+        let v = self.call(timer, args).await?;
+        v.as_f64s().ok_or_else(|| self.fail(TvmError::protocol(format!("timer returned {v:?}"))))
+    }
+
+    /// Allocates a contiguous tensor on `device` (`kDevAllocDataWithScope`).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::InvalidArgument`] for a negative or overflowing shape;
+    /// [`TvmError::Remote`] if the server cannot allocate; as [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn alloc(
+        &mut self,
+        shape: &[i64],
+        dtype: DataType,
+        device: Device,
+    ) -> Result<RemoteTensor, TvmError> {
+        let mut t = RemoteTensor { data: 0, device, dtype, shape: shape.to_vec(), byte_offset: 0 };
+        if t.nbytes().is_none() {
+            return Err(TvmError::InvalidArgument { message: format!("bad shape {shape:?}") });
+        }
+        let args = [TvmValue::Tensor(t.clone()), TvmValue::None];
+        match self.syscall(RpcCode::DevAllocDataWithScope, &args, "allocating a tensor").await? {
+            TvmValue::OpaquePtr(p) if p != 0 => {
+                t.data = p;
+                Ok(t)
+            }
+            other => Err(self.fail(TvmError::protocol(format!("allocation returned {other:?}")))),
+        }
+    }
+
+    /// Frees a tensor from [`alloc`](TvmSession::alloc) (`kDevFreeData`).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn free(&mut self, tensor: &RemoteTensor) -> Result<(), TvmError> {
+        let args = [TvmValue::Device(tensor.device), TvmValue::OpaquePtr(tensor.data)];
+        self.syscall(RpcCode::DevFreeData, &args, "freeing a tensor").await.map(drop)
+    }
+
+    fn tensor_bytes(tensor: &RemoteTensor) -> Result<u64, TvmError> {
+        tensor.nbytes().ok_or_else(|| TvmError::InvalidArgument {
+            message: format!("bad shape {:?}", tensor.shape),
+        })
+    }
+
+    /// Fills `tensor` with `data` (`kCopyToRemote`); `data` must be exactly
+    /// its size.
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::InvalidArgument`] if the sizes differ; as [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn copy_to_remote(
+        &mut self,
+        tensor: &RemoteTensor,
+        data: &[u8],
+    ) -> Result<(), TvmError> {
+        let n = Self::tensor_bytes(tensor)?;
+        if n != data.len() as u64 {
+            return Err(TvmError::InvalidArgument {
+                message: format!("{} bytes for a tensor of {n} bytes", data.len()),
+            });
+        }
+        let mut w = PacketWriter::new(RpcCode::CopyToRemote);
+        write_tensor(&mut w, tensor)?;
+        w.blob(data);
+        let ret = self.request(w.finish(), "copying to the server", false, read_seq).await?;
+        match ret.as_slice() {
+            [TvmValue::None] => Ok(()),
+            other => Err(self.fail(TvmError::protocol(format!("copy answered {other:?}")))),
+        }
+    }
+
+    /// Reads `tensor`'s bytes back (`kCopyFromRemote`).
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::PacketTooLarge`] if it exceeds
+    /// [`TvmOptions::max_packet_bytes`] (checked before asking); as [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn copy_from_remote(&mut self, tensor: &RemoteTensor) -> Result<Vec<u8>, TvmError> {
+        let n = Self::tensor_bytes(tensor)?;
+        if n.saturating_add(4) > self.opts.max_packet_bytes {
+            return Err(TvmError::PacketTooLarge { len: n, limit: self.opts.max_packet_bytes });
+        }
+        let mut w = PacketWriter::new(RpcCode::CopyFromRemote);
+        write_tensor(&mut w, tensor)?;
+        w.u64(n);
+        self.request(w.finish(), "copying from the server", true, |r| {
+            Ok(r.take(n, "copied data")?.to_vec())
+        })
+        .await
+    }
+
+    /// A device attribute (`kDevGetAttr`; `kind` is TVM's `DeviceAttrKind`:
+    /// 0 exist, 1 max threads per block, 2 warp size, 5 device name, ...).
+    /// An attribute the device does not have is [`TvmValue::None`].
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](TvmSession::call).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
+    pub async fn device_attr(&mut self, device: Device, kind: i32) -> Result<TvmValue, TvmError> {
+        let args = [TvmValue::Device(device), TvmValue::Int(kind.into())];
+        self.syscall(RpcCode::DevGetAttr, &args, "reading a device attribute").await
+    }
+
+    /// Ends the session: sends `kShutdown` and waits (up to
+    /// [`TvmOptions::connect_timeout`]) until the server closes the
+    /// connection, i.e. has ended the session. Idempotent; on a broken
+    /// session it only drops the connection.
+    ///
+    /// # Errors
+    ///
+    /// [`TvmError::Timeout`] if the server does not close in time (the
+    /// connection is dropped anyway); [`TvmError::ConnectionLost`] if the
+    /// shutdown could not be sent.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped `close` leaves the session closed, its
+    /// connection dropped when the session is.
+    pub async fn close(&mut self) -> Result<(), TvmError> {
+        let was_open = self.state == State::Open;
+        self.state = State::Closed;
+        let Some(mut stream) = self.stream.take() else { return Ok(()) };
+        if !was_open {
+            return Ok(());
+        }
+        let limit = self.opts.connect_timeout;
+        let shutdown = async {
+            stream.write_all(&PacketWriter::new(RpcCode::Shutdown).finish()).await?;
+            // Anything the server still sends is skipped until it closes.
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? != 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(limit, shutdown).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Ok(Err(source)) => {
+                Err(TvmError::ConnectionLost { what: "closing the session", source })
+            }
+            Err(_) => {
+                Err(TvmError::Timeout { what: "waiting for the server to end the session", limit })
+            }
+        }
+    }
+}
