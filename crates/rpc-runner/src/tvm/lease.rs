@@ -2,7 +2,8 @@
 //! TVM's): [`TrackerClient::request_tvm`].
 
 use super::error::TvmError;
-use super::session::{TvmOptions, TvmSession};
+use super::options::TvmOptions;
+use super::session::TvmSession;
 use crate::tracker::TrackerClient;
 
 /// How many times a lease whose server refuses the match key or cannot be

@@ -5,7 +5,8 @@
 //! After TVM's handshake (shared with our own sessions, `wire::handshake`),
 //! everything is a packet `[u64 LE nbytes][i32 LE RPCCode][body]`
 //! (`packet.rs`) whose arguments are packed with TVM-FFI type indices
-//! (`args.rs`). [`TvmSession`] (`session.rs`) drives it; leasing a device
+//! (`args.rs`). [`TvmSession`] (`session.rs`; the server functions a
+//! measurement uses in `functions.rs`, options in `options.rs`) drives it; leasing a device
 //! through a tracker is [`TrackerClient::request_tvm`](crate::TrackerClient::request_tvm)
 //! (`lease.rs`); errors are [`TvmError`] (`error.rs`).
 //!
@@ -15,13 +16,16 @@
 
 mod args;
 mod error;
+mod functions;
 mod lease;
+mod options;
 mod packet;
 mod session;
 
 pub use args::{DataType, Device, RemoteFunc, RemoteModule, RemoteTensor, TvmValue};
 pub use error::TvmError;
-pub use session::{TimeEvaluatorConfig, TvmOptions, TvmSession};
+pub use options::{TimeEvaluatorConfig, TvmOptions};
+pub use session::TvmSession;
 
 /// TVM's `DeviceAttrKind` values for [`TvmSession::device_attr`].
 pub mod attr {

@@ -1,126 +1,21 @@
 //! [`TvmSession`]: a session with one of TVM's own RPC servers.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::args::{
-    DataType, Device, RemoteFunc, RemoteModule, RemoteTensor, TvmValue, call_return, read_seq,
-    write_seq, write_tensor,
+    DataType, Device, RemoteFunc, RemoteTensor, TvmValue, call_return, read_seq, write_seq,
+    write_tensor,
 };
 use super::error::TvmError;
+use super::options::TvmOptions;
 use super::packet::{PROTOCOL_VERSION, Packet, PacketWriter, Reader, RpcCode, read_packet};
 use crate::wire::handshake::{
     CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_UNAUTHORIZED, ClientHello,
     HandshakeFailure, client_handshake,
 };
-
-/// How a [`TvmSession`] is opened and bounded.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct TvmOptions {
-    /// Ask the server to end the session after this long (sent in the
-    /// handshake as `-timeout=`; TVM's server then reports
-    /// [`TvmError::SessionTimeout`] and kills the session's process).
-    pub session_timeout: Option<Duration>,
-    /// Limit of the TCP connect, handshake and `kInitServer` (default 10 s);
-    /// also of [`TvmSession::close`]'s wait for the server to finish.
-    pub connect_timeout: Duration,
-    /// Limit of each call's wait for its reply (default 10 min).
-    pub call_timeout: Duration,
-    /// Largest packet accepted from the server (default 1 GiB).
-    pub max_packet_bytes: u64,
-}
-
-impl Default for TvmOptions {
-    fn default() -> Self {
-        TvmOptions {
-            session_timeout: None,
-            connect_timeout: Duration::from_secs(10),
-            call_timeout: Duration::from_secs(600),
-            max_packet_bytes: 1 << 30,
-        }
-    }
-}
-
-impl TvmOptions {
-    /// Sets the session timeout.
-    #[must_use]
-    pub fn session_timeout(mut self, limit: Option<Duration>) -> Self {
-        self.session_timeout = limit;
-        self
-    }
-
-    /// Sets the connect timeout.
-    #[must_use]
-    pub fn connect_timeout(mut self, limit: Duration) -> Self {
-        self.connect_timeout = limit;
-        self
-    }
-
-    /// Sets the per-call timeout.
-    #[must_use]
-    pub fn call_timeout(mut self, limit: Duration) -> Self {
-        self.call_timeout = limit;
-        self
-    }
-
-    /// Sets the largest packet accepted.
-    #[must_use]
-    pub fn max_packet_bytes(mut self, limit: u64) -> Self {
-        self.max_packet_bytes = limit;
-        self
-    }
-}
-
-/// The settings of `runtime.RPCTimeEvaluator` (TVM 0.27's 12 arguments
-/// after the module, name and device), with TVM's defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TimeEvaluatorConfig {
-    /// Runs per measurement (averaged).
-    pub number: i32,
-    /// Measurements (one float64 cost each).
-    pub repeat: i32,
-    /// Minimum duration of one measurement; `number` grows to reach it.
-    pub min_repeat_ms: i32,
-    /// How many zero-time measurements are retried.
-    pub limit_zero_time_iterations: i32,
-    /// Pause between groups of repeats.
-    pub cooldown_interval_ms: i32,
-    /// Repeats per cooldown group.
-    pub repeats_to_cooldown: i32,
-    /// Bytes of cache flushed before each repeat (TVM's
-    /// `cache_flush_bytes`; 0 = none).
-    pub cache_flush_bytes: i32,
-    /// Name of a global preprocessing function, or empty.
-    pub f_preproc: String,
-}
-
-impl Default for TimeEvaluatorConfig {
-    fn default() -> Self {
-        TimeEvaluatorConfig {
-            number: 10,
-            repeat: 1,
-            min_repeat_ms: 0,
-            limit_zero_time_iterations: 100,
-            cooldown_interval_ms: 0,
-            repeats_to_cooldown: 1,
-            cache_flush_bytes: 0,
-            f_preproc: String::new(),
-        }
-    }
-}
-
-impl TimeEvaluatorConfig {
-    /// `number` runs per measurement, `repeat` measurements, each at least
-    /// `min_repeat_ms` long.
-    pub fn new(number: i32, repeat: i32, min_repeat_ms: i32) -> Self {
-        TimeEvaluatorConfig { number, repeat, min_repeat_ms, ..TimeEvaluatorConfig::default() }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -286,7 +181,7 @@ impl TvmSession {
         self.state == State::Open
     }
 
-    fn fail(&mut self, e: TvmError) -> TvmError {
+    pub(super) fn fail(&mut self, e: TvmError) -> TvmError {
         if e.breaks_session() && self.state != State::Closed {
             self.state = State::Broken(e.to_string());
         }
@@ -403,7 +298,7 @@ impl TvmSession {
         }
     }
 
-    async fn cached_func(&mut self, name: &'static str) -> Result<RemoteFunc, TvmError> {
+    pub(super) async fn cached_func(&mut self, name: &'static str) -> Result<RemoteFunc, TvmError> {
         if let Some(f) = self.funcs.get(name) {
             return Ok(*f);
         }
@@ -451,137 +346,6 @@ impl TvmSession {
         self.syscall(RpcCode::FreeHandle, &[TvmValue::OpaquePtr(handle)], "freeing a handle")
             .await
             .map(drop)
-    }
-
-    /// Writes `data` to `path` in the session's temp dir on the server
-    /// (`tvm.rpc.server.upload`).
-    ///
-    /// # Errors
-    ///
-    /// As [`call`](TvmSession::call).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn upload(&mut self, path: &str, data: &[u8]) -> Result<(), TvmError> {
-        let f = self.cached_func("tvm.rpc.server.upload").await?;
-        self.call(f, &[TvmValue::Str(path.to_owned()), TvmValue::Bytes(data.to_vec())]).await?;
-        Ok(())
-    }
-
-    /// Loads the uploaded shared library `path` (`tvm.rpc.server.load_module`).
-    ///
-    /// # Errors
-    ///
-    /// [`TvmError::Remote`] if it cannot be loaded; as [`call`](TvmSession::call).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn load_module(&mut self, path: &str) -> Result<RemoteModule, TvmError> {
-        let f = self.cached_func("tvm.rpc.server.load_module").await?;
-        match self.call(f, &[TvmValue::Str(path.to_owned())]).await? {
-            TvmValue::Module(m) => Ok(m),
-            other => Err(self.fail(TvmError::protocol(format!("load_module returned {other:?}")))),
-        }
-    }
-
-    /// The function `name` of `module` (`ffi.ModuleGetFunction`, imports
-    /// included); free it with [`free_handle`](TvmSession::free_handle).
-    ///
-    /// # Errors
-    ///
-    /// [`TvmError::NoSuchFunction`] if the module lacks it; as [`call`](TvmSession::call).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn module_function(
-        &mut self,
-        module: RemoteModule,
-        name: &str,
-    ) -> Result<RemoteFunc, TvmError> {
-        let f = self.cached_func("ffi.ModuleGetFunction").await?;
-        let args = [TvmValue::Module(module), TvmValue::Str(name.to_owned()), TvmValue::Bool(true)];
-        match self.call(f, &args).await? {
-            TvmValue::Func(func) => Ok(func),
-            TvmValue::None => Err(TvmError::NoSuchFunction { name: name.to_owned() }),
-            other => Err(self.fail(TvmError::protocol(format!("module function is {other:?}")))),
-        }
-    }
-
-    /// Removes `path` from the session's temp dir (`tvm.rpc.server.remove`).
-    ///
-    /// # Errors
-    ///
-    /// As [`call`](TvmSession::call).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn remove(&mut self, path: &str) -> Result<(), TvmError> {
-        let f = self.cached_func("tvm.rpc.server.remove").await?;
-        self.call(f, &[TvmValue::Str(path.to_owned())]).await.map(drop)
-    }
-
-    /// A timer of `module`'s function `name` on `device`
-    /// (`runtime.RPCTimeEvaluator`): call it with [`time`](TvmSession::time).
-    ///
-    /// # Errors
-    ///
-    /// [`TvmError::Remote`] naming the function if the module lacks it; as
-    /// [`call`](TvmSession::call).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn time_evaluator(
-        &mut self,
-        module: RemoteModule,
-        name: &str,
-        device: Device,
-        cfg: &TimeEvaluatorConfig,
-    ) -> Result<RemoteFunc, TvmError> {
-        let f = self.cached_func("runtime.RPCTimeEvaluator").await?;
-        let c = cfg;
-        let args = [
-            TvmValue::Module(module),
-            TvmValue::Str(name.to_owned()),
-            TvmValue::Int(device.device_type.into()),
-            TvmValue::Int(device.device_id.into()),
-            TvmValue::Int(c.number.into()),
-            TvmValue::Int(c.repeat.into()),
-            TvmValue::Int(c.min_repeat_ms.into()),
-            TvmValue::Int(c.limit_zero_time_iterations.into()),
-            TvmValue::Int(c.cooldown_interval_ms.into()),
-            TvmValue::Int(c.repeats_to_cooldown.into()),
-            TvmValue::Int(c.cache_flush_bytes.into()),
-            TvmValue::Str(c.f_preproc.clone()),
-        ];
-        match self.call(f, &args).await? {
-            TvmValue::Func(t) => Ok(t),
-            other => Err(self.fail(TvmError::protocol(format!("time evaluator is {other:?}")))),
-        }
-    }
-
-    /// Calls a timer from [`time_evaluator`](TvmSession::time_evaluator):
-    /// the `repeat` costs in seconds.
-    ///
-    /// # Errors
-    ///
-    /// As [`call`](TvmSession::call); [`TvmError::Protocol`] if it did not
-    /// return float64 costs.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a dropped call breaks the session (see [`TvmSession`]).
-    pub async fn time(
-        &mut self,
-        timer: RemoteFunc,
-        args: &[TvmValue],
-    ) -> Result<Vec<f64>, TvmError> {
-        let v = self.call(timer, args).await?;
-        v.as_f64s().ok_or_else(|| self.fail(TvmError::protocol(format!("timer returned {v:?}"))))
     }
 
     /// Allocates a contiguous tensor on `device` (`kDevAllocDataWithScope`).

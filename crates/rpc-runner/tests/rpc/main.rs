@@ -16,5 +16,6 @@ mod tasks;
 mod tracker;
 mod tracker_interop;
 mod tracker_limits;
+mod tvm_session;
 
 popen_pool::test_support!(tasks::registry());

@@ -1,0 +1,365 @@
+//! Our `TvmSession` against TVM's own RPC server (`python -m
+//! tvm.exec.rpc_server`, apache-tvm 0.27): directly, through TVM's tracker
+//! and through ours; faults. Skipped (with a note) without a TVM virtualenv.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rpc_runner::tracker::TrackerClient;
+use rpc_runner::tvm::{
+    DataType, Device, TimeEvaluatorConfig, TvmError, TvmOptions, TvmSession, TvmValue, attr,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{addr_of, free_port, queue, start_tracker, within};
+use crate::tracker_interop::{
+    PyProcess, TVM_START, assert_group_gone, require_tvm, start_tvm_tracker, tvm_python,
+};
+
+/// A kernel library TVM loads: `__tvm_ffi_<name>` with TVM-FFI's
+/// `TVMFFISafeCallType`, unpacking `DLTensor*` (or `Tensor` object) args.
+const KERNELS_C: &str = r#"
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+typedef struct { int32_t device_type, device_id; } DLDevice;
+typedef struct { uint8_t code, bits; uint16_t lanes; } DLDataType;
+typedef struct {
+  void* data; DLDevice device; int32_t ndim; DLDataType dtype;
+  int64_t* shape; int64_t* strides; uint64_t byte_offset;
+} DLTensor;
+typedef struct { int32_t type_index; uint32_t zero_padding; union { int64_t v_int64; void* v_ptr; }; } TVMFFIAny;
+/* kTVMFFIDLTensorPtr = 7; kTVMFFITensor = 70 (a 24-byte object header, then the DLTensor). */
+static DLTensor* tensor(const TVMFFIAny* a) {
+  if (a->type_index == 7) return (DLTensor*)a->v_ptr;
+  if (a->type_index == 70) return (DLTensor*)((char*)a->v_ptr + 24);
+  return 0;
+}
+static float* f32(const TVMFFIAny* a) { DLTensor* t = tensor(a); return (float*)((char*)t->data + t->byte_offset); }
+static int64_t numel(const TVMFFIAny* a) { DLTensor* t = tensor(a); int64_t n = 1; for (int i = 0; i < t->ndim; i++) n *= t->shape[i]; return n; }
+int __tvm_ffi_add(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  if (n != 3 || !tensor(&args[0]) || !tensor(&args[1]) || !tensor(&args[2])) return -1;
+  float *a = f32(&args[0]), *b = f32(&args[1]), *c = f32(&args[2]);
+  for (int64_t i = 0; i < numel(&args[0]); i++) c[i] = a[i] + b[i];
+  return 0;
+}
+/* Busy-waits 2 ms. */
+int __tvm_ffi_busy(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  struct timespec t0, t; clock_gettime(CLOCK_MONOTONIC, &t0);
+  do { clock_gettime(CLOCK_MONOTONIC, &t); } while ((t.tv_sec - t0.tv_sec) * 1e9 + (t.tv_nsec - t0.tv_nsec) < 2e6);
+  return 0;
+}
+/* Busy-waits 200 ms: long enough to kill the server meanwhile. */
+int __tvm_ffi_slow(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  struct timespec t0, t; clock_gettime(CLOCK_MONOTONIC, &t0);
+  do { clock_gettime(CLOCK_MONOTONIC, &t); } while ((t.tv_sec - t0.tv_sec) * 1e9 + (t.tv_nsec - t0.tv_nsec) < 2e8);
+  return 0;
+}
+int __tvm_ffi_crash(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  abort();
+}
+"#;
+
+/// The kernel library's bytes, compiled once per test.
+fn kernel_lib() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("kernels.c");
+    std::fs::write(&src, KERNELS_C).unwrap();
+    let out = dir.path().join("kernels.so");
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "cc failed");
+    std::fs::read(out).unwrap()
+}
+
+/// Starts TVM's RPC server, direct (no tracker) with key `key`, or
+/// registered with `tracker`; returns it and (direct) its address.
+async fn start_tvm_server(python: &Path, key: &str, tracker: Option<&str>) -> (PyProcess, String) {
+    let port = free_port();
+    let (p, pe) = (port.to_string(), (port + 50).to_string());
+    let key_arg = format!("--key={key}");
+    let mut args = vec!["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", &p];
+    args.extend(["--port-end", &pe, &key_arg]);
+    let tracker_arg = tracker.map(|t| format!("--tracker={t}"));
+    if let Some(t) = &tracker_arg {
+        args.push(t);
+    }
+    let server = PyProcess::spawn("tvm rpc_server", python, &args);
+    let start = Instant::now();
+    let bound = loop {
+        let log = server.log();
+        if let Some(rest) = log.split("bind to 127.0.0.1:").nth(1) {
+            let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            break format!("127.0.0.1:{port}");
+        }
+        assert!(start.elapsed() < TVM_START, "TVM's server did not start:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (server, bound)
+}
+
+fn opts() -> TvmOptions {
+    TvmOptions::default().call_timeout(Duration::from_secs(60)).connect_timeout(TVM_START)
+}
+
+/// The seeded inputs of the `add` check.
+fn inputs(round: u32, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let a = (0..n).map(|i| (i as f32) * 0.5 + round as f32).collect();
+    let b = (0..n).map(|i| 1000.0 - i as f32).collect();
+    (a, b)
+}
+
+fn to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One whole measurement: upload, load, time, alloc + copy + call + copy
+/// back (checked), free, remove.
+async fn measure_round(sess: &mut TvmSession, lib: &[u8], round: u32) {
+    let path = format!("kernels{round}.so");
+    sess.upload(&path, lib).await.unwrap();
+    let module = sess.load_module(&path).await.unwrap();
+    let dev = Device::cpu(0);
+    let timer =
+        sess.time_evaluator(module, "busy", dev, &TimeEvaluatorConfig::new(2, 3, 0)).await.unwrap();
+    let costs = sess.time(timer, &[]).await.unwrap();
+    assert_eq!(costs.len(), 3, "{costs:?}");
+    for c in &costs {
+        // A 2 ms busy-wait: at least 2 ms, and well under a second even on a loaded machine.
+        assert!((0.0019..1.0).contains(c), "implausible cost {c} in {costs:?}");
+    }
+    sess.free_handle(timer.0).await.unwrap();
+
+    let n = 1000;
+    let (a, b) = inputs(round, n);
+    let ta = sess.alloc(&[n as i64], DataType::FLOAT32, dev).await.unwrap();
+    let tb = sess.alloc(&[n as i64], DataType::FLOAT32, dev).await.unwrap();
+    let tc = sess.alloc(&[n as i64], DataType::FLOAT32, dev).await.unwrap();
+    sess.copy_to_remote(&ta, &to_bytes(&a)).await.unwrap();
+    sess.copy_to_remote(&tb, &to_bytes(&b)).await.unwrap();
+    let add = sess.module_function(module, "add").await.unwrap();
+    let args: Vec<_> = [&ta, &tb, &tc].iter().map(|t| TvmValue::Tensor((*t).clone())).collect();
+    assert_eq!(sess.call(add, &args).await.unwrap(), TvmValue::None);
+    let out = sess.copy_from_remote(&tc).await.unwrap();
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_eq!(out, to_bytes(&want), "round {round}: outputs");
+    for t in [&ta, &tb, &tc] {
+        sess.free(t).await.unwrap();
+    }
+    sess.free_handle(add.0).await.unwrap();
+    sess.free_handle(module.0).await.unwrap();
+    sess.remove(&path).await.unwrap();
+}
+
+#[tokio::test]
+async fn twenty_measurements_in_a_row_on_a_direct_tvm_server() {
+    let python = require_tvm!();
+    let lib = kernel_lib();
+    let (server, addr) = start_tvm_server(&python, "direct", None).await;
+    let pgid = server.pgid();
+    for round in 0..20 {
+        let sess = within("connect", TvmSession::connect(&addr, "direct", &opts())).await;
+        let mut sess = sess.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(sess.server_key(), "direct");
+        assert_eq!(sess.device_attr(Device::cpu(0), attr::EXIST).await.unwrap(), TvmValue::Int(1));
+        measure_round(&mut sess, &lib, round).await;
+        within("close", sess.close()).await.unwrap();
+        sess.close().await.unwrap();
+        assert!(matches!(sess.upload("x", b"y").await, Err(TvmError::Closed)));
+    }
+    // Dropped without close: the server is free again at once.
+    for _ in 0..3 {
+        let mut sess = TvmSession::connect(&addr, "direct", &opts()).await.unwrap();
+        sess.upload("a", b"b").await.unwrap();
+        drop(sess);
+    }
+    let start = Instant::now();
+    let mut sess = TvmSession::connect(&addr, "direct", &opts()).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    sess.close().await.unwrap();
+    drop(server);
+    assert_group_gone(pgid).await;
+}
+
+#[tokio::test]
+async fn faults_are_typed_errors_never_hangs() {
+    let python = require_tvm!();
+    let lib = kernel_lib();
+    let (server, addr) = start_tvm_server(&python, "faults", None).await;
+    let dev = Device::cpu(0);
+
+    // A missing global function, a missing kernel: typed errors naming them;
+    // the session goes on.
+    let mut sess = TvmSession::connect(&addr, "faults", &opts()).await.unwrap();
+    let err = sess.get_global_func("no.such.function").await.unwrap_err();
+    assert!(matches!(&err, TvmError::NoSuchFunction { name } if name == "no.such.function"));
+    sess.upload("k.so", &lib).await.unwrap();
+    let module = sess.load_module("k.so").await.unwrap();
+    let err = sess.time_evaluator(module, "nope", dev, &TimeEvaluatorConfig::default()).await;
+    match err {
+        Err(TvmError::Remote { message }) => assert!(message.contains("nope"), "{message}"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    let err = sess.module_function(module, "nope").await.unwrap_err();
+    assert!(matches!(err, TvmError::NoSuchFunction { .. }), "{err:?}");
+    assert!(matches!(sess.load_module("missing.so").await, Err(TvmError::Remote { .. })));
+    assert!(sess.is_open());
+
+    sess.close().await.unwrap();
+
+    // A per-call timeout: typed; the session is broken, the server free.
+    let short = opts().call_timeout(Duration::from_millis(50));
+    let mut sess = TvmSession::connect(&addr, "faults", &short).await.unwrap();
+    sess.upload("k.so", &lib).await.unwrap_or_else(|e| panic!("{e}"));
+    let module = sess.load_module("k.so").await.unwrap();
+    let slow = sess.module_function(module, "slow").await.unwrap();
+    let err = sess.call(slow, &[]).await.unwrap_err();
+    assert!(matches!(err, TvmError::Timeout { .. }), "{err:?}");
+    assert!(matches!(sess.get_global_func("x").await, Err(TvmError::Broken { .. })));
+    drop(sess);
+
+    // A session timeout: the server ends the session with a typed error.
+    let timed = opts().session_timeout(Some(Duration::from_secs(2)));
+    let mut sess = TvmSession::connect(&addr, "faults", &timed).await.unwrap();
+    sess.upload("k.so", &lib).await.unwrap();
+    let module = sess.load_module("k.so").await.unwrap();
+    let timer = sess
+        .time_evaluator(module, "slow", dev, &TimeEvaluatorConfig::new(1, 100, 0))
+        .await
+        .unwrap();
+    let err = within("the session timeout", sess.time(timer, &[])).await.unwrap_err();
+    assert!(matches!(err, TvmError::SessionTimeout { .. }), "{err:?}");
+    drop(sess);
+
+    // Wrong key: typed.
+    let err = TvmSession::connect(&addr, "other", &opts()).await.unwrap_err();
+    assert!(matches!(err, TvmError::KeyMismatch { .. }), "{err:?}");
+    let mut sess =
+        within("after the faults", TvmSession::connect(&addr, "faults", &opts())).await.unwrap();
+    measure_round(&mut sess, &lib, 1).await;
+
+    // A crashing kernel kills the session's process: a typed error, no hang.
+    sess.upload("k.so", &lib).await.unwrap();
+    let module = sess.load_module("k.so").await.unwrap();
+    let crash = sess.module_function(module, "crash").await.unwrap();
+    let err = within("the crash", sess.call(crash, &[])).await.unwrap_err();
+    assert!(matches!(err, TvmError::ConnectionLost { .. }), "{err:?}");
+    assert!(matches!(sess.upload("a", b"b").await, Err(TvmError::Broken { .. })));
+    sess.close().await.unwrap();
+    // TVM 0.27's Python server stops serving once a session process exits
+    // non-zero (`_serving` raises in its listen thread): the next session
+    // is a typed timeout, never a hang.
+    let short = opts().connect_timeout(Duration::from_secs(3));
+    let err = within("after the crash", TvmSession::connect(&addr, "faults", &short)).await;
+    assert!(matches!(err, Err(TvmError::Timeout { .. })), "{err:?}");
+    assert!(server.log().contains("exited unsuccessfully"), "{}", server.log());
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_server_killed_mid_measurement_is_a_typed_error() {
+    let python = require_tvm!();
+    let lib = kernel_lib();
+    let (server, addr) = start_tvm_server(&python, "killed", None).await;
+    let pgid = server.pgid();
+    let mut sess = TvmSession::connect(&addr, "killed", &opts()).await.unwrap();
+    sess.upload("k.so", &lib).await.unwrap();
+    let module = sess.load_module("k.so").await.unwrap();
+    let timer = sess
+        .time_evaluator(module, "slow", Device::cpu(0), &TimeEvaluatorConfig::new(1, 50, 0))
+        .await
+        .unwrap();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(server);
+    });
+    let err = within("the killed server", sess.time(timer, &[])).await.unwrap_err();
+    assert!(matches!(err, TvmError::ConnectionLost { .. }), "{err:?}");
+    killer.await.unwrap();
+    assert_group_gone(pgid).await;
+    assert!(sess.close().await.is_ok());
+}
+
+#[tokio::test]
+async fn leased_through_tvms_tracker_and_ours() {
+    let python = require_tvm!();
+    let lib = kernel_lib();
+    // TVM's tracker.
+    let (tvm_tracker, port, mut client) = start_tvm_tracker(&python).await;
+    let taddr = format!("127.0.0.1:{port}");
+    let (server, _) = start_tvm_server(&python, "farm", Some(&taddr)).await;
+    lease_rounds(&mut client, &lib, 3).await;
+    drop(server);
+    drop(tvm_tracker);
+
+    // Ours.
+    let tracker = start_tracker().await;
+    let taddr = addr_of(&tracker);
+    let (server, _) = start_tvm_server(&python, "farm", Some(&taddr)).await;
+    let mut client = TrackerClient::connect(&taddr).await.unwrap();
+    lease_rounds(&mut client, &lib, 3).await;
+    drop(server);
+}
+
+/// Waits until `farm` is free, then leases and measures `rounds` times,
+/// alternating close and drop; each next lease must come promptly.
+async fn lease_rounds(client: &mut TrackerClient, lib: &[u8], rounds: u32) {
+    tokio::time::timeout(TVM_START, async {
+        while queue(client, "farm").await.free != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("TVM's server registers");
+    for round in 0..rounds {
+        let start = Instant::now();
+        let mut sess = within("a lease", client.request_tvm("farm", 1, &opts())).await.unwrap();
+        assert!(start.elapsed() < Duration::from_secs(30), "lease took {:?}", start.elapsed());
+        measure_round(&mut sess, lib, round).await;
+        if round % 2 == 0 {
+            sess.close().await.unwrap();
+        } else {
+            drop(sess);
+        }
+    }
+}
+
+/// A server that passes the handshake but answers in TVM's pre-0.21
+/// encoding (`kInitServer`'s void return as `[num_args=1][type code
+/// kTVMNullptr=4]`): reported as an older TVM.
+#[tokio::test]
+async fn an_old_tvm_server_is_reported_as_such() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 8];
+        s.read_exact(&mut head).await.unwrap();
+        let len = i32::from_le_bytes(head[4..].try_into().unwrap());
+        let mut key = vec![0u8; len as usize];
+        s.read_exact(&mut key).await.unwrap();
+        let mut reply = rpc_runner::tracker::RPC_MAGIC.to_le_bytes().to_vec();
+        reply.extend(11i32.to_le_bytes());
+        reply.extend(b"server:old1");
+        s.write_all(&reply).await.unwrap();
+        let mut n = [0u8; 8];
+        s.read_exact(&mut n).await.unwrap();
+        let mut rest = vec![0u8; u64::from_le_bytes(n) as usize];
+        s.read_exact(&mut rest).await.unwrap();
+        let mut old = 12u64.to_le_bytes().to_vec();
+        old.extend(4i32.to_le_bytes()); // kReturn
+        old.extend(1i32.to_le_bytes());
+        old.extend(4i32.to_le_bytes()); // old kTVMNullptr
+        s.write_all(&old).await.unwrap();
+        let _ = s.read(&mut [0u8; 16]).await;
+    });
+    let err = TvmSession::connect(&addr, "old1", &TvmOptions::default()).await.unwrap_err();
+    assert!(matches!(err, TvmError::Incompatible { .. }), "{err:?}");
+    assert!(err.to_string().contains("older than 0.21"), "{err}");
+    fake.abort();
+}
