@@ -219,6 +219,11 @@ impl TvmSession {
         let packet: Packet = match tokio::time::timeout(limit, exchange).await {
             Err(_) => return Err(self.fail(TvmError::Timeout { what, limit })),
             Ok(Err(source)) => return Err(self.fail(TvmError::ConnectionLost { what, source })),
+            // A first reply that announces an absurd length is not TVM's
+            // encoding either (our own server's frames, for one).
+            Ok(Ok(Err(e))) if !self.decoded_once => {
+                return Err(self.fail(TvmError::Incompatible { detail: e.to_string() }));
+            }
             Ok(Ok(Err(e))) => return Err(self.fail(e)),
             Ok(Ok(Ok(p))) => p,
         };

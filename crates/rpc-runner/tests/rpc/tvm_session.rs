@@ -363,3 +363,70 @@ async fn an_old_tvm_server_is_reported_as_such() {
     assert!(err.to_string().contains("older than 0.21"), "{err}");
     fake.abort();
 }
+
+/// Runs `rpc-runner probe ARGS` to completion (bounded): exit code, stdout
+/// and stderr.
+async fn probe(args: &[&str]) -> (Option<i32>, String, String) {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-runner"))
+        .arg("probe")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(TVM_START, run).await.expect("probe finishes").unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn probe_tells_our_server_and_a_missing_device() {
+    let tracker = start_tracker().await;
+    let taddr = addr_of(&tracker);
+    let server = crate::sessions::server(Some(&tracker), "ours", |c| c).await;
+    let (code, out, err) = probe(&["--tracker", &taddr, "--key", "ours"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("server:   rpc-runner device server (key \"ours\")"), "{out}");
+    // Direct, too (a server without a tracker answers its own key).
+    let solo = crate::sessions::server(None, "solo", |c| c).await;
+    let direct = solo.addr().to_string();
+    let (code, out, err) = probe(&["--addr", &direct, "--key", "solo"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("rpc-runner device server (key \"solo\")"), "{out}");
+    drop(server);
+    // Nobody serves the key: bounded by --timeout, a clear error.
+    let (code, _, err) = probe(&["--tracker", &taddr, "--key", "nobody", "--timeout", "1"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("did not finish within"), "{err}");
+    // Nothing listens.
+    let (code, _, err) = probe(&["--addr", "127.0.0.1:1"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[tokio::test]
+async fn probe_tells_a_tvm_server() {
+    let python = require_tvm!();
+    let tracker = start_tracker().await;
+    let taddr = addr_of(&tracker);
+    let (server, direct) = start_tvm_server(&python, "farm", Some(&taddr)).await;
+    let mut client = TrackerClient::connect(&taddr).await.unwrap();
+    tokio::time::timeout(TVM_START, async {
+        while queue(&mut client, "farm").await.free != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("TVM's server registers");
+    let (code, out, err) = probe(&["--tracker", &taddr, "--key", "farm"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("server:   TVM RPC server (key \"farm\")"), "{out}");
+    assert!(out.contains("protocol: 0.8.0"), "{out}");
+    assert!(out.contains("device:   cpu:0 exists"), "{out}");
+    // The server is free again afterwards: a session opens promptly.
+    let mut sess =
+        within("a lease after the probe", client.request_tvm("farm", 1, &opts())).await.unwrap();
+    sess.close().await.unwrap();
+    let _ = direct;
+    drop(server);
+}
