@@ -12,7 +12,8 @@ use rpc_runner::tvm::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{addr_of, free_port, queue, start_tracker, within};
+use crate::chaos::open_fds;
+use crate::common::{addr_of, eventually, free_port, queue, start_tracker, within};
 use crate::tracker_interop::{
     PyProcess, TVM_START, assert_group_gone, require_tvm, start_tvm_tracker, tvm_python,
 };
@@ -107,6 +108,12 @@ fn opts() -> TvmOptions {
     TvmOptions::default().call_timeout(Duration::from_secs(60)).connect_timeout(TVM_START)
 }
 
+/// Uploads and loads the kernel library as `k.so`.
+async fn module_of(sess: &mut TvmSession, lib: &[u8]) -> rpc_runner::tvm::RemoteModule {
+    sess.upload("k.so", lib).await.unwrap();
+    sess.load_module("k.so").await.unwrap()
+}
+
 /// The seeded inputs of the `add` check.
 fn inputs(round: u32, n: usize) -> (Vec<f32>, Vec<f32>) {
     let a = (0..n).map(|i| (i as f32) * 0.5 + round as f32).collect();
@@ -162,6 +169,7 @@ async fn twenty_measurements_in_a_row_on_a_direct_tvm_server() {
     let lib = kernel_lib();
     let (server, addr) = start_tvm_server(&python, "direct", None).await;
     let pgid = server.pgid();
+    let fds = open_fds();
     for round in 0..20 {
         let sess = within("connect", TvmSession::connect(&addr, "direct", &opts())).await;
         let mut sess = sess.unwrap_or_else(|e| panic!("round {round}: {e}"));
@@ -182,6 +190,9 @@ async fn twenty_measurements_in_a_row_on_a_direct_tvm_server() {
     let mut sess = TvmSession::connect(&addr, "direct", &opts()).await.unwrap();
     assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
     sess.close().await.unwrap();
+    drop(sess);
+    // No socket of ours outlives its session.
+    eventually("our fds back to before", async || open_fds() <= fds).await;
     drop(server);
     assert_group_gone(pgid).await;
 }
@@ -198,8 +209,7 @@ async fn faults_are_typed_errors_never_hangs() {
     let mut sess = TvmSession::connect(&addr, "faults", &opts()).await.unwrap();
     let err = sess.get_global_func("no.such.function").await.unwrap_err();
     assert!(matches!(&err, TvmError::NoSuchFunction { name } if name == "no.such.function"));
-    sess.upload("k.so", &lib).await.unwrap();
-    let module = sess.load_module("k.so").await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
     let err = sess.time_evaluator(module, "nope", dev, &TimeEvaluatorConfig::default()).await;
     match err {
         Err(TvmError::Remote { message }) => assert!(message.contains("nope"), "{message}"),
@@ -215,19 +225,28 @@ async fn faults_are_typed_errors_never_hangs() {
     // A per-call timeout: typed; the session is broken, the server free.
     let short = opts().call_timeout(Duration::from_millis(50));
     let mut sess = TvmSession::connect(&addr, "faults", &short).await.unwrap();
-    sess.upload("k.so", &lib).await.unwrap_or_else(|e| panic!("{e}"));
-    let module = sess.load_module("k.so").await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
     let slow = sess.module_function(module, "slow").await.unwrap();
     let err = sess.call(slow, &[]).await.unwrap_err();
     assert!(matches!(err, TvmError::Timeout { .. }), "{err:?}");
     assert!(matches!(sess.get_global_func("x").await, Err(TvmError::Broken { .. })));
     drop(sess);
 
+    // A call whose future is dropped: the session is broken, never
+    // desynchronised (the next call does not read the stale reply).
+    let mut sess = TvmSession::connect(&addr, "faults", &opts()).await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
+    let slow = sess.module_function(module, "slow").await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(20), sess.call(slow, &[])).await;
+    assert!(cut.is_err(), "the call was cut short");
+    let err = sess.get_global_func("tvm.rpc.server.upload").await.unwrap_err();
+    assert!(matches!(&err, TvmError::Broken { reason } if reason.contains("cancelled")), "{err:?}");
+    sess.close().await.unwrap();
+
     // A session timeout: the server ends the session with a typed error.
     let timed = opts().session_timeout(Some(Duration::from_secs(2)));
     let mut sess = TvmSession::connect(&addr, "faults", &timed).await.unwrap();
-    sess.upload("k.so", &lib).await.unwrap();
-    let module = sess.load_module("k.so").await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
     let timer = sess
         .time_evaluator(module, "slow", dev, &TimeEvaluatorConfig::new(1, 100, 0))
         .await
@@ -244,8 +263,7 @@ async fn faults_are_typed_errors_never_hangs() {
     measure_round(&mut sess, &lib, 1).await;
 
     // A crashing kernel kills the session's process: a typed error, no hang.
-    sess.upload("k.so", &lib).await.unwrap();
-    let module = sess.load_module("k.so").await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
     let crash = sess.module_function(module, "crash").await.unwrap();
     let err = within("the crash", sess.call(crash, &[])).await.unwrap_err();
     assert!(matches!(err, TvmError::ConnectionLost { .. }), "{err:?}");
@@ -268,8 +286,7 @@ async fn a_server_killed_mid_measurement_is_a_typed_error() {
     let (server, addr) = start_tvm_server(&python, "killed", None).await;
     let pgid = server.pgid();
     let mut sess = TvmSession::connect(&addr, "killed", &opts()).await.unwrap();
-    sess.upload("k.so", &lib).await.unwrap();
-    let module = sess.load_module("k.so").await.unwrap();
+    let module = module_of(&mut sess, &lib).await;
     let timer = sess
         .time_evaluator(module, "slow", Device::cpu(0), &TimeEvaluatorConfig::new(1, 50, 0))
         .await
@@ -306,16 +323,20 @@ async fn leased_through_tvms_tracker_and_ours() {
     drop(server);
 }
 
+/// Waits (bounded) until the tracker lists `key` as free once.
+async fn wait_registered(client: &mut TrackerClient, key: &str) {
+    let registered = tokio::time::timeout(TVM_START, async {
+        while queue(client, key).await.free != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    registered.await.expect("TVM's server registers");
+}
+
 /// Waits until `farm` is free, then leases and measures `rounds` times,
 /// alternating close and drop; each next lease must come promptly.
 async fn lease_rounds(client: &mut TrackerClient, lib: &[u8], rounds: u32) {
-    tokio::time::timeout(TVM_START, async {
-        while queue(client, "farm").await.free != 1 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("TVM's server registers");
+    wait_registered(client, "farm").await;
     for round in 0..rounds {
         let start = Instant::now();
         let mut sess = within("a lease", client.request_tvm("farm", 1, &opts())).await.unwrap();
@@ -411,13 +432,7 @@ async fn probe_tells_a_tvm_server() {
     let taddr = addr_of(&tracker);
     let (server, direct) = start_tvm_server(&python, "farm", Some(&taddr)).await;
     let mut client = TrackerClient::connect(&taddr).await.unwrap();
-    tokio::time::timeout(TVM_START, async {
-        while queue(&mut client, "farm").await.free != 1 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("TVM's server registers");
+    wait_registered(&mut client, "farm").await;
     let (code, out, err) = probe(&["--tracker", &taddr, "--key", "farm"]).await;
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("server:   TVM RPC server (key \"farm\")"), "{out}");
