@@ -34,7 +34,8 @@ enum State {
 /// Python server then has ended the session's process and removed its
 /// temp dir) and is idempotent. Dropping a session without closing it
 /// closes its socket at once; the server's session process sees the end of
-/// its stream and exits, freeing the device.
+/// its stream and exits (after the call it is running, if any, returns),
+/// freeing the device.
 ///
 /// # Cancel safety
 ///
