@@ -38,7 +38,9 @@ macro_rules! require_tvm {
         match tvm_python() {
             Some(python) => python,
             None => {
-                eprintln!("SKIPPED: TVM interop (no TVM virtualenv; run bench/setup_tvm.sh)");
+                eprintln!(
+                    "SKIPPED: TVM interop (no TVM virtualenv: set TVM_PYTHON or run bench/setup_tvm.sh)"
+                );
                 return;
             }
         }

@@ -276,7 +276,9 @@ async fn faults_are_typed_errors_never_hangs() {
     let err = within("after the crash", TvmSession::connect(&addr, "faults", &short)).await;
     assert!(matches!(err, Err(TvmError::Timeout { .. })), "{err:?}");
     assert!(server.log().contains("exited unsuccessfully"), "{}", server.log());
+    let pgid = server.pgid();
     drop(server);
+    assert_group_gone(pgid).await;
 }
 
 #[tokio::test]
@@ -311,8 +313,12 @@ async fn leased_through_tvms_tracker_and_ours() {
     let taddr = format!("127.0.0.1:{port}");
     let (server, _) = start_tvm_server(&python, "farm", Some(&taddr)).await;
     lease_rounds(&mut client, &lib, 3).await;
+    let pgids = [server.pgid(), tvm_tracker.pgid()];
     drop(server);
     drop(tvm_tracker);
+    for pgid in pgids {
+        assert_group_gone(pgid).await;
+    }
 
     // Ours.
     let tracker = start_tracker().await;
@@ -320,7 +326,9 @@ async fn leased_through_tvms_tracker_and_ours() {
     let (server, _) = start_tvm_server(&python, "farm", Some(&taddr)).await;
     let mut client = TrackerClient::connect(&taddr).await.unwrap();
     lease_rounds(&mut client, &lib, 3).await;
+    let pgid = server.pgid();
     drop(server);
+    assert_group_gone(pgid).await;
 }
 
 /// Waits (bounded) until the tracker lists `key` as free once.
@@ -350,14 +358,16 @@ async fn lease_rounds(client: &mut TrackerClient, lib: &[u8], rounds: u32) {
     }
 }
 
-/// A server that passes the handshake but answers in TVM's pre-0.21
-/// encoding (`kInitServer`'s void return as `[num_args=1][type code
-/// kTVMNullptr=4]`): reported as an older TVM.
-#[tokio::test]
-async fn an_old_tvm_server_is_reported_as_such() {
+/// A scripted peer: passes the handshake, then answers each packet it
+/// reads with the next of `replies` (raw bytes), then (if `linger`) holds
+/// the connection until the client closes it, else closes it.
+async fn scripted_server(
+    replies: Vec<Vec<u8>>,
+    linger: bool,
+) -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let fake = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut head = [0u8; 8];
         s.read_exact(&mut head).await.unwrap();
@@ -366,22 +376,95 @@ async fn an_old_tvm_server_is_reported_as_such() {
         s.read_exact(&mut key).await.unwrap();
         let mut reply = rpc_runner::tracker::RPC_MAGIC.to_le_bytes().to_vec();
         reply.extend(11i32.to_le_bytes());
-        reply.extend(b"server:old1");
+        reply.extend(b"server:fake");
         s.write_all(&reply).await.unwrap();
-        let mut n = [0u8; 8];
-        s.read_exact(&mut n).await.unwrap();
-        let mut rest = vec![0u8; u64::from_le_bytes(n) as usize];
-        s.read_exact(&mut rest).await.unwrap();
-        let mut old = 12u64.to_le_bytes().to_vec();
-        old.extend(4i32.to_le_bytes()); // kReturn
-        old.extend(1i32.to_le_bytes());
-        old.extend(4i32.to_le_bytes()); // old kTVMNullptr
-        s.write_all(&old).await.unwrap();
-        let _ = s.read(&mut [0u8; 16]).await;
+        for reply in replies {
+            let mut n = [0u8; 8];
+            if s.read_exact(&mut n).await.is_err() {
+                return;
+            }
+            let mut rest = vec![0u8; u64::from_le_bytes(n) as usize];
+            s.read_exact(&mut rest).await.unwrap();
+            if s.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+        if linger {
+            let _ = s.read(&mut [0u8; 16]).await;
+        }
     });
-    let err = TvmSession::connect(&addr, "old1", &TvmOptions::default()).await.unwrap_err();
+    (addr, task)
+}
+
+/// A packet `[u64 nbytes][i32 code][body]`.
+fn packet(code: i32, body: &[u8]) -> Vec<u8> {
+    let mut p = (4 + body.len() as u64).to_le_bytes().to_vec();
+    p.extend(code.to_le_bytes());
+    p.extend(body);
+    p
+}
+
+/// TVM's void return: `kReturn`, one argument of type index `kTVMFFINone`.
+fn void_return() -> Vec<u8> {
+    let body: Vec<u8> = [1i32.to_le_bytes(), 0i32.to_le_bytes()].concat();
+    packet(4, &body)
+}
+
+/// A server that passes the handshake but answers in TVM's pre-0.21
+/// encoding (`kInitServer`'s void return as `[num_args=1][type code
+/// kTVMNullptr=4]`): reported as an older TVM.
+#[tokio::test]
+async fn an_old_tvm_server_is_reported_as_such() {
+    let old = packet(4, &[1i32.to_le_bytes(), 4i32.to_le_bytes()].concat());
+    let (addr, fake) = scripted_server(vec![old], true).await;
+    let err = TvmSession::connect(&addr, "fake", &TvmOptions::default()).await.unwrap_err();
     assert!(matches!(err, TvmError::Incompatible { .. }), "{err:?}");
     assert!(err.to_string().contains("older than 0.21"), "{err}");
+    fake.abort();
+}
+
+/// Hostile replies after a good start: typed errors, never a panic or an
+/// allocation of the announced size; the session is broken afterwards.
+#[tokio::test]
+async fn hostile_replies_are_typed_errors() {
+    let huge = [u64::MAX.to_le_bytes().as_slice(), &4i32.to_le_bytes()].concat();
+    let unknown_index = packet(4, &[1i32.to_le_bytes(), 13i32.to_le_bytes()].concat());
+    let unknown_code = packet(99, &[]);
+    let too_many = packet(4, &i32::MAX.to_le_bytes());
+    let truncated = packet(
+        4,
+        &[1i32.to_le_bytes(), 8i32.to_le_bytes(), 9u64.to_le_bytes()[..4].try_into().unwrap()]
+            .concat(),
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (huge, "exceeds this client's limit"),
+        (unknown_index, "unknown type index 13"),
+        (unknown_code, "unexpected RPC code 99"),
+        (too_many, "argument count"),
+        (truncated, "truncated"),
+    ];
+    for (reply, want) in cases {
+        let (addr, fake) = scripted_server(vec![void_return(), reply], true).await;
+        let mut sess = TvmSession::connect(&addr, "fake", &TvmOptions::default()).await.unwrap();
+        let err = within("a hostile reply", sess.get_global_func("f")).await.unwrap_err();
+        assert!(err.to_string().contains(want), "{want}: {err}");
+        assert!(matches!(sess.get_global_func("f").await, Err(TvmError::Broken { .. })));
+        sess.close().await.unwrap();
+        fake.abort();
+    }
+    // The server closes mid-call: connection lost.
+    let (addr, fake) = scripted_server(vec![void_return(), vec![1, 2, 3]], false).await;
+    let mut sess = TvmSession::connect(&addr, "fake", &TvmOptions::default()).await.unwrap();
+    let err = within("a closed server", sess.get_global_func("f")).await.unwrap_err();
+    assert!(matches!(err, TvmError::ConnectionLost { .. }), "{err:?}");
+    fake.await.unwrap();
+    // A configurable packet limit.
+    let big = packet(4, &[0u8; 4096]);
+    let (addr, fake) = scripted_server(vec![void_return(), big], true).await;
+    let small = TvmOptions::default().max_packet_bytes(1024);
+    let mut sess = TvmSession::connect(&addr, "fake", &small).await.unwrap();
+    let err = sess.get_global_func("f").await.unwrap_err();
+    assert!(matches!(err, TvmError::PacketTooLarge { len: 4100, limit: 1024 }), "{err:?}");
     fake.abort();
 }
 
@@ -443,5 +526,7 @@ async fn probe_tells_a_tvm_server() {
         within("a lease after the probe", client.request_tvm("farm", 1, &opts())).await.unwrap();
     sess.close().await.unwrap();
     let _ = direct;
+    let pgid = server.pgid();
     drop(server);
+    assert_group_gone(pgid).await;
 }
