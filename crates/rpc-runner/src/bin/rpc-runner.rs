@@ -390,6 +390,11 @@ async fn probe(
             sess.close().await?;
             return Ok(out);
         }
+        // A TVM packet that does not decode: an older TVM. Our protocol is
+        // not tried on it (it could stop an old TVM server, see above).
+        Err(e @ TvmError::Incompatible { tvm_framing: true, .. }) => {
+            return Err(e).with_context(|| format!("{at} runs an unsupported TVM RPC server"));
+        }
         Err(e @ (TvmError::Incompatible { .. } | TvmError::ConnectionLost { .. })) => e,
         Err(e) => return Err(e).with_context(|| format!("cannot open a session on {at}")),
     };

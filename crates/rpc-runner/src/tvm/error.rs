@@ -39,6 +39,10 @@ pub enum TvmError {
     Incompatible {
         /// What did not decode.
         detail: String,
+        /// The reply was a well-formed TVM packet whose content did not
+        /// decode (an older TVM), rather than no TVM packet at all (e.g. an
+        /// absurd length: another protocol).
+        tvm_framing: bool,
     },
     /// A step did not finish in time (connect, a call, close).
     #[error("timed out after {limit:?} while {what}")]

@@ -158,6 +158,7 @@ impl TvmSession {
             [TvmValue::None] => Ok(sess),
             other => Err(sess.fail(TvmError::Incompatible {
                 detail: format!("kInitServer answered {other:?}, not a void return"),
+                tvm_framing: true,
             })),
         }
     }
@@ -223,7 +224,8 @@ impl TvmSession {
             // A first reply that announces an absurd length is not TVM's
             // encoding either (our own server's frames, for one).
             Ok(Ok(Err(e))) if !self.decoded_once => {
-                return Err(self.fail(TvmError::Incompatible { detail: e.to_string() }));
+                let detail = e.to_string();
+                return Err(self.fail(TvmError::Incompatible { detail, tvm_framing: false }));
             }
             Ok(Ok(Err(e))) => return Err(self.fail(e)),
             Ok(Ok(Ok(p))) => p,
@@ -256,7 +258,8 @@ impl TvmSession {
                 Ok(v)
             }
             Err(e) if !self.decoded_once => {
-                Err(self.fail(TvmError::Incompatible { detail: e.to_string() }))
+                let detail = e.to_string();
+                Err(self.fail(TvmError::Incompatible { detail, tvm_framing: true }))
             }
             Err(e) => Err(self.fail(e)),
         }

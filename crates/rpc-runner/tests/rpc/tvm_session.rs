@@ -418,8 +418,17 @@ async fn an_old_tvm_server_is_reported_as_such() {
     let old = packet(4, &[1i32.to_le_bytes(), 4i32.to_le_bytes()].concat());
     let (addr, fake) = scripted_server(vec![old], true).await;
     let err = TvmSession::connect(&addr, "fake", &TvmOptions::default()).await.unwrap_err();
-    assert!(matches!(err, TvmError::Incompatible { .. }), "{err:?}");
+    assert!(matches!(err, TvmError::Incompatible { tvm_framing: true, .. }), "{err:?}");
     assert!(err.to_string().contains("older than 0.21"), "{err}");
+    fake.abort();
+
+    // The probe says so, and does not try our protocol on it.
+    let old = packet(4, &[1i32.to_le_bytes(), 4i32.to_le_bytes()].concat());
+    let (addr, fake) = scripted_server(vec![old], true).await;
+    let (code, out, err) = probe(&["--addr", &addr, "--key", "fake", "--timeout", "20"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("runs an unsupported TVM RPC server"), "{err}");
+    assert!(err.contains("older than 0.21"), "{err}");
     fake.abort();
 }
 
