@@ -40,6 +40,9 @@
 //!   and time evaluator run by session workers, the builder and the runners.
 //! - `tasks.rs`: the registry of task types every session worker serves
 //!   ([`tasks::registry`]).
+//! - `tvm/`: a client of TVM's own RPC servers: the packet framing
+//!   (`packet.rs`), TVM-FFI packed arguments (`args.rs`), the session
+//!   (`session.rs`), leasing through a tracker (`lease.rs`), errors (`error.rs`).
 //! - `fuzzing.rs` (hidden from the docs): the protocol fuzz targets that
 //!   `examples/fuzz_protocols.rs` and `fuzz/` drive (`docs/fuzzing.md`).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
@@ -51,6 +54,7 @@ pub mod server;
 pub mod session;
 pub mod tasks;
 pub mod tracker;
+pub mod tvm;
 pub mod wire;
 
 pub use server::{DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus};

@@ -1,5 +1,6 @@
 //! `rpc-runner`: the command-line tracker, device server and query tool, the
-//! counterparts of TVM's `rpc_tracker`, `rpc_server` and `query_rpc_tracker`.
+//! counterparts of TVM's `rpc_tracker`, `rpc_server` and `query_rpc_tracker`,
+//! and `probe`, which tells what a device runs (our server or TVM's).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -100,6 +101,23 @@ enum Command {
         /// Tracker port.
         #[arg(long, default_value_t = 9190)]
         port: u16,
+    },
+    /// Lease one device (or connect to one server) and print what it runs:
+    /// our server or TVM's, its protocol, device attributes. Measures nothing.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["tracker", "addr"])))]
+    Probe {
+        /// Tracker to lease the device from, as HOST:PORT.
+        #[arg(long)]
+        tracker: Option<String>,
+        /// A server to connect to directly, as HOST:PORT.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Device key (with --addr: the server's key).
+        #[arg(long, default_value = "")]
+        key: String,
+        /// Upper bound of the whole probe, in seconds.
+        #[arg(long, default_value = "30", value_parser = parse_secs)]
+        timeout: Duration,
     },
 }
 
@@ -290,6 +308,123 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("cannot query the tracker at {addr}"))?;
             print!("{}", client.text_summary().await?);
         }
+        Command::Probe { tracker, addr, key, timeout } => {
+            let limit = timeout.max(Duration::from_millis(100));
+            let report = tokio::time::timeout(limit, probe(tracker, addr, &key, limit))
+                .await
+                .with_context(|| format!("the probe did not finish within {limit:?}"))??;
+            print!("{report}");
+        }
     }
     Ok(())
+}
+
+/// Where to open a session: a fresh lease from `tracker`, or `addr` itself.
+async fn endpoint(
+    tracker: &mut Option<TrackerClient>,
+    addr: &Option<String>,
+    key: &str,
+) -> Result<(String, String)> {
+    match (tracker.as_mut(), addr) {
+        (Some(client), _) => {
+            let lease = client
+                .request_lease(key, 1)
+                .await
+                .with_context(|| format!("cannot lease a device of key {key:?}"))?;
+            Ok((format!("{}:{}", lease.host, lease.port), lease.matchkey))
+        }
+        (None, Some(addr)) => Ok((addr.clone(), key.to_owned())),
+        (None, None) => bail!("give --tracker or --addr"),
+    }
+}
+
+/// Opens a TVM session first: our server refuses TVM's `kInitServer`
+/// cleanly, while TVM's Python server would stop serving on our framed
+/// protocol (a session process that ends on an undecodable stream kills
+/// its listen loop). If TVM's protocol does not decode, a second session
+/// (a new lease) tries ours.
+async fn probe(
+    tracker: Option<String>,
+    addr: Option<String>,
+    key: &str,
+    limit: Duration,
+) -> Result<String> {
+    use rpc_runner::tvm::{Device, TvmError, TvmOptions, TvmSession, TvmValue, attr};
+    use std::fmt::Write as _;
+    let mut client = match &tracker {
+        Some(t) => Some(
+            TrackerClient::connect(t).await.with_context(|| format!("cannot reach tracker {t}"))?,
+        ),
+        None => None,
+    };
+    let step = limit.min(Duration::from_secs(10));
+    let (at, matchkey) = endpoint(&mut client, &addr, key).await?;
+    let opts = TvmOptions::default().connect_timeout(step).call_timeout(step);
+    let mut out = String::new();
+    let tvm_err = match TvmSession::connect(&at, &matchkey, &opts).await {
+        Ok(mut sess) => {
+            writeln!(out, "address:  {at}")?;
+            writeln!(out, "server:   TVM RPC server (key {:?})", sess.server_key())?;
+            writeln!(out, "protocol: {} (TVM >= 0.21 encoding)", sess.protocol_version())?;
+            let show = |v: TvmValue| match v {
+                TvmValue::None => "-".to_owned(),
+                TvmValue::Int(i) => i.to_string(),
+                TvmValue::Str(s) => s,
+                other => format!("{other:?}"),
+            };
+            let kinds =
+                [(1, "cpu"), (2, "cuda"), (4, "opencl"), (7, "vulkan"), (8, "metal"), (10, "rocm")];
+            for (device_type, name) in kinds {
+                let dev = Device { device_type, device_id: 0 };
+                if sess.device_attr(dev, attr::EXIST).await? != TvmValue::Int(1) {
+                    continue;
+                }
+                let threads = show(sess.device_attr(dev, attr::MAX_THREADS_PER_BLOCK).await?);
+                let warp = show(sess.device_attr(dev, attr::WARP_SIZE).await?);
+                let dname = show(sess.device_attr(dev, attr::DEVICE_NAME).await?);
+                writeln!(
+                    out,
+                    "device:   {name}:0 exists, max threads per block {threads}, warp size {warp}, name {dname}"
+                )?;
+            }
+            sess.close().await?;
+            return Ok(out);
+        }
+        // A TVM packet that does not decode: an older TVM. Our protocol is
+        // not tried on it (it could stop an old TVM server, see above).
+        Err(e @ TvmError::Incompatible { tvm_framing: true, .. }) => {
+            return Err(e).with_context(|| format!("{at} runs an unsupported TVM RPC server"));
+        }
+        Err(e @ (TvmError::Incompatible { .. } | TvmError::ConnectionLost { .. })) => e,
+        Err(e) => return Err(e).with_context(|| format!("cannot open a session on {at}")),
+    };
+    // Not TVM's protocol: is it ours?
+    let (at, matchkey) = endpoint(&mut client, &addr, key).await?;
+    let copts = rpc_runner::ConnectOptions::default().request_timeout(step);
+    // A direct server may still be ending the first session (the overall
+    // timeout bounds the retries).
+    let ours = loop {
+        match rpc_runner::Session::connect(&at, &matchkey, &copts).await {
+            Err(rpc_runner::SessionError::Busy) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    match ours {
+        Ok(mut sess) => {
+            writeln!(out, "address:  {at}")?;
+            writeln!(out, "server:   rpc-runner device server (key {:?})", sess.server_key())?;
+            writeln!(out, "protocol: rpc-runner session protocol (TVM's handshake)")?;
+            if let Some(t) = sess.session_timeout() {
+                writeln!(out, "session timeout: {t:?}")?;
+            }
+            sess.close().await?;
+            Ok(out)
+        }
+        Err(ours) => bail!(
+            "{at} is neither a TVM (>= 0.21) RPC server nor an rpc-runner server: \
+             TVM protocol: {tvm_err}; ours: {ours}"
+        ),
+    }
 }

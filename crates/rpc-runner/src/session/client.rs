@@ -16,8 +16,8 @@ use super::io::{ChunkSink, Got};
 pub(crate) use super::options::ConnectOptions;
 use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::handshake::{
-    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_SUCCESS, CODE_UNAUTHORIZED, ClientHello,
-    MAX_KEY_LEN, RPC_MAGIC, read_i32, read_str, write_str,
+    CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_UNAUTHORIZED, ClientHello,
+    HandshakeFailure, client_handshake,
 };
 use crate::wire::proto::{
     CHUNK, DirEntry, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, UPLOAD_CHUNK,
@@ -134,29 +134,25 @@ impl Session {
             timeout: opts.session_timeout,
             token: opts.token.clone(),
         };
-        let handshake_err = |e: std::io::Error| SessionError::Handshake {
-            message: format!("{e} (is {addr} an RPC server?)"),
-        };
-        let mut first = RPC_MAGIC.to_le_bytes().to_vec();
-        write_str(&mut first, &hello.to_wire()).await.map_err(handshake_err)?;
-        stream.write_all(&first).await.map_err(handshake_err)?;
-        let code = read_i32(&mut stream).await.map_err(handshake_err)?;
-        match code {
-            CODE_SUCCESS => {}
-            CODE_MISMATCH => {
-                return Err(SessionError::KeyMismatch { matchkey: matchkey.to_owned() });
-            }
-            CODE_DUPLICATE => return Err(SessionError::Busy),
-            CODE_UNAUTHORIZED => return Err(SessionError::Unauthorized),
-            CODE_AT_CAPACITY => return Err(SessionError::AtCapacity),
-            other => {
+        let server_key = match client_handshake(&mut stream, &hello).await {
+            Ok(key) => key,
+            Err(HandshakeFailure::Io(e)) => {
                 return Err(SessionError::Handshake {
-                    message: format!("unexpected handshake answer {other:#x}"),
+                    message: format!("{e} (is {addr} an RPC server?)"),
                 });
             }
-        }
-        let server = read_str(&mut stream, MAX_KEY_LEN).await.map_err(handshake_err)?;
-        let server_key = server.strip_prefix("server:").unwrap_or(&server).to_owned();
+            Err(HandshakeFailure::Refused(code)) => {
+                return Err(match code {
+                    CODE_MISMATCH => SessionError::KeyMismatch { matchkey: matchkey.to_owned() },
+                    CODE_DUPLICATE => SessionError::Busy,
+                    CODE_UNAUTHORIZED => SessionError::Unauthorized,
+                    CODE_AT_CAPACITY => SessionError::AtCapacity,
+                    other => SessionError::Handshake {
+                        message: format!("unexpected handshake answer {other:#x}"),
+                    },
+                });
+            }
+        };
         let (rd, wr) = stream.into_split();
         let mut sess = Session {
             tx: FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME)),

@@ -66,6 +66,36 @@ impl ClientHello {
     }
 }
 
+/// Why a client's handshake did not succeed.
+#[derive(Debug)]
+pub(crate) enum HandshakeFailure {
+    /// The server answered with this code (one of the `CODE_*` refusals, or
+    /// an unknown one).
+    Refused(i32),
+    /// The exchange itself failed (closed, not an RPC server, bad key).
+    Io(std::io::Error),
+}
+
+/// The client side of the handshake: sends the magic and `hello`, reads the
+/// answer and returns the server's key (without its `server:` prefix).
+///
+/// Cancel-safe only in the sense that dropping it leaves the stream
+/// half-negotiated: the caller drops the stream then.
+pub(crate) async fn client_handshake(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    hello: &ClientHello,
+) -> Result<String, HandshakeFailure> {
+    let mut first = RPC_MAGIC.to_le_bytes().to_vec();
+    write_str(&mut first, &hello.to_wire()).await.map_err(HandshakeFailure::Io)?;
+    stream.write_all(&first).await.map_err(HandshakeFailure::Io)?;
+    let code = read_i32(stream).await.map_err(HandshakeFailure::Io)?;
+    if code != CODE_SUCCESS {
+        return Err(HandshakeFailure::Refused(code));
+    }
+    let server = read_str(stream, MAX_KEY_LEN).await.map_err(HandshakeFailure::Io)?;
+    Ok(server.strip_prefix("server:").unwrap_or(&server).to_owned())
+}
+
 pub(crate) async fn read_i32(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<i32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b).await?;

@@ -48,7 +48,7 @@ fn children_of(pid: u32) -> usize {
         .count()
 }
 
-fn open_fds() -> usize {
+pub(crate) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 

@@ -15,11 +15,11 @@ use tokio::net::TcpStream;
 use crate::common::{addr_of, eventually, free_port, queue, start_tracker, wait_pending, within};
 
 /// How long TVM (a slow Python import, then a subprocess) may take to start.
-const TVM_START: Duration = Duration::from_secs(60);
+pub(crate) const TVM_START: Duration = Duration::from_secs(60);
 
 /// The TVM Python: `$TVM_PYTHON`, else `<workspace>/bench/.venv/bin/python`
 /// if it imports tvm.
-fn tvm_python() -> Option<PathBuf> {
+pub(crate) fn tvm_python() -> Option<PathBuf> {
     if let Some(python) = std::env::var_os("TVM_PYTHON") {
         return Some(python.into());
     }
@@ -38,12 +38,15 @@ macro_rules! require_tvm {
         match tvm_python() {
             Some(python) => python,
             None => {
-                eprintln!("SKIPPED: TVM interop (no TVM virtualenv; run bench/setup_tvm.sh)");
+                eprintln!(
+                    "SKIPPED: TVM interop (no TVM virtualenv: set TVM_PYTHON or run bench/setup_tvm.sh)"
+                );
                 return;
             }
         }
     };
 }
+pub(crate) use require_tvm;
 
 /// Runs a short Python program to completion and returns its stdout.
 async fn run_python(python: &Path, args: &[&str]) -> String {
@@ -65,7 +68,7 @@ async fn run_python(python: &Path, args: &[&str]) -> String {
 /// (also when a test fails) kills the whole group (the process's
 /// `PopenWorker` and session children too) and reaps it; on a panic its log
 /// is printed.
-struct PyProcess {
+pub(crate) struct PyProcess {
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -73,7 +76,7 @@ struct PyProcess {
 }
 
 impl PyProcess {
-    fn spawn(name: &'static str, python: &Path, args: &[&str]) -> Self {
+    pub(crate) fn spawn(name: &'static str, python: &Path, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join(format!("{name}.log"));
         let out = File::create(&log).expect("log file");
@@ -90,11 +93,11 @@ impl PyProcess {
         PyProcess { name, child, log, _dir: dir }
     }
 
-    fn pgid(&self) -> u32 {
+    pub(crate) fn pgid(&self) -> u32 {
         self.child.id()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -111,7 +114,7 @@ impl Drop for PyProcess {
 }
 
 /// Sends `signal` to process group `pgid`; true if any process received it.
-fn kill_group(pgid: u32, signal: &str) -> bool {
+pub(crate) fn kill_group(pgid: u32, signal: &str) -> bool {
     Command::new("kill")
         .args(["-s", signal, "--", &format!("-{pgid}")])
         .stderr(Stdio::null())
@@ -120,7 +123,7 @@ fn kill_group(pgid: u32, signal: &str) -> bool {
 }
 
 /// Asserts that no process of group `pgid` is left.
-async fn assert_group_gone(pgid: u32) {
+pub(crate) async fn assert_group_gone(pgid: u32) {
     eventually("the TVM process group to be gone", async || !kill_group(pgid, "0")).await;
 }
 
@@ -310,7 +313,7 @@ async fn our_clients_work_against_tvms_tracker() {
 
 /// Starts TVM's own tracker on a free port; returns it, its port and a
 /// client of ours connected to it.
-async fn start_tvm_tracker(python: &Path) -> (PyProcess, u16, TrackerClient) {
+pub(crate) async fn start_tvm_tracker(python: &Path) -> (PyProcess, u16, TrackerClient) {
     let port = free_port();
     let (port_arg, port_end_arg) = (port.to_string(), (port + 1).to_string());
     let args = ["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", &port_arg];
