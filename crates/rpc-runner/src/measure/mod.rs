@@ -58,8 +58,8 @@ pub use kernel::{
     failure_kind,
 };
 pub use runner::{
-    DefaultPipeline, DeviceSession, Element, LocalRunner, LocalRunnerBuilder, Measurement, Output,
-    OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder, RunError,
-    RunStream, Runner, RunnerInput, RunnerResult, StageContext, StageTimes,
+    Backend, DefaultPipeline, DeviceSession, Element, LocalRunner, LocalRunnerBuilder, Measurement,
+    Output, OutputError, Pipeline, RpcConfig, RpcConfigError, RpcRunner, RpcRunnerBuilder,
+    RunError, RunStream, Runner, RunnerInput, RunnerResult, StageContext, StageTimes,
 };
 pub use stats::{Stats, Verdict, best_within_noise, best_within_noise_paired, compare_paired};

@@ -16,6 +16,7 @@ mod tasks;
 mod tracker;
 mod tracker_interop;
 mod tracker_limits;
+mod tvm_runner;
 mod tvm_session;
 mod tvm_shim;
 

@@ -80,7 +80,11 @@ fn kernel_lib() -> Vec<u8> {
 
 /// Starts TVM's RPC server, direct (no tracker) with key `key`, or
 /// registered with `tracker`; returns it and (direct) its address.
-async fn start_tvm_server(python: &Path, key: &str, tracker: Option<&str>) -> (PyProcess, String) {
+pub(crate) async fn start_tvm_server(
+    python: &Path,
+    key: &str,
+    tracker: Option<&str>,
+) -> (PyProcess, String) {
     let port = free_port();
     let (p, pe) = (port.to_string(), (port + 50).to_string());
     let key_arg = format!("--key={key}");
@@ -332,7 +336,7 @@ async fn leased_through_tvms_tracker_and_ours() {
 }
 
 /// Waits (bounded) until the tracker lists `key` as free once.
-async fn wait_registered(client: &mut TrackerClient, key: &str) {
+pub(crate) async fn wait_registered(client: &mut TrackerClient, key: &str) {
     let registered = tokio::time::timeout(TVM_START, async {
         while queue(client, key).await.free != 1 {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -125,7 +125,7 @@ async fn tvm_ffi_include(python: &Path, dir: &Path) -> PathBuf {
     PathBuf::from(run_python(python, &script, &[]).await.trim())
 }
 
-fn builder(out_dir: &Path, export: Option<&str>) -> LocalBuilder {
+pub(crate) fn builder(out_dir: &Path, export: Option<&str>) -> LocalBuilder {
     let mut cfg = LocalBuilderConfig::default()
         .max_workers(2)
         .timeout(Duration::from_secs(60))
@@ -138,7 +138,7 @@ fn builder(out_dir: &Path, export: Option<&str>) -> LocalBuilder {
 }
 
 /// Builds `vadd.so` and `busy.so` with `builder`.
-async fn build_kernels(builder: &LocalBuilder) -> (PathBuf, PathBuf) {
+pub(crate) async fn build_kernels(builder: &LocalBuilder) -> (PathBuf, PathBuf) {
     let inputs = vec![BuilderInput::new("vadd", VADD), BuilderInput::new("busy", BUSY_200US)];
     let results = within("builds", builder.build(inputs).collect_ordered()).await;
     let mut paths = results.into_iter().map(|r| match r.result {

@@ -109,6 +109,28 @@ pub(super) fn f32_to_f16_bits(x: f32) -> u16 {
 
 // ---------------------------------------------------------------------------
 
+/// The bytes of argument set 0 that [`AllocArgs`] with this `seed` fills,
+/// computed on the host (for servers that do not run our tasks, e.g. TVM's:
+/// the arguments are copied there, so outputs compare across backends).
+///
+/// # Errors
+///
+/// As [`AllocArgs`]: [`failure_kind::BAD_ARGS`] for a negative dimension or
+/// an argument too large.
+pub(crate) fn host_args(args: &[ArgInfo], seed: u64) -> Result<Vec<Vec<u8>>, TaskFailure> {
+    let mut rng = SplitMix64(seed);
+    args.iter()
+        .enumerate()
+        .map(|(index, info)| {
+            let bytes =
+                super::buffers::checked_nbytes(index, info).map_err(KernelError::into_failure)?;
+            let mut buf = vec![0u8; bytes];
+            fill(&mut buf, info.dtype, &mut rng);
+            Ok(buf)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,7 @@ pub use self::candidates::{
 };
 pub use self::env::Environment;
 pub(crate) use self::env::online_cpus;
+pub(crate) use self::fill::host_args;
 pub use self::rounds::StopReason;
 
 use self::buffers::{AlignedBuf, ArgSets};

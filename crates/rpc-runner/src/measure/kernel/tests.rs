@@ -243,3 +243,15 @@ fn large_argument_sets_share_one_huge_page_arena() {
         assert!(set.huge_pages, "MADV_HUGEPAGE accepted ({thp})");
     }
 }
+
+#[test]
+fn host_args_are_the_bytes_alloc_args_fills() {
+    let mut ctx = WorkerContext::default();
+    AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
+    let host = super::fill::host_args(&args(), 9).unwrap();
+    for (i, bytes) in host.iter().enumerate() {
+        assert_eq!(bytes, &read(&ctx, 0, i as u32), "argument {i}");
+    }
+    let bad = vec![ArgInfo::tensor(DType::F32, [-1])];
+    assert_eq!(super::fill::host_args(&bad, 0).unwrap_err().kind, "bad_args");
+}

@@ -51,6 +51,26 @@ pub struct RpcConfig {
     pub close_timeout: Duration,
     /// Token of servers that require one (default none).
     pub token: Option<String>,
+    /// What kind of device server the key's devices run (default: ours).
+    pub backend: Backend,
+}
+
+/// The kind of device server a runner measures on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Our `rpc-runner server`: our session protocol, our evaluator (all of
+    /// `EvaluatorConfig`, the environment record, interleaving).
+    #[default]
+    Ours,
+    /// Apache TVM's RPC servers (`python -m tvm.exec.rpc_server`, `tvm_rpc`,
+    /// TVM >= 0.21): kernels built with
+    /// [`LocalBuilderConfig::tvm_export`](crate::measure::LocalBuilderConfig::tvm_export)
+    /// under this function name, timed by TVM's `RPCTimeEvaluator`.
+    Tvm {
+        /// The exported function's name (`__tvm_ffi_<function>` in the library).
+        function: String,
+    },
 }
 
 /// Why [`RpcConfig::from_env`] failed.
@@ -89,6 +109,7 @@ impl RpcConfig {
             lease_timeout: None,
             close_timeout: Duration::from_secs(10),
             token: None,
+            backend: Backend::Ours,
         }
     }
 
@@ -140,6 +161,14 @@ impl RpcConfig {
     #[must_use]
     pub fn close_timeout(mut self, limit: Duration) -> Self {
         self.close_timeout = limit;
+        self
+    }
+
+    /// Measure on this kind of server (see [`Backend`]; default
+    /// [`Backend::Ours`]).
+    #[must_use]
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
         self
     }
 

@@ -17,10 +17,11 @@ mod local;
 mod pipeline;
 mod result;
 mod rpc;
+mod tvm;
 
 use tokio_util::sync::CancellationToken;
 
-pub use config::{RpcConfig, RpcConfigError};
+pub use config::{Backend, RpcConfig, RpcConfigError};
 pub use local::{LocalRunner, LocalRunnerBuilder};
 pub use pipeline::{DefaultPipeline, DeviceSession, Pipeline, StageContext};
 pub use result::{

@@ -11,11 +11,13 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::super::evaluator::EvaluatorConfig;
 use super::super::kernel::{AllocArgs, LoadKernel, ReadArg, TimeKernel};
-use super::config::RpcConfig;
+use super::config::{Backend, RpcConfig};
 use super::result::{Measurement, Output, RunError, RunnerInput};
+use super::tvm::{self, TvmDevice};
 use crate::measure::cause::Cause;
 use crate::session::{ConnectOptions, RequestOptions, Session, SessionError};
 use crate::tracker::TrackerClient;
+use crate::tvm::TvmSession;
 
 /// What every stage of a measurement can see.
 #[derive(Debug, Clone)]
@@ -66,6 +68,7 @@ pub struct DeviceSession {
 enum Device {
     Rpc(Box<Session>),
     Local(OwnedMutexGuard<PopenWorker>),
+    Tvm(Box<TvmDevice>),
 }
 
 impl std::fmt::Debug for DeviceSession {
@@ -73,6 +76,7 @@ impl std::fmt::Debug for DeviceSession {
         let kind = match self.inner {
             Device::Rpc(_) => "rpc",
             Device::Local(_) => "local",
+            Device::Tvm(_) => "tvm",
         };
         f.debug_struct("DeviceSession")
             .field("kind", &kind)
@@ -88,6 +92,31 @@ impl DeviceSession {
         DeviceSession { server: sess.addr().to_owned(), inner: Device::Rpc(Box::new(sess)), limit }
     }
 
+    /// A device behind a session with a TVM RPC server; `limit` is the
+    /// session timeout.
+    pub fn from_tvm_session(sess: TvmSession, limit: Duration) -> Self {
+        DeviceSession {
+            server: sess.addr().to_owned(),
+            inner: Device::Tvm(Box::new(TvmDevice::new(sess))),
+            limit,
+        }
+    }
+
+    /// The TVM session, if this device is a TVM RPC server.
+    pub fn tvm_session(&mut self) -> Option<&mut TvmSession> {
+        match &mut self.inner {
+            Device::Tvm(t) => Some(&mut t.sess),
+            _ => None,
+        }
+    }
+
+    fn tvm(&mut self) -> Option<&mut TvmDevice> {
+        match &mut self.inner {
+            Device::Tvm(t) => Some(t),
+            _ => None,
+        }
+    }
+
     fn local(worker: OwnedMutexGuard<PopenWorker>, limit: Duration) -> Self {
         DeviceSession { inner: Device::Local(worker), server: "local".into(), limit }
     }
@@ -101,7 +130,7 @@ impl DeviceSession {
     pub fn session(&mut self) -> Option<&mut Session> {
         match &mut self.inner {
             Device::Rpc(s) => Some(s),
-            Device::Local(_) => None,
+            Device::Local(_) | Device::Tvm(_) => None,
         }
     }
 
@@ -124,6 +153,7 @@ impl DeviceSession {
                 sess.upload(artifact, remote).await.map_err(upload_err)?;
                 Ok(remote.to_owned())
             }
+            Device::Tvm(dev) => tvm::upload(dev, artifact, remote, self.limit).await,
             Device::Local(_) => match std::path::absolute(artifact) {
                 Ok(path) => Ok(path.display().to_string()),
                 Err(source) => Err(upload_err(SessionError::LocalIo {
@@ -139,7 +169,8 @@ impl DeviceSession {
     /// # Errors
     ///
     /// The task's failure or the session's, classified
-    /// ([`RunError::from_session`], [`RunError::from_pool`]).
+    /// ([`RunError::from_session`], [`RunError::from_pool`]);
+    /// [`RunError::Other`] on a TVM server, which runs no tasks of ours.
     ///
     /// # Cancel safety
     ///
@@ -151,6 +182,9 @@ impl DeviceSession {
                 sess.call(task, None).await.map_err(|e| RunError::from_session(e, self.limit))
             }
             Device::Local(worker) => worker.run(task).await.map_err(RunError::from_pool),
+            Device::Tvm(_) => Err(RunError::Other {
+                message: format!("task {} cannot run on a TVM RPC server", T::NAME),
+            }),
         }
     }
 
@@ -173,6 +207,7 @@ impl DeviceSession {
                 Err(_) => Err(RunError::Timeout { limit }),
             },
             Device::Local(_) => Ok(()),
+            Device::Tvm(dev) => tvm::close(*dev, limit).await,
         }
     }
 }
@@ -221,6 +256,10 @@ pub trait Pipeline: Send + Sync + 'static {
         input: &RunnerInput,
     ) -> impl Future<Output = Result<(), RunError>> + Send {
         async move {
+            let limit = ctx.rpc.session_timeout;
+            if let Some(t) = dev.tvm() {
+                return tvm::load(t, remote_path, input, limit).await;
+            }
             let load = LoadKernel { path: remote_path.to_owned(), entry: ctx.entry.clone() };
             dev.call(load).await.map_err(|e| e.naming_artifact(&input.artifact_path, remote_path))
         }
@@ -234,6 +273,9 @@ pub trait Pipeline: Send + Sync + 'static {
         input: &RunnerInput,
     ) -> impl Future<Output = Result<(), RunError>> + Send {
         async move {
+            if let Some(t) = dev.tvm() {
+                return tvm::alloc(t, ctx, input, ctx.rpc.session_timeout).await;
+            }
             let alloc = AllocArgs {
                 args: input.args_info.clone(),
                 alloc_repeat: ctx.alloc_repeat,
@@ -251,6 +293,9 @@ pub trait Pipeline: Send + Sync + 'static {
         input: &RunnerInput,
     ) -> impl Future<Output = Result<Measurement, RunError>> + Send {
         async move {
+            if let Some(t) = dev.tvm() {
+                return tvm::evaluate(t, ctx, input, ctx.rpc.session_timeout).await;
+            }
             let timing = dev.call(TimeKernel { config: ctx.evaluator.clone() }).await?;
             let mut outputs = Vec::with_capacity(input.read_args.len());
             for &index in &input.read_args {
@@ -288,6 +333,14 @@ async fn default_create_session(ctx: &StageContext) -> Result<DeviceSession, Run
     if let Some(worker) = &ctx.local {
         let guard = Arc::clone(worker).lock_owned().await;
         return Ok(DeviceSession::local(guard, rpc.session_timeout));
+    }
+    if matches!(rpc.backend, Backend::Tvm { .. }) {
+        let dev = tvm::create(ctx).await?;
+        return Ok(DeviceSession {
+            server: dev.sess.addr().to_owned(),
+            inner: Device::Tvm(Box::new(dev)),
+            limit: rpc.session_timeout,
+        });
     }
     let addr = rpc.tracker_addr();
     let session_err = |e| RunError::Session { addr: addr.clone(), source: Cause::new(e) };

@@ -406,6 +406,13 @@ pub enum RunError {
         #[source]
         source: Cause<PoolError>,
     },
+    /// A session with a TVM RPC server failed (see [`TvmError`](crate::tvm::TvmError)).
+    #[error("TVM RPC session error")]
+    Tvm {
+        /// What went wrong.
+        #[source]
+        source: Cause<crate::tvm::TvmError>,
+    },
     /// Anything else (raised by a custom pipeline stage, a panicked stage...).
     #[error("measurement failed: {message}")]
     Other {
