@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Print a Markdown table of measure_bench results: the median over runs of
-every key per mode, and the ratios ours / tvm_mode and ours / harness_free
+every key per mode, and the ratios ours / tvm_mode, ours / harness_free and
+(when the runs had TVM) ours / tvm_server
 (ratio of those medians; for errors, noise, CV, shift and time lower is
 better, for kendall_tau_min, top1_agreement and unstable_flagged higher is).
 
@@ -44,16 +45,19 @@ def main():
     if not runs:
         sys.exit(__doc__)
     keys = [k for k, v in runs[0]["ours"].items() if not isinstance(v, dict)]
+    # TVM's own server and evaluator, when the runs had TVM.
+    modes = MODES + (["tvm_server"] if all("tvm_server" in r for r in runs) else [])
+    peers = modes[1:]
     print(f"### measure_bench: median of {len(runs)} run(s)\n")
-    print("| metric | ours | tvm_mode | harness_free | ours / tvm_mode | ours / harness_free |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| metric | " + " | ".join(modes) + " | " + " | ".join(f"ours / {p}" for p in peers) + " |")
+    print("|---|" + "---:|" * (len(modes) + len(peers)))
     for k in keys:
-        m = {mode: med([r[mode].get(k) for r in runs]) for mode in MODES}
-        cells = [sig(m[mode]) for mode in MODES]
+        m = {mode: med([r[mode].get(k) for r in runs]) for mode in modes}
+        cells = [sig(m[mode]) for mode in modes]
         if k == "kendall_candidates":  # a count, not a figure
-            cells += ["", ""]
+            cells += [""] * len(peers)
         else:
-            cells += [sig(ratio(m["ours"], m["tvm_mode"])), sig(ratio(m["ours"], m["harness_free"]))]
+            cells += [sig(ratio(m["ours"], m[p])) for p in peers]
         print(f"| `{k}` | " + " | ".join(cells) + " |")
     loads = ", ".join(f"{r['load']['before']}→{r['load']['after']}" for r in runs)
     print(

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use popen_pool::WorkerProgram;
 use rpc_runner::measure::{
-    ArgInfo, BuilderInput, DType, EvaluatorConfig, LocalBuilder, LocalBuilderConfig, RpcConfig,
-    RpcRunner, Runner as _, RunnerInput, RunnerResult, write_kernel_header,
+    ArgInfo, Backend, BuilderInput, DType, EvaluatorConfig, LocalBuilder, LocalBuilderConfig,
+    RpcConfig, RpcRunner, Runner as _, RunnerInput, RunnerResult, write_kernel_header,
 };
 use rpc_runner::tracker::{Tracker, TrackerConfig};
 use rpc_runner::{DeviceServer, ServerConfig};
@@ -66,16 +66,17 @@ enum Mode {
     Ours,
     Tvm,
     Free,
+    /// TVM's own RPCTimeEvaluator on TVM's Python RPC server.
+    TvmServer,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Ours, Mode::Tvm, Mode::Free];
-
     fn key(self) -> &'static str {
         match self {
             Mode::Ours => "ours",
             Mode::Tvm => "tvm_mode",
             Mode::Free => "harness_free",
+            Mode::TvmServer => "tvm_server",
         }
     }
 }
@@ -192,7 +193,10 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
     let build_dir = tmp.path().join("build");
     let builder = LocalBuilder::new(
         program.clone(),
-        LocalBuilderConfig::default().out_dir(&build_dir).add_flags(["-march=native"]),
+        LocalBuilderConfig::default()
+            .out_dir(&build_dir)
+            .add_flags(["-march=native"])
+            .tvm_export(TVM_FUNCTION),
     )?;
     let inputs =
         kernels.iter().map(|k| BuilderInput::new(&k.name, k.source.clone())).collect::<Vec<_>>();
@@ -211,7 +215,16 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         cpus.len()
     );
 
+    let python = procs::tvm_python();
+    let mut modes = vec![Mode::Ours, Mode::Tvm, Mode::Free];
+    match &python {
+        Some(_) => modes.push(Mode::TvmServer),
+        None => eprintln!(
+            "measure_bench: no TVM (TVM_PYTHON unset, no bench/.venv): tvm_server skipped"
+        ),
+    }
     let ctx = Ctx {
+        python,
         program,
         kernels: &kernels,
         paths: &paths,
@@ -220,9 +233,9 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         programs,
         tmp: tmp.path(),
     };
-    let mut quiet: [Vec<Pass>; 3] = Default::default();
+    let mut quiet: Vec<Vec<Pass>> = vec![Vec::new(); modes.len()];
     for pass in 0..opts.passes {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        for (i, &mode) in modes.iter().enumerate() {
             eprintln!("measure_bench: pass {} of {}: {}", pass + 1, opts.passes, mode.key());
             quiet[i].push(ctx.pass(mode).await.with_context(|| mode.key())?);
         }
@@ -230,7 +243,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
     let hog = ctx.programs.start_hog(&others)?;
     eprintln!("measure_bench: hog {} on CPUs {others:?}", hog.pid());
     let mut loaded = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in &modes {
         eprintln!("measure_bench: loaded pass: {}", mode.key());
         loaded.push(ctx.pass(mode).await.with_context(|| format!("{} (loaded)", mode.key()))?);
     }
@@ -239,7 +252,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
 
     let mut out = Map::new();
     let mut figs = Vec::new();
-    for ((mode, quiet), loaded) in Mode::ALL.into_iter().zip(quiet).zip(loaded) {
+    for ((&mode, quiet), loaded) in modes.iter().zip(quiet).zip(loaded) {
         let f = figures::figures(&kernels, &Runs { quiet, loaded });
         out.insert(mode.key().into(), Value::Object(f.clone()));
         figs.push(f);
@@ -249,6 +262,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         json!({
             "ours/tvm_mode": figures::ratios(&figs[0], &figs[1]),
             "ours/harness_free": figures::ratios(&figs[0], &figs[2]),
+            "ours/tvm_server": figs.get(3).map(|f| figures::ratios(&figs[0], f)),
         }),
     );
     out.insert("load".into(), json!({ "before": load_before, "after": load_after }));
@@ -264,6 +278,8 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
 
 /// What every pass needs.
 struct Ctx<'a> {
+    /// TVM's Python, for `tvm_server`.
+    python: Option<PathBuf>,
     program: WorkerProgram,
     kernels: &'a [Kernel],
     paths: &'a [PathBuf],
@@ -304,6 +320,20 @@ impl Ctx<'_> {
 
         // A new tracker, device server and session workers per pass.
         let tracker = Tracker::start("127.0.0.1:0", TrackerConfig::default()).await?;
+        if mode == Mode::TvmServer {
+            let results = self.measure_on_tvm(&tracker, inputs).await;
+            tracker.shutdown().await?;
+            let mut costs = Vec::new();
+            let mut overheads = Vec::new();
+            for (r, k) in results?.into_iter().zip(self.kernels) {
+                let m = r.map_err(|e| anyhow::anyhow!("{}: {e}", k.name))?;
+                overheads.push(overhead(&m));
+                costs.push(m.run_secs);
+            }
+            let mut pass = Pass::flagged_by_stats(costs, start.elapsed().as_secs_f64());
+            pass.overhead_secs = stats::median(&overheads);
+            return Ok(pass);
+        }
         let mut cfg =
             ServerConfig::new(KEY, self.program.clone()).tracker(tracker.addr().to_string());
         if mode == Mode::Ours {
@@ -330,16 +360,68 @@ impl Ctx<'_> {
         tracker.shutdown().await?;
         let mut costs = Vec::new();
         let mut flagged = Vec::new();
+        let mut overheads = Vec::new();
         let mut threshold = rpc_runner::measure::Stats::DEFAULT_THRESHOLD;
         for (k, r) in self.kernels.iter().zip(results?) {
             let m = r.map_err(|e| anyhow::anyhow!("{}: {e}", k.name))?;
             flagged.push(!m.is_stable());
             threshold = m.noise_threshold;
+            overheads.push(overhead(&m));
             costs.push(m.run_secs);
         }
-        Ok(Pass { costs, flagged, wall_secs: start.elapsed().as_secs_f64(), threshold })
+        Ok(Pass {
+            costs,
+            flagged,
+            wall_secs: start.elapsed().as_secs_f64(),
+            threshold,
+            overhead_secs: stats::median(&overheads),
+        })
     }
 }
+
+impl Ctx<'_> {
+    /// `tvm_server`: a new TVM Python RPC server registered with `tracker`,
+    /// every kernel through `RpcRunner` with `Backend::Tvm` (TVM's own
+    /// RPCTimeEvaluator, TVM's protocol), the server's process group killed
+    /// afterwards.
+    async fn measure_on_tvm(
+        &self,
+        tracker: &rpc_runner::tracker::TrackerHandle,
+        inputs: Vec<RunnerInput>,
+    ) -> anyhow::Result<Vec<RunnerResult>> {
+        let python = self.python.as_deref().context("no TVM python")?;
+        let taddr = tracker.addr().to_string();
+        let _server = procs::TvmServer::start(python, &taddr, KEY)?;
+        // TVM's server imports tvm (~1-2 s) before it registers.
+        let mut client = rpc_runner::TrackerClient::connect(&taddr).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let summary = client.summary().await?;
+            if summary.server_info.iter().any(|i| i.device_key() == KEY) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("TVM's rpc_server did not register within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rpc = RpcConfig::new("127.0.0.1", tracker.addr().port(), KEY)
+            .lease_timeout(Duration::from_secs(60))
+            .backend(Backend::Tvm { function: TVM_FUNCTION.into() });
+        let runner = RpcRunner::builder(rpc).evaluator(tvm_evaluator()).seed(SEED).build().await?;
+        Ok(runner.run(inputs).collect_ordered().await)
+    }
+}
+
+/// Time a measurement spent outside its evaluator: lease, upload, load,
+/// alloc, cleanup.
+fn overhead(m: &rpc_runner::measure::Measurement) -> f64 {
+    let t = m.stages;
+    (t.lease_wait + t.upload + t.load + t.alloc + t.cleanup).as_secs_f64()
+}
+
+/// The name the kernels export for TVM's runtime (`__tvm_ffi_kernel`).
+const TVM_FUNCTION: &str = "kernel";
 
 /// TVM's time evaluator protocol (`number` 3, `repeat` 10, `min_repeat_ms` 10).
 fn tvm_evaluator() -> EvaluatorConfig {

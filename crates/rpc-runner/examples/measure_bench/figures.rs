@@ -17,6 +17,10 @@ pub(crate) struct Pass {
     /// The relative noise the measurements count as stable under (ours:
     /// the adaptive target; the others: `Stats::DEFAULT_THRESHOLD`).
     pub(crate) threshold: f64,
+    /// Median over the pass's measurements of the time spent outside the
+    /// evaluator (lease, upload, load, alloc, cleanup), seconds; `None`
+    /// for the bare driver.
+    pub(crate) overhead_secs: Option<f64>,
     /// Wall time of the pass, seconds.
     pub(crate) wall_secs: f64,
 }
@@ -27,7 +31,7 @@ impl Pass {
     pub(crate) fn flagged_by_stats(costs: Vec<Vec<f64>>, wall_secs: f64) -> Pass {
         let threshold = Stats::DEFAULT_THRESHOLD;
         let flagged = costs.iter().map(|c| !is_stable(c, threshold)).collect();
-        Pass { costs, flagged, wall_secs, threshold }
+        Pass { costs, flagged, wall_secs, threshold, overhead_secs: None }
     }
 
     fn median_of(&self, k: usize) -> f64 {
@@ -181,6 +185,8 @@ pub(crate) fn figures(kernels: &[Kernel], runs: &Runs) -> Map<String, Value> {
     out.insert("unstable_fraction".into(), num(frac(flagged, all)));
     out.insert("stable_but_off".into(), num(frac(trusted_off, trusted)));
     out.insert("seconds_per_candidate".into(), num(per_candidate));
+    let overheads: Vec<f64> = quiet.iter().filter_map(|p| p.overhead_secs).collect();
+    out.insert("overhead_per_measurement_s".into(), num(median(&overheads)));
     out.insert(
         "medians_s".into(),
         kernels

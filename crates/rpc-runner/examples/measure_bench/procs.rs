@@ -285,3 +285,49 @@ impl Programs {
         Ok(out.costs)
     }
 }
+
+/// TVM's Python RPC server (`python -m tvm.exec.rpc_server`) registered
+/// with a tracker, in its own process group: the whole group (the server
+/// and any session process it forked) is killed and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct TvmServer {
+    child: std::process::Child,
+}
+
+impl TvmServer {
+    /// Starts it for `key` at `tracker` (`host:port`).
+    pub(crate) fn start(python: &Path, tracker: &str, key: &str) -> anyhow::Result<TvmServer> {
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new(python)
+            .args(["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", "9300"])
+            .args(["--port-end", "9499", &format!("--tracker={tracker}"), &format!("--key={key}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("cannot start TVM's rpc_server")?;
+        Ok(TvmServer { child })
+    }
+}
+
+impl Drop for TvmServer {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // SAFETY: a plain syscall; the group is this child's own.
+            unsafe { nix::libc::kill(-pgid, nix::libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// TVM's Python: `$TVM_PYTHON`, else the workspace's `bench/.venv` (built
+/// by `bench/setup_tvm.sh`) if it exists.
+pub(crate) fn tvm_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TVM_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/.venv/bin/python");
+    venv.exists().then_some(venv)
+}

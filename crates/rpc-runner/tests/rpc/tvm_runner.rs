@@ -100,7 +100,25 @@ async fn the_rpc_runner_measures_on_tvms_own_server() {
     let r = runner.run(vec![RunnerInput::new(&busy, vadd_args())]).collect_ordered().await;
     assert!(r[0].is_ok(), "{:?}", r[0]);
 
+    // The same busy kernel through our own server and evaluator agrees
+    // with TVM's RPCTimeEvaluator on TVM's server.
+    let ours = crate::sessions::server(Some(&tracker), "ours", |c| c).await;
+    let rpc_ours =
+        RpcConfig::new("127.0.0.1", port, "ours").session_timeout(Duration::from_secs(60));
+    let ours_runner = RpcRunner::builder(rpc_ours).evaluator(evaluator()).build().await.unwrap();
+    let r = ours_runner.run(vec![RunnerInput::new(&busy, vadd_args())]).collect_ordered().await;
+    let ours_m = r[0].as_ref().unwrap();
+    let (a, b) = (median(&ours_m.run_secs), median(&busy_m.run_secs));
+    assert!((a / b - 1.0).abs() < 0.1, "ours {a} s vs TVM's {b} s for a 200 us kernel");
+    ours.shutdown().await.unwrap();
+
     let pgid = server.pgid();
     drop(server);
     assert_group_gone(pgid).await;
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
