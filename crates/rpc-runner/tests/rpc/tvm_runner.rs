@@ -96,6 +96,14 @@ async fn the_rpc_runner_measures_on_tvms_own_server() {
     let two_args = vec![ArgInfo::tensor(DType::F32, [N]); 2];
     let r = runner.run(vec![RunnerInput::new(&vadd, two_args)]).collect_ordered().await;
     assert!(matches!(&r[0], Err(RunError::KernelError { .. })), "{:?}", r[0]);
+    // Interleaving needs our server: refused at once, nothing leased.
+    let r =
+        runner.run_interleaved(vec![RunnerInput::new(&busy, vadd_args())]).collect_ordered().await;
+    assert!(
+        matches!(&r[0], Err(RunError::Other { message }) if message.contains("interleaving")),
+        "{:?}",
+        r[0]
+    );
     // And the device is free again for the next measurement.
     let r = runner.run(vec![RunnerInput::new(&busy, vadd_args())]).collect_ordered().await;
     assert!(r[0].is_ok(), "{:?}", r[0]);

@@ -59,6 +59,13 @@ async fn measure_set<P: Pipeline>(
     let (pipeline, ctx) = (&core.pipeline, &core.ctx);
     let n = inputs.len();
     let all = |e: RunError| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
+    if matches!(ctx.rpc.backend, super::config::Backend::Tvm { .. }) {
+        return all(RunError::Other {
+            message:
+                "interleaving needs our device server: TVM's RPC servers time one kernel at a time"
+                    .into(),
+        });
+    }
     let _slot = tokio::select! {
         biased;
         () = cancel.cancelled() => return all(RunError::Cancelled),
