@@ -35,7 +35,7 @@ fn content(name: u64) -> Vec<u8> {
     (0..len).map(|i| (i as u64 ^ name).wrapping_mul(31) as u8).collect()
 }
 
-fn children_of(pid: u32) -> usize {
+pub(crate) fn children_of(pid: u32) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
     entries
         .flatten()

@@ -3,6 +3,8 @@
 //! TVM's own header and runtime (apache-tvm 0.27 in its virtualenv; those
 //! tests are skipped with a note without it) and through our own pipeline.
 
+use crate::chaos::children_of;
+use crate::tracker_interop::{require_tvm, tvm_python};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,37 +55,6 @@ TUNING_HARNESS_EXPORT int32_t entry(DLTensor* args, int32_t num_args) {
   return 0;
 }
 "#;
-
-/// The TVM Python: `$TVM_PYTHON`, else `<workspace>/bench/.venv/bin/python`
-/// if it imports tvm.
-fn tvm_python() -> Option<PathBuf> {
-    if let Some(python) = std::env::var_os("TVM_PYTHON") {
-        return Some(python.into());
-    }
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/.venv/bin/python");
-    let imports = Command::new(&python)
-        .args(["-c", "import tvm"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    imports.then_some(python)
-}
-
-macro_rules! require_tvm {
-    () => {
-        match tvm_python() {
-            Some(python) => python,
-            None => {
-                eprintln!(
-                    "SKIPPED: needs TVM's Python (TVM_PYTHON unset and no bench/.venv; \
-                     run bench/setup_tvm.sh)"
-                );
-                return;
-            }
-        }
-    };
-}
 
 /// Runs `python script args...` in its own process group to completion
 /// (the whole group is killed if it overruns or the test fails) and
@@ -369,19 +340,6 @@ fn call_export(dir: &Path, library: &Path) -> String {
     let out = Command::new(&prog).arg(library).output().expect("run the harness");
     assert!(out.status.success(), "harness on {library:?}: {out:?}");
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn children_of(pid: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-    entries
-        .flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("stat")).ok().and_then(|stat| {
-                let rest = stat.rsplit_once(") ")?.1.to_owned();
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            }) == Some(pid)
-        })
-        .count()
 }
 
 #[tokio::test]
