@@ -1,0 +1,410 @@
+//! Tracker at scale: prints one JSON line.
+//!
+//! `cargo run --release -p rpc-runner --example tracker_bench [-- --quick]`
+//!
+//! The tracker runs in its own process (this example re-executed with
+//! `--serve-tracker`, as `rpc-runner tracker` would run), so `rss_mib` is the
+//! tracker's alone. This process plays N fake device servers and M
+//! requesters (N = M), each on its own TCP connection speaking TVM's wire
+//! protocol (magic, then `[i32 LE length][JSON]` frames); no real server is
+//! behind a lease. Per scale (`n1000`, `n10000`; `n200` with `--quick`):
+//!
+//! - `lease_p50_s` / `lease_p99_s` / `lease_max_s`: the M requesters each
+//!   send a `REQUEST` and wait; once the tracker shows all M pending, the N
+//!   servers `PUT` one after another, paced evenly over `put_window_s`; a
+//!   lease's latency is from its server's `PUT` (just before the write) to the
+//!   requester's reading of the `REQUEST` reply.
+//! - `cycles_per_s`: then every requester loops: release its lease (the
+//!   fake server re-`PUT`s a new matchkey at once, as TVM's servers do after
+//!   a session), `REQUEST` again, read the lease. Cycles completed per second
+//!   over `cycle_window_s`; `cycle_lease_p50_s` / `_p99_s` / `_max_s`: the
+//!   latency of those leases, from the later of the `PUT` and the `REQUEST`
+//!   to the reply.
+//! - `rss_mib`: the tracker's resident memory at the end of the cycles, with
+//!   all 2N connections open.
+//!
+//! `loopback_rtt_s` is the physical reference measured in the same run: the
+//! median round trip of 4 bytes over a TCP loopback connection (`TCP_NODELAY`,
+//! blocking sockets, two threads). The file descriptor limit is raised to
+//! what 2N connections need (the tracker process inherits it); if it cannot
+//! be, `fd_note` says so and the scale is reduced to what fits.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener as StdListener, TcpStream as StdStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rpc_runner::tracker::{TRACKER_MAGIC, Tracker, TrackerConfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Descriptors beyond the connections (runtime, stdio, listener, slack).
+const FD_SLACK: u64 = 512;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (percentile(&v, 50.0), percentile(&v, 99.0), v.last().copied().unwrap_or(f64::NAN))
+}
+
+/// Raises RLIMIT_NOFILE to `want`; returns the limit now in force.
+fn raise_fd_limit(want: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    if soft >= want {
+        return soft;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, want, hard.max(want)).is_ok() {
+        return want;
+    }
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s)
+}
+
+/// The median TCP loopback round trip of 4 bytes.
+fn loopback_rtt() -> anyhow::Result<f64> {
+    let listener = StdListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 4];
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut s = StdStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 4];
+    let mut rtts = Vec::with_capacity(5000);
+    for i in 0..5000u32 {
+        let t = Instant::now();
+        s.write_all(&i.to_le_bytes())?;
+        s.read_exact(&mut buf)?;
+        rtts.push(t.elapsed().as_secs_f64());
+    }
+    drop(s);
+    let _ = echo.join();
+    Ok(stats(rtts).0)
+}
+
+/// The tracker process: serves until its stdin closes (the bench exits).
+fn serve_tracker() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let config = TrackerConfig::default().max_connections(100_000).max_keys(16);
+        let tracker = Tracker::start("127.0.0.1:0", config).await?;
+        println!("{}", tracker.addr().port());
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await?;
+        tracker.shutdown().await?;
+        Ok(())
+    })
+}
+
+fn spawn_tracker() -> anyhow::Result<(Child, u16)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--serve-tracker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("tracker stdout")?).read_line(&mut line)?;
+    let port = line.trim().parse().with_context(|| format!("tracker printed {line:?}"))?;
+    Ok((child, port))
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+async fn send_frame(s: &mut TcpStream, v: &Value) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(v)?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&i32::try_from(body.len())?.to_le_bytes());
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).await?;
+    Ok(())
+}
+
+async fn recv_frame(s: &mut TcpStream) -> anyhow::Result<Value> {
+    let len = s.read_i32_le().await?;
+    let len = usize::try_from(len).context("negative frame length")?;
+    if len > 64 << 20 {
+        bail!("frame of {len} bytes");
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+async fn connect(port: u16) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    s.write_i32_le(TRACKER_MAGIC).await?;
+    let echo = s.read_i32_le().await?;
+    if echo != TRACKER_MAGIC {
+        bail!("tracker answered the magic with {echo:#x}");
+    }
+    Ok(s)
+}
+
+/// Opens `n` tracker connections, at most 128 handshakes at once.
+async fn connect_all(port: u16, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let gate = Arc::new(Semaphore::new(128));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let gate = Arc::clone(&gate);
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            connect(port).await
+        }));
+    }
+    let mut conns = Vec::with_capacity(n);
+    for t in tasks {
+        conns.push(t.await??);
+    }
+    Ok(conns)
+}
+
+/// Polls `SUMMARY` until `key` has `pending` waiting requests (30 s at most).
+async fn wait_pending(ctl: &mut TcpStream, key: &str, pending: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        send_frame(ctl, &json!([6])).await?;
+        let reply = recv_frame(ctl).await?;
+        let got = reply[1]["queue_info"][key]["pending"].as_u64().unwrap_or(0);
+        if got as usize == pending {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the tracker shows {got} pending requests for {key}, expected {pending}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What one requester measured.
+struct Measured {
+    first_lease_s: f64,
+    cycle_leases_s: Vec<f64>,
+    cycles_in_window: u64,
+}
+
+/// Shared by the fake servers and requesters of one scale.
+struct Bench {
+    key: String,
+    base: Instant,
+    /// Per server: nanoseconds since `base` at its latest `PUT`.
+    put_at: Vec<AtomicU64>,
+    /// Per server: set to make it re-`PUT`.
+    release: Vec<Notify>,
+    stop: AtomicBool,
+}
+
+impl Bench {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+async fn fake_server(
+    bench: Arc<Bench>,
+    idx: usize,
+    mut s: TcpStream,
+    first_put: Instant,
+) -> anyhow::Result<()> {
+    tokio::time::sleep_until(first_put.into()).await;
+    for generation in 0u64.. {
+        if generation > 0 {
+            bench.release[idx].notified().await;
+        }
+        let put = json!([3, bench.key, [9000 + (idx % 50_000), format!("{idx}:{generation}")], null]);
+        bench.put_at[idx].store(bench.now_ns(), Ordering::Release);
+        send_frame(&mut s, &put).await?;
+        let reply = recv_frame(&mut s).await?;
+        if reply != json!(0) {
+            bail!("PUT answered {reply}");
+        }
+    }
+    Ok(())
+}
+
+/// Reads a lease reply; returns the server index it names.
+async fn read_lease(s: &mut TcpStream) -> anyhow::Result<usize> {
+    let reply = recv_frame(s).await?;
+    let matchkey = reply[1][2].as_str().with_context(|| format!("REQUEST answered {reply}"))?;
+    let idx = matchkey.split(':').next().and_then(|i| i.parse().ok());
+    idx.with_context(|| format!("lease with matchkey {matchkey:?}"))
+}
+
+async fn requester(
+    bench: Arc<Bench>,
+    mut s: TcpStream,
+    mut go: watch::Receiver<Option<(Instant, Instant)>>,
+) -> anyhow::Result<Measured> {
+    let request = json!([4, bench.key, "bench", 0]);
+    send_frame(&mut s, &request).await?;
+    let mut held = read_lease(&mut s).await?;
+    let first_lease_s = (bench.now_ns() - bench.put_at[held].load(Ordering::Acquire)) as f64 / 1e9;
+    let (from, until) = go.wait_for(Option::is_some).await?.expect("checked");
+    let mut cycle_leases_s = Vec::new();
+    let mut cycles_in_window = 0;
+    while !bench.stop.load(Ordering::Relaxed) {
+        bench.release[held].notify_one();
+        let asked = bench.now_ns();
+        send_frame(&mut s, &request).await?;
+        held = read_lease(&mut s).await?;
+        let now = Instant::now();
+        if now >= from && now < until {
+            let got = bench.now_ns();
+            let both = asked.max(bench.put_at[held].load(Ordering::Acquire));
+            cycle_leases_s.push(got.saturating_sub(both) as f64 / 1e9);
+            cycles_in_window += 1;
+        }
+    }
+    bench.release[held].notify_one();
+    Ok(Measured { first_lease_s, cycle_leases_s, cycles_in_window })
+}
+
+async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow::Result<Value> {
+    let key = format!("bench{n}");
+    let mut ctl = connect(port).await?;
+    let servers = connect_all(port, n).await?;
+    let requesters = connect_all(port, n).await?;
+    let bench = Arc::new(Bench {
+        key: key.clone(),
+        base: Instant::now(),
+        put_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        release: (0..n).map(|_| Notify::new()).collect(),
+        stop: AtomicBool::new(false),
+    });
+    let (go_tx, go_rx) = watch::channel(None);
+    let req_tasks: Vec<_> = requesters
+        .into_iter()
+        .map(|s| tokio::spawn(requester(Arc::clone(&bench), s, go_rx.clone())))
+        .collect();
+    wait_pending(&mut ctl, &key, n).await?;
+
+    // Phase 1: paced PUTs to waiting requesters.
+    let put_window = Duration::from_secs_f64(if n <= 1000 { 0.5 } else { 2.0 });
+    let start = Instant::now() + Duration::from_millis(50);
+    let srv_tasks: Vec<_> = servers
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let at = start + put_window.mul_f64(i as f64 / n as f64);
+            tokio::spawn(fake_server(Arc::clone(&bench), i, s, at))
+        })
+        .collect();
+    // Wait for every first lease: all pending requests served.
+    wait_pending(&mut ctl, &key, 0).await?;
+    tokio::time::sleep_until((start + put_window).into()).await;
+    wait_pending(&mut ctl, &key, 0).await?;
+
+    // Phase 2: request/release cycles.
+    let warmup = Duration::from_millis(200);
+    let window = Duration::from_secs_f64(if quick { 1.0 } else { 3.0 });
+    let from = Instant::now() + warmup;
+    let until = from + window;
+    go_tx.send(Some((from, until)))?;
+    tokio::time::sleep_until(until.into()).await;
+    let rss = rss_mib(tracker_pid);
+    bench.stop.store(true, Ordering::Relaxed);
+    let mut first = Vec::with_capacity(n);
+    let mut cycle = Vec::new();
+    let mut cycles = 0;
+    for t in req_tasks {
+        let m = tokio::time::timeout(Duration::from_secs(60), t).await.context("requester hung")???;
+        first.push(m.first_lease_s);
+        cycle.extend(m.cycle_leases_s);
+        cycles += m.cycles_in_window;
+    }
+    for t in srv_tasks {
+        t.abort();
+        let _ = t.await;
+    }
+    let (p50, p99, max) = stats(first);
+    let (c50, c99, cmax) = stats(cycle);
+    Ok(json!({
+        "servers": n,
+        "requesters": n,
+        "put_window_s": put_window.as_secs_f64(),
+        "lease_p50_s": p50,
+        "lease_p99_s": p99,
+        "lease_max_s": max,
+        "cycle_window_s": window.as_secs_f64(),
+        "cycles_per_s": cycles as f64 / window.as_secs_f64(),
+        "cycle_lease_p50_s": c50,
+        "cycle_lease_p99_s": c99,
+        "cycle_lease_max_s": cmax,
+        "rss_mib": rss,
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve-tracker") {
+        return serve_tracker();
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let wanted: &[usize] = if quick { &[200] } else { &[1000, 10_000] };
+    let need = 2 * (*wanted.iter().max().expect("not empty") as u64) + FD_SLACK;
+    let limit = raise_fd_limit(need);
+    let mut out = serde_json::Map::new();
+    out.insert("tracker".into(), json!("separate process (this example, --serve-tracker)"));
+    out.insert("fd_limit".into(), json!(limit));
+    let fits = usize::try_from(limit.saturating_sub(FD_SLACK) / 2).unwrap_or(usize::MAX);
+    let mut scales = Vec::new();
+    for &n in wanted {
+        if n <= fits {
+            scales.push((format!("n{n}"), n));
+        } else {
+            out.insert(
+                "fd_note".into(),
+                json!(format!(
+                    "RLIMIT_NOFILE could not be raised to {need}; n{n} ran as {fits} servers + {fits} requesters"
+                )),
+            );
+            scales.push((format!("n{n}"), fits));
+        }
+    }
+    out.insert("loopback_rtt_s".into(), json!(loopback_rtt()?));
+    let (mut child, port) = spawn_tracker()?;
+    let pid = child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = rt.block_on(async {
+        for (name, n) in scales {
+            let figures = run_scale(port, pid, n, quick).await?;
+            out.insert(name, figures);
+        }
+        anyhow::Ok(())
+    });
+    drop(rt);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result?;
+    println!("{}", Value::Object(out));
+    Ok(())
+}
