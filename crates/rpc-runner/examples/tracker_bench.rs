@@ -240,7 +240,8 @@ async fn fake_server(
         if generation > 0 {
             bench.release[idx].notified().await;
         }
-        let put = json!([3, bench.key, [9000 + (idx % 50_000), format!("{idx}:{generation}")], null]);
+        let put =
+            json!([3, bench.key, [9000 + (idx % 50_000), format!("{idx}:{generation}")], null]);
         bench.put_at[idx].store(bench.now_ns(), Ordering::Release);
         send_frame(&mut s, &put).await?;
         let reply = recv_frame(&mut s).await?;
@@ -336,7 +337,9 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
     let mut cycle = Vec::new();
     let mut cycles = 0;
     for t in req_tasks {
-        let m = tokio::time::timeout(Duration::from_secs(60), t).await.context("requester hung")???;
+        let m = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .context("requester hung")???;
         first.push(m.first_lease_s);
         cycle.extend(m.cycle_leases_s);
         cycles += m.cycles_in_window;
