@@ -1,6 +1,6 @@
 //! Tracker at scale: prints one JSON line.
 //!
-//! `cargo run --release -p rpc-runner --example tracker_bench [-- --quick]`
+//! `cargo run --release -p rpc-runner --example tracker_bench [-- --quick | --n N]`
 //!
 //! The tracker runs in its own process (this example re-executed with
 //! `--serve-tracker`, as `rpc-runner tracker` would run), so `rss_mib` is the
@@ -20,6 +20,9 @@
 //!   over `cycle_window_s`; `cycle_lease_p50_s` / `_p99_s` / `_max_s`: the
 //!   latency of those leases, from the later of the `PUT` and the `REQUEST`
 //!   to the reply.
+//! - `tracker_cpu_us_per_cycle`: the tracker process's CPU time (user +
+//!   system) over the cycle window, per cycle: what the throughput would be
+//!   bound by if the tracker had a core to itself.
 //! - `rss_mib`: the tracker's resident memory at the end of the cycles, with
 //!   all 2N connections open.
 //!
@@ -39,9 +42,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rpc_runner::tracker::{TRACKER_MAGIC, Tracker, TrackerConfig};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, watch};
+
+/// A tracker connection of this bench (reads buffered: one `recv` per frame).
+type Conn = AsyncBufReader<TcpStream>;
 
 /// Descriptors beyond the connections (runtime, stdio, listener, slack).
 const FD_SLACK: u64 = 512;
@@ -130,6 +136,21 @@ fn spawn_tracker() -> anyhow::Result<(Child, u16)> {
     Ok((child, port))
 }
 
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64);
+    // utime and stime are fields 14 and 15 of the whole line.
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -139,7 +160,7 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-async fn send_frame(s: &mut TcpStream, v: &Value) -> anyhow::Result<()> {
+async fn send_frame(s: &mut Conn, v: &Value) -> anyhow::Result<()> {
     let body = serde_json::to_vec(v)?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&i32::try_from(body.len())?.to_le_bytes());
@@ -148,7 +169,7 @@ async fn send_frame(s: &mut TcpStream, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn recv_frame(s: &mut TcpStream) -> anyhow::Result<Value> {
+async fn recv_frame(s: &mut Conn) -> anyhow::Result<Value> {
     let len = s.read_i32_le().await?;
     let len = usize::try_from(len).context("negative frame length")?;
     if len > 64 << 20 {
@@ -159,7 +180,7 @@ async fn recv_frame(s: &mut TcpStream) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&body)?)
 }
 
-async fn connect(port: u16) -> anyhow::Result<TcpStream> {
+async fn connect(port: u16) -> anyhow::Result<Conn> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
     s.set_nodelay(true)?;
     s.write_i32_le(TRACKER_MAGIC).await?;
@@ -167,11 +188,11 @@ async fn connect(port: u16) -> anyhow::Result<TcpStream> {
     if echo != TRACKER_MAGIC {
         bail!("tracker answered the magic with {echo:#x}");
     }
-    Ok(s)
+    Ok(AsyncBufReader::new(s))
 }
 
 /// Opens `n` tracker connections, at most 128 handshakes at once.
-async fn connect_all(port: u16, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+async fn connect_all(port: u16, n: usize) -> anyhow::Result<Vec<Conn>> {
     let gate = Arc::new(Semaphore::new(128));
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
@@ -189,7 +210,7 @@ async fn connect_all(port: u16, n: usize) -> anyhow::Result<Vec<TcpStream>> {
 }
 
 /// Polls `SUMMARY` until `key` has `pending` waiting requests (30 s at most).
-async fn wait_pending(ctl: &mut TcpStream, key: &str, pending: usize) -> anyhow::Result<()> {
+async fn wait_pending(ctl: &mut Conn, key: &str, pending: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         send_frame(ctl, &json!([6])).await?;
@@ -232,7 +253,7 @@ impl Bench {
 async fn fake_server(
     bench: Arc<Bench>,
     idx: usize,
-    mut s: TcpStream,
+    mut s: Conn,
     first_put: Instant,
 ) -> anyhow::Result<()> {
     tokio::time::sleep_until(first_put.into()).await;
@@ -253,7 +274,7 @@ async fn fake_server(
 }
 
 /// Reads a lease reply; returns the server index it names.
-async fn read_lease(s: &mut TcpStream) -> anyhow::Result<usize> {
+async fn read_lease(s: &mut Conn) -> anyhow::Result<usize> {
     let reply = recv_frame(s).await?;
     let matchkey = reply[1][2].as_str().with_context(|| format!("REQUEST answered {reply}"))?;
     let idx = matchkey.split(':').next().and_then(|i| i.parse().ok());
@@ -262,7 +283,7 @@ async fn read_lease(s: &mut TcpStream) -> anyhow::Result<usize> {
 
 async fn requester(
     bench: Arc<Bench>,
-    mut s: TcpStream,
+    mut s: Conn,
     mut go: watch::Receiver<Option<(Instant, Instant)>>,
 ) -> anyhow::Result<Measured> {
     let request = json!([4, bench.key, "bench", 0]);
@@ -330,7 +351,10 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
     let from = Instant::now() + warmup;
     let until = from + window;
     go_tx.send(Some((from, until)))?;
+    tokio::time::sleep_until(from.into()).await;
+    let cpu_from = cpu_s(tracker_pid);
     tokio::time::sleep_until(until.into()).await;
+    let tracker_cpu = cpu_s(tracker_pid) - cpu_from;
     let rss = rss_mib(tracker_pid);
     bench.stop.store(true, Ordering::Relaxed);
     let mut first = Vec::with_capacity(n);
@@ -359,6 +383,7 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
         "lease_max_s": max,
         "cycle_window_s": window.as_secs_f64(),
         "cycles_per_s": cycles as f64 / window.as_secs_f64(),
+        "tracker_cpu_us_per_cycle": tracker_cpu * 1e6 / cycles.max(1) as f64,
         "cycle_lease_p50_s": c50,
         "cycle_lease_p99_s": c99,
         "cycle_lease_max_s": cmax,
@@ -372,7 +397,12 @@ fn main() -> anyhow::Result<()> {
         return serve_tracker();
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let wanted: &[usize] = if quick { &[200] } else { &[1000, 10_000] };
+    let only = args.iter().position(|a| a == "--n").and_then(|i| args.get(i + 1)?.parse().ok());
+    let wanted: Vec<usize> = match only {
+        Some(n) => vec![n],
+        None if quick => vec![200],
+        None => vec![1000, 10_000],
+    };
     let need = 2 * (*wanted.iter().max().expect("not empty") as u64) + FD_SLACK;
     let limit = raise_fd_limit(need);
     let mut out = serde_json::Map::new();
@@ -380,7 +410,7 @@ fn main() -> anyhow::Result<()> {
     out.insert("fd_limit".into(), json!(limit));
     let fits = usize::try_from(limit.saturating_sub(FD_SLACK) / 2).unwrap_or(usize::MAX);
     let mut scales = Vec::new();
-    for &n in wanted {
+    for &n in &wanted {
         if n <= fits {
             scales.push((format!("n{n}"), n));
         } else {

@@ -53,7 +53,8 @@
 //! - `proto.rs`: [`TrackerCode`], typed [`TrackerRequest`]s, [`Lease`].
 //! - `summary.rs`: [`Summary`] and TVM's text layout of it.
 //! - `state.rs`: queues and matching rules (no I/O).
-//! - `server.rs`: [`Tracker`], [`TrackerConfig`], [`TrackerHandle`].
+//! - `config.rs`: [`TrackerConfig`].
+//! - `server.rs`: [`Tracker`], [`TrackerHandle`].
 //! - `client.rs`: [`TrackerClient`] (with its [`ReconnectPolicy`]) and [`TrackerLink`];
 //!   `lease.rs`: leasing a device and opening its session
 //!   ([`TrackerClient::request`], `request_with`, `request_and_run`, [`RequestOptions`]).
@@ -61,6 +62,7 @@
 
 mod client;
 mod codec;
+mod config;
 mod error;
 mod lease;
 mod proto;
@@ -71,8 +73,8 @@ mod summary;
 /// Internals the fuzz targets (`crate::fuzzing`) drive directly.
 pub(crate) mod fuzz_support {
     pub(crate) use super::codec::JsonFrameCodec;
+    pub(crate) use super::config::{TRACKER_DEPTH, request_codec};
     pub(crate) use super::proto::{TrackerRequest, expect_success};
-    pub(crate) use super::server::{TRACKER_DEPTH, request_codec};
     pub(crate) use super::state::{
         Applied, ConnId, Delivery, Limits, MAX_KEY_LEN, MAX_MATCHKEY_LEN, State,
     };
@@ -84,8 +86,9 @@ pub use codec::{
     JsonFrameCodec, MAX_FRAME, MAX_REPLY, MAX_REPLY_DEPTH, RPC_MAGIC, TRACKER_AT_CAPACITY,
     TRACKER_MAGIC,
 };
+pub use config::TrackerConfig;
 pub use error::TrackerError;
 pub use lease::RequestOptions;
 pub use proto::{Lease, TrackerCode, TrackerRequest, random_matchkey};
-pub use server::{Tracker, TrackerConfig, TrackerHandle};
+pub use server::{Tracker, TrackerHandle};
 pub use summary::{QueueInfo, ServerInfo, Summary};
