@@ -342,3 +342,35 @@ async fn a_tracker_gone_for_good_fails_the_request_saying_why() {
         "{err}"
     );
 }
+
+/// A peer that sends requests but never reads the replies is closed once a
+/// reply has waited `write_timeout` for room in its socket (the timer is
+/// armed only when a write pends), and its info leaves the summary.
+#[tokio::test]
+async fn a_peer_that_does_not_read_its_replies_is_closed_after_the_write_timeout() {
+    let tracker =
+        start_with(TrackerConfig::default().write_timeout(Duration::from_millis(300))).await;
+    let addr = addr_of(&tracker);
+    let mut raw = RawConn::handshake(&addr).await;
+    let pad = "p".repeat(3900);
+    raw.send_json(&json!([5, {"key": "server:stuck", "addr": [null, 1], "pad": pad}])).await;
+    assert_eq!(raw.recv_json().await, json!(0));
+    let mut client = within("connect", TrackerClient::connect(&addr)).await.unwrap();
+    let summary = within("summary", client.summary()).await.unwrap();
+    assert_eq!(summary.server_info.len(), 1, "{summary:?}");
+    // 5,000 summaries of ~4 KB each (20 MB) cannot all fit in the socket
+    // buffers: the tracker's writes pend while we read nothing.
+    let frame = {
+        let mut f = 3i32.to_le_bytes().to_vec();
+        f.extend_from_slice(b"[6]");
+        f.repeat(5000)
+    };
+    raw.send_bytes(&frame).await;
+    eventually("the non-reading connection to be closed", async || {
+        within("summary", client.summary()).await.unwrap().server_info.is_empty()
+    })
+    .await;
+    assert_eq!(within("ping", client.ping()).await.unwrap(), ());
+    drop(raw);
+    within("shutdown", tracker.shutdown()).await.unwrap();
+}
