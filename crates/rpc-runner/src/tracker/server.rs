@@ -8,15 +8,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use bytes::BytesMut;
+use futures::StreamExt;
 use popen_pool::error_chain;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -32,6 +34,13 @@ use super::state::{Applied, ConnId, Delivery, State};
 /// At most this many refusals (connections over the limit being told so)
 /// are in progress at once; beyond it a connection is closed unanswered.
 const MAX_REFUSING: usize = 64;
+
+/// The initial read buffer of a connection, in bytes.
+const READ_BUFFER: usize = 256;
+
+/// A connection's write buffer is kept between replies up to this capacity
+/// (a lease is ~60 bytes); a larger one (a big `SUMMARY`) is freed.
+const OUT_KEPT: usize = 16 << 10;
 
 /// The RPC tracker server, wire-compatible with Apache TVM's
 /// (`python -m tvm.exec.rpc_tracker`).
@@ -333,8 +342,13 @@ async fn serve_conn(
     let mut conn = Conn {
         id,
         peer_host,
-        reader: FramedRead::new(read, shared.config.request_codec()),
-        writer: FramedWrite::new(write, JsonFrameCodec::tracker(0)),
+        // Requests are tens of bytes: start small (the codec reserves room
+        // for a longer frame once its length is read) instead of 8 KiB per
+        // connection.
+        reader: FramedRead::with_capacity(read, shared.config.request_codec(), READ_BUFFER),
+        writer: write,
+        encoder: JsonFrameCodec::tracker(0),
+        out: BytesMut::new(),
         shared,
     };
     let result = conn.run(&mut leases).await;
@@ -355,7 +369,10 @@ struct Conn<'a> {
     id: ConnId,
     peer_host: String,
     reader: FramedRead<OwnedReadHalf, RequestCodec>,
-    writer: FramedWrite<OwnedWriteHalf, JsonFrameCodec>,
+    writer: OwnedWriteHalf,
+    encoder: JsonFrameCodec,
+    /// The frame being written (empty between writes; see [`OUT_KEPT`]).
+    out: BytesMut,
     shared: &'a Shared,
 }
 
@@ -443,13 +460,20 @@ impl Conn<'_> {
     /// no timer registration).
     async fn send(&mut self, value: &Value) -> Result<(), TrackerError> {
         let limit = self.shared.config.write_timeout;
-        let mut write = std::pin::pin!(self.writer.send(value));
-        if let Poll::Ready(res) = futures::poll!(&mut write) {
-            return res;
+        self.out.clear();
+        if self.out.capacity() > OUT_KEPT {
+            self.out = BytesMut::new();
         }
-        match tokio::time::timeout(limit, write).await {
-            Ok(res) => res,
-            Err(_) => Err(TrackerError::Timeout { what: "writing a reply", limit }),
-        }
+        self.encoder.encode(value, &mut self.out)?;
+        let mut write = std::pin::pin!(self.writer.write_all(&self.out));
+        let res = match futures::poll!(&mut write) {
+            Poll::Ready(res) => res.map_err(TrackerError::from),
+            Poll::Pending => match tokio::time::timeout(limit, write).await {
+                Ok(res) => res.map_err(TrackerError::from),
+                Err(_) => Err(TrackerError::Timeout { what: "writing a reply", limit }),
+            },
+        };
+        self.out.clear();
+        res
     }
 }
