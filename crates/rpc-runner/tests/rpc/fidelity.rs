@@ -182,3 +182,32 @@ async fn neighbour_load_and_missing_pinning_are_recorded_and_warned_about() {
     // Real-time priority: taken, or refused with a reason.
     assert!(env.realtime || env.warnings.iter().any(|w| w.contains("SCHED_FIFO")), "{env:?}");
 }
+
+#[tokio::test]
+async fn dropping_an_interleaved_set_frees_the_device_for_the_next_one() {
+    let t = tracker().await;
+    let s = server(Some(&t), "cpu", |c| c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = kernel(dir.path(), "slow", &busy(200_000));
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu")
+        .session_timeout(SOON)
+        .lease_timeout(Duration::from_secs(30));
+    let runner = RpcRunner::builder(rpc).evaluator(adaptive()).build().await.unwrap();
+    // A set that takes seconds, dropped while it is being timed.
+    let inputs = vec![RunnerInput::new(&slow, args()); 4];
+    let stream = runner.run_interleaved(inputs);
+    s.wait_for(SOON, |st| st.busy).await.expect("the set's session starts");
+    drop(stream);
+    // The session is closed in the background: the next set leases the
+    // one device well before the dropped set (4 kernels x 200 ms calls x
+    // at least 7 calls each) could have
+    // finished on its own.
+    let fast = kernel(dir.path(), "fast", &busy(50));
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "cpu")
+        .session_timeout(SOON)
+        .lease_timeout(Duration::from_secs(3));
+    let next = RpcRunner::builder(rpc).evaluator(adaptive()).build().await.unwrap();
+    let r = next.run_interleaved(vec![RunnerInput::new(&fast, args())]).collect_ordered().await;
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    s.shutdown().await.unwrap();
+}
