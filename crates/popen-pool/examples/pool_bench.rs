@@ -14,7 +14,16 @@
 //!   from submit to the timeout error;
 //! - `respawn_after_timeout_s`: right after that, the next identity task;
 //! - `recycle_every_task_s_per_task`: 2 workers with `maximum_process_uses = 1`,
-//!   M identity tasks, time per task.
+//!   M identity tasks, time per task;
+//! - `worker_start_s_parent_6m` / `_1g` / `_4g`: with this process holding
+//!   that much touched memory (a `Vec` written through; `--quick`: 6 MiB,
+//!   64 MiB, 256 MiB under the same keys), 1 worker with
+//!   `maximum_process_uses = 1`, time of one identity task = one worker start,
+//!   handshake and task round trip (median of 15, `--quick` 5);
+//! - `spawn_true_s_parent_*` (the limit: `std::process::Command` without
+//!   `pre_exec`, posix_spawn of `/bin/true` until it is reaped) and
+//!   `fork_true_s_parent_*` (the same with a no-op `pre_exec`, a real fork:
+//!   how popen-pool started workers before), same parent sizes.
 
 use std::time::{Duration, Instant};
 
@@ -82,6 +91,58 @@ async fn throughput(pool: &PopenPool, n: u64, map: bool) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// One worker start (and its first task), as a recycling pool pays it.
+async fn worker_start(reps: usize) -> anyhow::Result<f64> {
+    let pool = builder().max_workers(1).maximum_process_uses(1).build()?;
+    pool.submit(Identity(0)).await?;
+    let mut starts = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        pool.submit(Identity(1)).await?;
+        starts.push(start.elapsed().as_secs_f64());
+    }
+    pool.shutdown().await;
+    Ok(median(starts))
+}
+
+/// `/bin/true` spawned and reaped, with a no-op `pre_exec` (a real fork) or
+/// without (posix_spawn).
+fn spawn_true(reps: usize, fork: bool) -> anyhow::Result<f64> {
+    use std::os::unix::process::CommandExt;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let mut cmd = std::process::Command::new("/bin/true");
+        if fork {
+            // SAFETY: the closure does nothing.
+            unsafe { cmd.pre_exec(|| Ok(())) };
+        }
+        let start = Instant::now();
+        cmd.spawn()?.wait()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// The worker-start figures with the parent holding 6 MiB, 1 GiB and 4 GiB.
+async fn parent_sizes(
+    quick: bool,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let sizes =
+        if quick { [6 * MIB, 64 * MIB, 256 * MIB] } else { [6 * MIB, 1024 * MIB, 4096 * MIB] };
+    let reps = if quick { 5 } else { 15 };
+    for (size, key) in sizes.into_iter().zip(["6m", "1g", "4g"]) {
+        // Touched for real: every byte written (no zero page, no lazy fault).
+        let held = std::hint::black_box(vec![1u8; size]);
+        out.insert(format!("worker_start_s_parent_{key}"), worker_start(reps).await?.into());
+        out.insert(format!("spawn_true_s_parent_{key}"), spawn_true(reps, false)?.into());
+        out.insert(format!("fork_true_s_parent_{key}"), spawn_true(reps, true)?.into());
+        drop(std::hint::black_box(held));
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     popen_pool::serve_if_worker(registry());
@@ -137,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
     assert!(stats.recycled >= m * reps as u64, "recycled {} workers", stats.recycled);
 
-    let out = serde_json::json!({
+    let mut out = serde_json::json!({
         "cold_start_s": median(cold),
         "submit_tasks_per_s": median(submit),
         "map_tasks_per_s": median(map),
@@ -145,6 +206,9 @@ async fn main() -> anyhow::Result<()> {
         "respawn_after_timeout_s": median(respawn),
         "recycle_every_task_s_per_task": median(recycle),
     });
+    if let Some(map) = out.as_object_mut() {
+        parent_sizes(quick, map).await?;
+    }
     println!("{out}");
     Ok(())
 }

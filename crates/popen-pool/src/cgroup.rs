@@ -12,9 +12,11 @@
 //! (its parent was SIGKILLed) are killed and removed when a later pool of any
 //! process starts under the same base.
 //!
-//! A worker is placed in its cgroup by the child itself, between fork and
-//! exec (it writes `0` to `cgroup.procs`), so it is inside before it can run
-//! anything, let alone fork.
+//! A worker is placed in its cgroup by the parent, which writes its pid to
+//! `cgroup.procs` right after the spawn and then sends it a byte; the worker
+//! waits for that byte before it does anything of its own, and no task is
+//! sent before the handshake, so it is inside before any task code runs
+//! (see `startup`).
 
 use std::collections::HashSet;
 use std::ffi::CString;

@@ -3,27 +3,23 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::{AsFd, OwnedFd};
-use std::process::Stdio;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::codec::Framed;
 
-use crate::cgroup::{Containment, PoolCgroup, WorkerCgroup};
+use crate::cgroup::{Containment, WorkerCgroup};
 use crate::codec::{CodecError, FrameCodec};
-use crate::config::{OutputMode, WorkerOptions, WorkerProgram};
-use crate::controls::ENV_CONTROLS;
 use crate::error::{ExitInfo, PoolError};
+use crate::process::Process;
 use crate::protocol::ToWorker;
-use crate::serve::{ENV_CGROUP, ENV_MARKER, ENV_MAX_FRAME, ENV_STDOUT};
-use crate::unix::Placement;
-use crate::{spawner, unix};
+use crate::unix;
+
+pub(crate) use crate::launch::ProcessLauncher;
 
 /// One started worker process, seen from the parent.
 pub(crate) trait Child: Send + 'static {
@@ -89,13 +85,13 @@ impl LivePids {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Option<Arc<WorkerCgroup>>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn add(&self, pid: u32, cgroup: Option<Arc<WorkerCgroup>>) {
+    pub(crate) fn add(&self, pid: u32, cgroup: Option<Arc<WorkerCgroup>>) {
         self.lock().insert(pid, cgroup);
     }
     fn remove(&self, pid: u32) {
         self.lock().remove(&pid);
     }
-    fn snapshot(&self) -> Vec<u32> {
+    pub(crate) fn snapshot(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.lock().keys().copied().collect();
         pids.sort_unstable();
         pids
@@ -117,204 +113,11 @@ fn kill_everything(pid: u32, cgroup: Option<&WorkerCgroup>) {
     unix::kill_group(pid);
 }
 
-/// Starts real worker processes.
-#[derive(Debug)]
-pub(crate) struct ProcessLauncher {
-    program: WorkerProgram,
-    opts: Arc<WorkerOptions>,
-    live: Arc<LivePids>,
-    cgroups: Arc<PoolCgroup>,
-}
-
-impl ProcessLauncher {
-    pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>) -> Self {
-        let cgroups = PoolCgroup::new(opts.cgroups, opts.memory_limit.is_some());
-        ProcessLauncher { program, opts, live: Arc::default(), cgroups }
-    }
-
-    pub(crate) fn live_pids(&self) -> Vec<u32> {
-        self.live.snapshot()
-    }
-
-    /// One fork+exec. `Ok(Err(..))`: the child started but could not join its
-    /// cgroup (it was killed and reaped; try again).
-    async fn launch_once(&self) -> Result<Result<ProcessChild, ()>, PoolError> {
-        let path = &self.program.path;
-        let fail = |what: &str, e: std::io::Error| {
-            PoolError::spawn(format!("{what} for worker program {}: {e}", path.display()))
-        };
-        let (parent_end, child_end) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| fail("cannot create channel", e))?;
-        let mut cmd = tokio::process::Command::new(path);
-        cmd.args(&self.program.args)
-            .envs(self.program.env.iter().map(|(k, v)| (k, v)))
-            .env(ENV_MARKER, std::process::id().to_string())
-            .env(ENV_MAX_FRAME, self.opts.max_frame_bytes.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdio(self.opts.stdout))
-            .stderr(stdio(self.opts.stderr))
-            .kill_on_drop(true);
-        if let Some(dir) = &self.program.current_dir {
-            cmd.current_dir(dir);
-        }
-        let controls = self.opts.controls.encode();
-        if controls.is_empty() {
-            cmd.env_remove(ENV_CONTROLS);
-        } else {
-            cmd.env(ENV_CONTROLS, controls);
-        }
-        let cgroup = self.cgroups.worker().map(Arc::new);
-        // The ceiling is set before the worker joins its cgroup; where the
-        // kernel cannot enforce it, the parent watches the worker's RSS.
-        let ceiling = self.opts.memory_limit.map(|limit| Ceiling {
-            limit,
-            watch: (!cgroup.as_ref().is_some_and(|cg| cg.set_memory_max(limit))).then_some(0),
-        });
-        let mut report = None;
-        let placement = match &cgroup {
-            Some(cg) => {
-                cmd.env(ENV_CGROUP, cg.path());
-                let (read, write) =
-                    unix::report_pipe().map_err(|e| fail("cannot create pipe", e))?;
-                report = Some(read);
-                Some(Placement { procs: cg.procs().clone(), report: write })
-            }
-            None => {
-                cmd.env_remove(ENV_CGROUP);
-                None
-            }
-        };
-        // A libtest worker starts with stdout on /dev/null (libtest's banner
-        // goes there); the real one waits at fd 4 until it serves.
-        // (If our stdout cannot be duplicated, it is not open: nothing to hide.)
-        let real_stdout = (self.program.libtest && self.opts.stdout == OutputMode::Inherit)
-            .then(|| std::io::stdout().as_fd().try_clone_to_owned().ok())
-            .flatten();
-        if real_stdout.is_some() {
-            cmd.stdout(Stdio::null()).env(ENV_STDOUT, "4");
-        } else {
-            cmd.env_remove(ENV_STDOUT);
-        }
-        let pdeathsig = !unix::have_pidfd();
-        let me = std::process::id() as i32;
-        unix::prepare_command(&mut cmd, child_end.into(), me, placement, pdeathsig, real_stdout);
-        // The spawner drops `cmd`, closing our copy of the child's end, right
-        // after the fork: from then on EOF on our end means the worker is gone.
-        // If this future is dropped, the spawner kills and reaps the child,
-        // then drops its reference to the cgroup (which removes it).
-        let keep = cgroup.clone().map(|c| Box::new(c) as spawner::Keep);
-        let mut child = spawner::spawn(cmd, keep).await.map_err(|e| fail("cannot start", e))?;
-        if let (Some(read), Some(cg)) = (&report, &cgroup) {
-            if let Some(err) = unix::read_report(read) {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                if let Some(dir) = cg.path().parent() {
-                    self.cgroups.placement_failed(dir, &err);
-                }
-                return Ok(Err(()));
-            }
-        }
-        let pid = child.id().ok_or_else(|| PoolError::spawn("worker exited during spawn"))?;
-        self.live.add(pid, cgroup.clone());
-        let pidfd = unix::pidfd_open(pid).ok().and_then(|fd| {
-            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
-            // returns the same fd number for the AsyncFd's whole life.
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
-        });
-        let mut proc = ProcessChild {
-            child,
-            pid,
-            io: None,
-            reaped: None,
-            live: Arc::clone(&self.live),
-            cgroup,
-            pidfd,
-            exited: false,
-            grace: self.opts.kill_grace,
-            ceiling: ceiling.map(|c| Ceiling { watch: c.watch.map(|_| pid), ..c }),
-        };
-        parent_end.set_nonblocking(true).map_err(|e| fail("cannot configure channel", e))?;
-        let stream = tokio::net::UnixStream::from_std(parent_end)
-            .map_err(|e| fail("cannot register channel", e))?;
-        proc.io = Some(Framed::new(stream, FrameCodec::new(self.opts.max_frame_bytes)));
-        // libtest's banner on a piped stdout: the blank line and "running 1 test".
-        let banner = if self.program.libtest { 2 } else { 0 };
-        forward_lines(proc.child.stdout.take(), pid, false, banner);
-        forward_lines(proc.child.stderr.take(), pid, true, 0);
-        Ok(Ok(proc))
-    }
-}
-
-fn stdio(mode: OutputMode) -> Stdio {
-    match mode {
-        OutputMode::Inherit => Stdio::inherit(),
-        OutputMode::Null => Stdio::null(),
-        OutputMode::Tracing => Stdio::piped(),
-    }
-}
-
-/// Emits each line of `pipe` as a tracing event, leaving out libtest's
-/// banner (up to `banner` leading lines: a blank one, then `running 1 test`).
-fn forward_lines(
-    pipe: Option<impl AsyncRead + Send + Unpin + 'static>,
-    pid: u32,
-    stderr: bool,
-    mut banner: usize,
-) {
-    let Some(pipe) = pipe else { return };
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if banner > 0 {
-                banner -= 1;
-                if line.is_empty() || line.starts_with("running 1 test") {
-                    continue;
-                }
-                banner = 0;
-            }
-            if stderr {
-                tracing::warn!(target: "popen_pool::worker", pid, stream = "stderr", "{line}");
-            } else {
-                tracing::info!(target: "popen_pool::worker", pid, stream = "stdout", "{line}");
-            }
-        }
-    });
-}
-
-impl Launcher for ProcessLauncher {
-    type Child = ProcessChild;
-
-    async fn launch(&self) -> Result<ProcessChild, PoolError> {
-        // At most: own cgroup refused, sibling refused, then no cgroup.
-        for _ in 0..3 {
-            if let Ok(child) = self.launch_once().await? {
-                return Ok(child);
-            }
-        }
-        Err(PoolError::spawn(format!(
-            "cannot place worker program {} in a cgroup",
-            self.program.path.display()
-        )))
-    }
-
-    fn program(&self) -> String {
-        self.program.path.display().to_string()
-    }
-
-    fn containment(&self) -> Containment {
-        self.cgroups.containment()
-    }
-
-    fn kill_all(&self) {
-        self.live.kill_all();
-    }
-}
-
 /// A real worker process: leader of its own process group and a child
 /// subreaper, in its own cgroup where one is available.
 #[derive(Debug)]
 pub(crate) struct ProcessChild {
-    child: tokio::process::Child,
+    child: Process,
     pid: u32,
     io: Option<Framed<tokio::net::UnixStream, FrameCodec>>,
     reaped: Option<ExitInfo>,
@@ -346,11 +149,39 @@ fn frame_or_eof(next: Option<Result<BytesMut, CodecError>>) -> Result<Option<Byt
 }
 
 impl ProcessChild {
+    /// A started worker (spawned, placed, registered in `live`).
+    pub(crate) fn new(
+        child: Process,
+        live: Arc<LivePids>,
+        cgroup: Option<Arc<WorkerCgroup>>,
+        pidfd: Option<AsyncFd<OwnedFd>>,
+        grace: Duration,
+        ceiling: Option<Ceiling>,
+    ) -> Self {
+        let pid = child.id();
+        ProcessChild {
+            child,
+            pid,
+            io: None,
+            reaped: None,
+            live,
+            cgroup,
+            pidfd,
+            exited: false,
+            grace,
+            ceiling,
+        }
+    }
+
+    pub(crate) fn set_io(&mut self, io: Framed<tokio::net::UnixStream, FrameCodec>) {
+        self.io = Some(io);
+    }
+
     async fn wait(&mut self) -> ExitInfo {
         if let Some(exit) = self.reaped {
             return exit;
         }
-        let exit = match self.child.wait().await {
+        let exit = match self.child.wait(self.pidfd.as_ref()).await {
             Ok(status) => ExitInfo::from_status(status),
             Err(_) => ExitInfo::Unknown,
         };
@@ -465,7 +296,7 @@ impl Drop for ProcessChild {
             // everything and reap the worker here, without the runtime, so
             // that no zombie is left to a reaper that may never run.
             kill_everything(self.pid, self.cgroup.as_deref());
-            spawner::kill_and_reap_blocking(&mut self.child, Duration::from_millis(200));
+            self.child.kill_and_reap_blocking(Duration::from_millis(200));
             self.live.remove(self.pid);
         }
         // Then the cgroup (if this was its last user) is removed.

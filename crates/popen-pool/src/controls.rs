@@ -1,9 +1,9 @@
 //! Spawn-time process controls: CPU affinity, nice, rlimits.
 //!
 //! They are applied by the worker itself, right after exec and before its
-//! handshake, not in a `pre_exec` closure: a `pre_exec` closure forces a real
-//! `fork()` of the parent (whose cost grows with the parent's memory), while
-//! without one the standard library spawns through `posix_spawn`/`vfork`.
+//! handshake: workers are started with `posix_spawn`, not a `fork()` of the
+//! parent (whose cost grows with the parent's memory), so there is no code of
+//! ours between fork and exec (see `process`).
 //! The parent passes them in the worker's environment ([`ENV_CONTROLS`]);
 //! a worker that cannot apply one refuses to serve and says why (the spawn
 //! fails with [`PoolError::Spawn`](crate::PoolError::Spawn)).

@@ -2,16 +2,15 @@
 
 use std::cell::RefCell;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::codec::{CodecError, DEFAULT_MAX_FRAME, read_frame, write_frame};
+use crate::codec::{CodecError, read_frame, write_frame};
 use crate::controls::{Controls, ENV_CONTROLS};
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
+use crate::startup::{self, Started};
 use crate::task::{Registry, WorkerContext};
-use crate::unix::{self, CHANNEL_FD};
+use crate::unix;
 
 /// Set in a worker's environment to the parent's pid.
 pub(crate) const ENV_MARKER: &str = "POPEN_POOL_WORKER_PARENT";
@@ -21,11 +20,6 @@ pub(crate) const ENV_MAX_FRAME: &str = "POPEN_POOL_MAX_FRAME";
 pub(crate) const ENV_STDOUT: &str = "POPEN_POOL_STDOUT_FD";
 /// Set in a worker's environment to its cgroup directory, if it has one.
 pub(crate) const ENV_CGROUP: &str = "POPEN_POOL_CGROUP";
-
-/// The lowest fd number the worker moves its channel to: high enough to be
-/// out of the way, low enough to fit the initial fd table of 64 (growing a
-/// table shared by threads waits for an RCU grace period, ~10 ms).
-const HIGH_FD: i32 = 50;
 
 /// True when this process was started by a popen-pool parent as a worker.
 ///
@@ -80,18 +74,9 @@ pub fn serve(registry: Registry) -> ! {
     std::process::exit(code);
 }
 
-/// This worker's cgroup directory, if the parent placed it in one and it is
-/// really there.
-fn own_cgroup() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os(ENV_CGROUP)?);
-    let me = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = me.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_owned();
-    (!path.is_empty() && path != "/" && dir.ends_with(path.trim_start_matches('/'))).then_some(dir)
-}
-
 /// Kills every process of this worker's task, and (with `me`) the worker:
 /// its cgroup if it has one, else its process tree and group.
-fn contain(cgroup: Option<&Path>, me: bool) {
+pub(crate) fn contain(cgroup: Option<&Path>, me: bool) {
     if me {
         if let Some(dir) = cgroup {
             let _ = crate::cgroup::kill(dir);
@@ -104,52 +89,8 @@ fn contain(cgroup: Option<&Path>, me: bool) {
     }
 }
 
-/// The worker-side guard: when the parent process dies, kill the whole task
-/// (cgroup, or tree and group) and this worker. Watches the parent through
-/// a pidfd from a thread of its own. (Where pidfds are missing the parent
-/// set a parent-death signal instead, which kills this worker but not what
-/// left its process group.)
-fn start_guard(cgroup: Option<PathBuf>) {
-    let Some(parent) = std::env::var(ENV_MARKER).ok().and_then(|v| v.parse::<u32>().ok()) else {
-        return;
-    };
-    if !unix::have_pidfd() {
-        return;
-    }
-    let Ok(pidfd) = unix::pidfd_open(parent) else {
-        contain(cgroup.as_deref(), true); // it is gone already
-        return;
-    };
-    if unix::parent_pid() != parent as i32 {
-        contain(cgroup.as_deref(), true); // it died before we watched it
-    }
-    let watched = cgroup.clone();
-    let spawned = std::thread::Builder::new().name("popen-pool-guard".into()).spawn(move || {
-        unix::wait_pidfd(&pidfd);
-        contain(watched.as_deref(), true);
-    });
-    if spawned.is_err() {
-        contain(cgroup.as_deref(), true); // unguarded: refuse to serve
-    }
-}
-
 fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
-    let max =
-        std::env::var(ENV_MAX_FRAME).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_FRAME);
-    // Off fd 3 at once, close-on-exec (tasks may spawn programs of their own,
-    // which must not inherit it); fd 3 becomes /dev/null, so task code that
-    // writes to fd 3 cannot corrupt the channel.
-    let fd = unix::move_fd_high(CHANNEL_FD, HIGH_FD)?;
-    // A libtest worker: its real stdout waits at fd 4 (what libtest printed
-    // before this went to /dev/null).
-    if std::env::var_os(ENV_STDOUT).is_some() {
-        unix::restore_stdout()?;
-    }
-    let cgroup = own_cgroup();
-    start_guard(cgroup.clone());
-    // SAFETY: `fd` is our end of the socketpair, freshly duplicated, and
-    // nothing else in this process owns it.
-    let channel = unsafe { UnixStream::from_raw_fd(fd) };
+    let Started { channel, cgroup, max } = startup::start()?;
     let mut reader = BufReader::with_capacity(64 * 1024, channel.try_clone()?);
     let mut writer = BufWriter::with_capacity(64 * 1024, channel);
 

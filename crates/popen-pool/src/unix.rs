@@ -2,9 +2,8 @@
 //! subreaper, cgroup placement, the channel fd, group and tree kills, RSS.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::signal::Signal;
 
@@ -15,116 +14,6 @@ pub(crate) const CHANNEL_FD: RawFd = 3;
 /// Where a worker whose stdout starts as `/dev/null` finds its real stdout
 /// (see `test_entry`: it moves it to fd 1 once libtest's banner is behind).
 pub(crate) const STDOUT_FD: RawFd = 4;
-
-/// Where a new worker writes itself into its cgroup, and where it reports a
-/// failure to do so (an `errno`, 4 bytes native-endian).
-#[derive(Debug)]
-pub(crate) struct Placement {
-    pub(crate) procs: CString,
-    pub(crate) report: OwnedFd,
-}
-
-/// A pipe whose write end goes to the child (close-on-exec, so it closes at
-/// exec) and whose read end tells the parent what went wrong before exec.
-pub(crate) fn report_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    use nix::fcntl::OFlag;
-    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?)
-}
-
-/// Reads a placement report: `Some(errno)` if the child could not join its
-/// cgroup. Call after the spawn returned (the child has exec'd by then).
-pub(crate) fn read_report(read_end: &OwnedFd) -> Option<io::Error> {
-    let mut buf = [0u8; 4];
-    let n = nix::unistd::read(read_end, &mut buf).unwrap_or(0);
-    (n == 4).then(|| io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
-}
-
-/// Makes `cmd` start its child as the leader of a new process group and a
-/// child subreaper, in its cgroup (if `placement`), with the channel at fd
-/// 3. With `pdeathsig` (Linux without pidfds) the child is SIGKILLed when the
-/// spawning thread's process goes away; otherwise the worker's own guard
-/// watches the parent (see `serve`): a parent-death signal would kill the
-/// worker before the guard could kill the task's processes, and it cannot
-/// be cleared from another thread (it is a per-thread setting).
-///
-/// `cmd` takes ownership of the child's end of the channel: it stays open
-/// exactly as long as the command (through the fork), so its fd number cannot
-/// be reused by something else before the child has duplicated it.
-pub(crate) fn prepare_command(
-    cmd: &mut tokio::process::Command,
-    child_end: OwnedFd,
-    parent_pid: i32,
-    placement: Option<Placement>,
-    pdeathsig: bool,
-    stdout: Option<OwnedFd>,
-) {
-    cmd.process_group(0);
-    let child_fd = child_end.as_raw_fd();
-    let stdout_fd = stdout.as_ref().map(AsRawFd::as_raw_fd);
-    // SAFETY: the closure runs between fork and exec and only calls
-    // async-signal-safe functions (prctl, getppid, open, write, close, dup2,
-    // fcntl, _exit) on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let _keep_open = (&child_end, &stdout);
-            if let Some(p) = &placement {
-                // Join the cgroup before anything else can run, let alone fork.
-                let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                let ok = fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                if !ok {
-                    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                    let bytes = errno.to_ne_bytes();
-                    libc::write(p.report.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-                }
-                if fd >= 0 {
-                    libc::close(fd);
-                }
-            }
-            #[cfg(target_os = "linux")]
-            {
-                if pdeathsig
-                    && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent_pid {
-                    libc::_exit(111);
-                }
-                // Orphans of the task's processes are re-parented to the
-                // worker, not to init: they stay in its tree.
-                if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            #[cfg(not(target_os = "linux"))]
-            let _ = (parent_pid, pdeathsig);
-            if let Some(out) = stdout_fd {
-                // Both to fresh numbers first (close-on-exec copies), so
-                // neither target number clobbers the other source.
-                let ch = libc::fcntl(child_fd, libc::F_DUPFD_CLOEXEC, 10);
-                let out = libc::fcntl(out, libc::F_DUPFD_CLOEXEC, 10);
-                if ch < 0
-                    || out < 0
-                    || libc::dup2(ch, CHANNEL_FD) < 0
-                    || libc::dup2(out, STDOUT_FD) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if child_fd == CHANNEL_FD {
-                let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
-                if flags < 0
-                    || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(child_fd, CHANNEL_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
@@ -322,4 +211,49 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten();
     Some(pages * page.and_then(|p| u64::try_from(p).ok()).unwrap_or(4096))
+}
+
+/// Asks for SIGKILL when the thread that spawned this process exits
+/// (Linux; elsewhere a no-op).
+pub(crate) fn set_parent_death_kill() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Makes this process a child subreaper (Linux; elsewhere a no-op): orphans
+/// of its descendants are re-parented to it, not to init.
+pub(crate) fn set_child_subreaper() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Reads one byte from `fd`, blocking. `None` at EOF.
+pub(crate) fn read_byte(fd: RawFd) -> io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: a read into a local buffer of the given length.
+        let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if n == 1 {
+            return Ok(Some(b[0]));
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
