@@ -20,6 +20,15 @@
 //!   over `cycle_window_s`; `cycle_lease_p50_s` / `_p99_s` / `_max_s`: the
 //!   latency of those leases, from the later of the `PUT` and the `REQUEST`
 //!   to the reply.
+//! - `open_loop_*`: the same cycles paced (open loop): requester `i` starts
+//!   one every `N / open_loop_offered_per_s` seconds (50,000 cycles/s in
+//!   total, the throughput goal), offset by `i / N` of that period; a slot
+//!   missed because the previous cycle was late is skipped and counted in
+//!   `open_loop_skipped_slots`. `open_loop_lease_p50_s` / `_p99_s` /
+//!   `_max_s`: lease latency at that rate, measured like `cycle_lease_*`.
+//!   In the closed loop every requester always waits, so the mean lease
+//!   latency is M / `cycles_per_s` (Little's law) whatever the tracker does;
+//!   the open loop shows the latency at a given rate.
 //! - `tracker_cpu_us_per_cycle`: the tracker process's CPU time (user +
 //!   system) over the cycle window, per cycle: what the throughput would be
 //!   bound by if the tracker had a core to itself.
@@ -48,6 +57,9 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 /// A tracker connection of this bench (reads buffered: one `recv` per frame).
 type Conn = AsyncBufReader<TcpStream>;
+
+/// The total rate of the paced cycles (the throughput goal).
+const PACED_RATE: f64 = 50_000.0;
 
 /// Descriptors beyond the connections (runtime, stdio, listener, slack).
 const FD_SLACK: u64 = 512;
@@ -109,7 +121,13 @@ fn loopback_rtt() -> anyhow::Result<f64> {
 
 /// The tracker process: serves until its stdin closes (the bench exits).
 fn serve_tracker() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // As `rpc-runner tracker` runs it (tokio's work-stealing runtime),
+    // unless asked for one thread, for comparison.
+    let rt = if std::env::args().any(|a| a == "--current-thread") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    };
     rt.block_on(async {
         let config = TrackerConfig::default().max_connections(100_000).max_keys(16);
         let tracker = Tracker::start("127.0.0.1:0", config).await?;
@@ -124,9 +142,10 @@ fn serve_tracker() -> anyhow::Result<()> {
     })
 }
 
-fn spawn_tracker() -> anyhow::Result<(Child, u16)> {
+fn spawn_tracker(current_thread: bool) -> anyhow::Result<(Child, u16)> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("--serve-tracker")
+        .args(current_thread.then_some("--current-thread"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -285,7 +304,7 @@ async fn requester(
     bench: Arc<Bench>,
     mut s: Conn,
     mut go: watch::Receiver<Option<(Instant, Instant)>>,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<(Measured, Conn, usize)> {
     let request = json!([4, bench.key, "bench", 0]);
     send_frame(&mut s, &request).await?;
     let mut held = read_lease(&mut s).await?;
@@ -294,20 +313,65 @@ async fn requester(
     let mut cycle_leases_s = Vec::new();
     let mut cycles_in_window = 0;
     while !bench.stop.load(Ordering::Relaxed) {
-        bench.release[held].notify_one();
-        let asked = bench.now_ns();
-        send_frame(&mut s, &request).await?;
-        held = read_lease(&mut s).await?;
+        let (lease_s, next) = cycle(&bench, &mut s, &request, held).await?;
+        held = next;
         let now = Instant::now();
         if now >= from && now < until {
-            let got = bench.now_ns();
-            let both = asked.max(bench.put_at[held].load(Ordering::Acquire));
-            cycle_leases_s.push(got.saturating_sub(both) as f64 / 1e9);
+            cycle_leases_s.push(lease_s);
             cycles_in_window += 1;
         }
     }
+    Ok((Measured { first_lease_s, cycle_leases_s, cycles_in_window }, s, held))
+}
+
+/// One request/release cycle: releases `held` (its fake server re-`PUT`s),
+/// requests again; returns the lease's latency (from the later of the
+/// `REQUEST` and its server's `PUT` to the reply) and the server now held.
+async fn cycle(
+    bench: &Bench,
+    s: &mut Conn,
+    request: &Value,
+    held: usize,
+) -> anyhow::Result<(f64, usize)> {
     bench.release[held].notify_one();
-    Ok(Measured { first_lease_s, cycle_leases_s, cycles_in_window })
+    let asked = bench.now_ns();
+    send_frame(s, request).await?;
+    let next = read_lease(s).await?;
+    let got = bench.now_ns();
+    let both = asked.max(bench.put_at[next].load(Ordering::Acquire));
+    Ok((got.saturating_sub(both) as f64 / 1e9, next))
+}
+
+/// Paced (open-loop) cycles: requester `idx` of `n` starts one cycle every
+/// `period`, its slots offset by `idx / n` of a period, from `from` until
+/// `until`; a slot already past when the previous cycle ends is skipped
+/// (counted), not made up in a burst. Returns the latencies, the cycles done
+/// and the slots skipped; the lease held at the end is released.
+async fn paced_requester(
+    bench: Arc<Bench>,
+    mut s: Conn,
+    mut held: usize,
+    idx: usize,
+    n: usize,
+    (from, until, period): (Instant, Instant, Duration),
+) -> anyhow::Result<(Vec<f64>, u64, u64)> {
+    let request = json!([4, bench.key, "bench", 0]);
+    let mut slot = from + period.mul_f64(idx as f64 / n as f64);
+    let (mut leases, mut skipped) = (Vec::new(), 0);
+    while slot < until {
+        tokio::time::sleep_until(slot.into()).await;
+        let (lease_s, next) = cycle(&bench, &mut s, &request, held).await?;
+        held = next;
+        leases.push(lease_s);
+        slot += period;
+        while slot < Instant::now() {
+            slot += period;
+            skipped += 1;
+        }
+    }
+    bench.release[held].notify_one();
+    let done = leases.len() as u64;
+    Ok((leases, done, skipped))
 }
 
 async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow::Result<Value> {
@@ -360,13 +424,44 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
     let mut first = Vec::with_capacity(n);
     let mut cycle = Vec::new();
     let mut cycles = 0;
+    let mut conns = Vec::with_capacity(n);
     for t in req_tasks {
-        let m = tokio::time::timeout(Duration::from_secs(60), t)
+        let (m, conn, held) = tokio::time::timeout(Duration::from_secs(60), t)
             .await
             .context("requester hung")???;
         first.push(m.first_lease_s);
         cycle.extend(m.cycle_leases_s);
         cycles += m.cycles_in_window;
+        conns.push((conn, held));
+    }
+
+    // Phase 3: the same cycles paced at PACED_RATE in total (open loop).
+    let period = Duration::from_secs_f64(n as f64 / PACED_RATE);
+    let from = Instant::now() + Duration::from_millis(100);
+    let until = from + window;
+    let paced_tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (conn, held))| {
+            tokio::spawn(paced_requester(
+                Arc::clone(&bench),
+                conn,
+                held,
+                i,
+                n,
+                (from, until, period),
+            ))
+        })
+        .collect();
+    let mut paced = Vec::new();
+    let (mut paced_done, mut paced_skipped) = (0, 0);
+    for t in paced_tasks {
+        let (leases, done, skipped) = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .context("paced requester hung")???;
+        paced.extend(leases);
+        paced_done += done;
+        paced_skipped += skipped;
     }
     for t in srv_tasks {
         t.abort();
@@ -374,6 +469,7 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
     }
     let (p50, p99, max) = stats(first);
     let (c50, c99, cmax) = stats(cycle);
+    let (q50, q99, qmax) = stats(paced);
     Ok(json!({
         "servers": n,
         "requesters": n,
@@ -387,6 +483,12 @@ async fn run_scale(port: u16, tracker_pid: u32, n: usize, quick: bool) -> anyhow
         "cycle_lease_p50_s": c50,
         "cycle_lease_p99_s": c99,
         "cycle_lease_max_s": cmax,
+        "open_loop_offered_per_s": PACED_RATE,
+        "open_loop_cycles_per_s": paced_done as f64 / window.as_secs_f64(),
+        "open_loop_skipped_slots": paced_skipped,
+        "open_loop_lease_p50_s": q50,
+        "open_loop_lease_p99_s": q99,
+        "open_loop_lease_max_s": qmax,
         "rss_mib": rss,
     }))
 }
@@ -424,7 +526,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     out.insert("loopback_rtt_s".into(), json!(loopback_rtt()?));
-    let (mut child, port) = spawn_tracker()?;
+    let current_thread = args.iter().any(|a| a == "--tracker-current-thread");
+    out.insert(
+        "tracker_runtime".into(),
+        json!(if current_thread { "current_thread" } else { "multi_thread" }),
+    );
+    let (mut child, port) = spawn_tracker(current_thread)?;
     let pid = child.id();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = rt.block_on(async {

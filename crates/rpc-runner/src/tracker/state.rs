@@ -180,7 +180,11 @@ impl State {
         }
         for key in &conn.put_keys {
             if let Some(q) = self.queues.get_mut(key) {
-                q.free.retain(|s| s.conn != id);
+                // Only a connection with free servers has any to remove
+                // (most close while leased, or with none left).
+                if conn.free > 0 {
+                    q.free.retain(|s| s.conn != id);
+                }
                 q.holders = q.holders.saturating_sub(1);
             }
             self.forget_if_empty(key);
