@@ -96,6 +96,7 @@ mod pool;
 mod protocol;
 mod sererr;
 mod serve;
+mod serve_loop;
 mod spawner;
 mod stats;
 mod task;

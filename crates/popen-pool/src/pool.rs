@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -46,6 +46,10 @@ struct PoolShared {
     work: Notify,
     /// A job left the queue (room for `submit_wait`).
     space: Notify,
+    /// A job was aborted that was not in the queue (maybe queued in a worker).
+    aborted: Notify,
+    /// Worker slots waiting for a job.
+    idle: AtomicUsize,
     /// Cancelled by `kill` and `Drop`; every job's token is a child of it.
     kill: CancellationToken,
     counters: Arc<Counters>,
@@ -59,20 +63,42 @@ impl PoolShared {
     }
 
     async fn next_job(&self) -> Option<Job> {
+        if let Some(job) = self.try_take() {
+            return Some(job);
+        }
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let job = tokio::select! {
+            biased;
+            () = self.kill.cancelled() => None,
+            job = self.wait_job() => job,
+        };
+        self.idle.fetch_sub(1, Ordering::SeqCst);
+        job
+    }
+
+    /// A queued job, now (counted as running from here).
+    fn try_take(&self) -> Option<Job> {
+        let job = self.lock().jobs.pop_front()?;
+        self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        self.counters.running.fetch_add(1, Ordering::Relaxed);
+        if self.max_queue.is_some() {
+            self.space.notify_one();
+        }
+        Some(job)
+    }
+
+    async fn wait_job(&self) -> Option<Job> {
         loop {
             let notified = self.work.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let mut q = self.lock();
-                if let Some(job) = q.jobs.pop_front() {
-                    self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                    drop(q);
-                    self.space.notify_one();
+                if let Some(job) = self.try_take() {
                     return Some(job);
                 }
-                if q.closed {
-                    return None;
+                if self.lock().closed {
+                    // A job given back since the check is served first.
+                    return self.try_take();
                 }
             }
             notified.await;
@@ -108,8 +134,80 @@ impl PoolShared {
                 let _ = job.reply.send(Err(PoolError::Cancelled));
                 true
             }
-            None => false,
+            None => {
+                // Maybe queued in a worker: its slot looks.
+                self.aborted.notify_waiters();
+                false
+            }
         }
+    }
+}
+
+impl crate::core::Job for Job {
+    fn task(&self) -> &ErasedTask {
+        &self.task
+    }
+    fn limit(&self) -> Option<Duration> {
+        self.limit
+    }
+    fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+}
+
+impl crate::core::Jobs for PoolShared {
+    type Job = Job;
+
+    fn try_next(&self) -> Option<Job> {
+        self.try_take()
+    }
+
+    fn next(&self) -> impl Future<Output = Option<Job>> + Send {
+        self.next_job()
+    }
+
+    fn someone_idle(&self) -> bool {
+        self.idle.load(Ordering::SeqCst) > 0
+    }
+
+    fn give_back(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n = jobs.len() as u64;
+        self.counters.running.fetch_sub(n, Ordering::Relaxed);
+        if self.kill.is_cancelled() {
+            for job in jobs {
+                let _ = job.reply.send(Err(PoolError::Shutdown));
+            }
+            return;
+        }
+        {
+            let mut q = self.lock();
+            for job in jobs.into_iter().rev() {
+                q.jobs.push_front(job);
+            }
+        }
+        self.counters.queued.fetch_add(n, Ordering::Relaxed);
+        for _ in 0..n {
+            self.work.notify_one();
+        }
+    }
+
+    fn finish(&self, job: Job, mut result: Result<Bytes, PoolError>) {
+        self.counters.running.fetch_sub(1, Ordering::Relaxed);
+        if matches!(result, Err(PoolError::Cancelled)) && self.kill.is_cancelled() {
+            result = Err(PoolError::Shutdown);
+        }
+        let _ = job.reply.send(result);
+    }
+
+    fn queued(&self) -> &Notify {
+        &self.work
+    }
+
+    fn aborted(&self) -> &Notify {
+        &self.aborted
     }
 }
 
@@ -337,6 +435,8 @@ impl PoolBuilder {
             queue: Mutex::default(),
             work: Notify::new(),
             space: Notify::new(),
+            aborted: Notify::new(),
+            idle: AtomicUsize::new(0),
             kill: CancellationToken::new(),
             counters,
             next_id: AtomicU64::new(1),
@@ -353,7 +453,8 @@ impl PoolBuilder {
     }
 }
 
-/// One worker slot's loop: take a job, run it, reply.
+/// One worker slot's loop: take jobs, run them (a few ahead, see
+/// [`core::pipeline`](crate::core)), reply.
 async fn drive(
     shared: Arc<PoolShared>,
     mut core: WorkerCore<ProcessLauncher>,
@@ -363,33 +464,8 @@ async fn drive(
     if prestart {
         core.prestart();
     }
-    loop {
-        let job = tokio::select! {
-            biased;
-            () = shared.kill.cancelled() => None,
-            job = shared.next_job() => job,
-        };
-        let Some(job) = job else { break };
-        if job.cancel.is_cancelled() {
-            let err = if shared.kill.is_cancelled() {
-                PoolError::Shutdown
-            } else {
-                shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                PoolError::Cancelled
-            };
-            let _ = job.reply.send(Err(err));
-            continue;
-        }
-        shared.counters.running.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::debug_span!("popen_pool.task", task = job.task.name(), id = job.id, slot);
-        let mut result = core.run(&job.task, job.limit, Some(&job.cancel)).instrument(span).await;
-        shared.counters.running.fetch_sub(1, Ordering::Relaxed);
-        if matches!(result, Err(PoolError::Cancelled)) && shared.kill.is_cancelled() {
-            result = Err(PoolError::Shutdown);
-        }
-        let _ = job.reply.send(result);
-    }
+    let span = tracing::debug_span!("popen_pool.slot", slot);
+    core.serve(&*shared).instrument(span).await;
     if shared.kill.is_cancelled() {
         core.kill().await;
     } else {
