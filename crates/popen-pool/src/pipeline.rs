@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,9 +91,31 @@ struct Window<J> {
     queued_bytes: usize,
     /// `feed` buffered something to flush.
     dirty: bool,
+    /// A write to the worker failed: nothing more is sent.
+    broken: bool,
+    /// The head is counted as running.
+    head_running: bool,
 }
 
 impl<J: Job> Window<J> {
+    /// Counts the head as running (no longer queued) once it has started.
+    fn mark_head(&mut self, counters: &Counters) {
+        if !self.head_running && self.sent.front().is_some_and(|s| s.job.is_some()) {
+            self.head_running = true;
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            bump(&counters.running);
+        }
+    }
+
+    /// The head ended: it no longer counts as running.
+    fn pop_head(&mut self, counters: &Counters) -> Option<Sent<J>> {
+        let head = self.sent.pop_front()?;
+        if std::mem::take(&mut self.head_running) {
+            counters.running.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(head)
+    }
+
     fn lose(&mut self) -> Vec<J> {
         let back = self.sent.drain(..).filter_map(|s| s.job).chain(self.held.take()).collect();
         self.queued_bytes = 0;
@@ -143,26 +166,30 @@ impl<L: Launcher> WorkerCore<L> {
     /// Sends `job` (buffered) or, if it cannot be sent, delivers its error.
     fn admit<Q: Jobs>(&mut self, live: &mut Live<L::Child>, w: &mut Window<Q::Job>, job: Q::Job, jobs: &Q) {
         let counters = &self.shared.counters;
+        let finish = |job, result| {
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            jobs.finish(job, result);
+        };
         let task = job.task();
         let max = self.shared.opts.max_frame_bytes;
         if task.payload.len() > max {
             let err = PoolError::FrameTooLarge { len: task.payload.len(), max };
-            return jobs.finish(job, Err(err));
+            return finish(job, Err(err));
         }
         if job.cancel().is_cancelled() {
             bump(&counters.cancelled);
-            return jobs.finish(job, Err(PoolError::Cancelled));
+            return finish(job, Err(PoolError::Cancelled));
         }
         if !live.tasks.iter().any(|t| *t == task.name) {
             bump(&counters.failed);
             let err = PoolError::UnknownTask { name: task.name.to_string(), known: live.tasks.to_vec() };
-            return jobs.finish(job, Err(err));
+            return finish(job, Err(err));
         }
         let wire = self.next_id;
         let msg = ToWorker::Run { id: wire, name: &task.name, payload: &task.payload };
         if let Err(e) = live.child.feed(&msg) {
             bump(&counters.failed);
-            return jobs.finish(job, Err(e));
+            return finish(job, Err(e));
         }
         self.next_id += 1;
         w.dirty = true;
@@ -179,6 +206,9 @@ impl<L: Launcher> WorkerCore<L> {
 
     /// Sends more jobs while the window has room and sending ahead is free.
     fn top_up<Q: Jobs>(&mut self, live: &mut Live<L::Child>, w: &mut Window<Q::Job>, jobs: &Q, fast: bool) {
+        if w.broken {
+            return;
+        }
         if w.sent.is_empty() {
             if let Some(job) = w.held.take() {
                 self.admit(live, w, job, jobs);
@@ -204,9 +234,13 @@ impl<L: Launcher> WorkerCore<L> {
     /// is empty or the worker is lost or retired.
     async fn serve_window<Q: Jobs>(&mut self, first: Q::Job, jobs: &Q) {
         let counters = Arc::clone(&self.shared.counters);
+        let finish = |job, result| {
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            jobs.finish(job, result);
+        };
         if first.cancel().is_cancelled() {
             bump(&counters.cancelled);
-            return jobs.finish(first, Err(PoolError::Cancelled));
+            return finish(first, Err(PoolError::Cancelled));
         }
         let ready = match self.join_retiring(Some(first.cancel())).await {
             Ok(()) => self.take_live(Some(first.cancel())).await,
@@ -218,25 +252,36 @@ impl<L: Launcher> WorkerCore<L> {
                 if matches!(e, PoolError::Cancelled) {
                     bump(&counters.cancelled);
                 }
-                return jobs.finish(first, Err(e));
+                return finish(first, Err(e));
             }
         };
-        let mut w = Window { sent: VecDeque::new(), held: None, queued_bytes: 0, dirty: false };
+        let mut w = Window {
+            sent: VecDeque::new(),
+            held: None,
+            queued_bytes: 0,
+            dirty: false,
+            broken: false,
+            head_running: false,
+        };
         self.admit(&mut live, &mut w, first, jobs);
         let mut fast = live.fast;
         self.top_up(&mut live, &mut w, jobs, fast);
+        w.mark_head(&counters);
         let mut started = Instant::now();
         loop {
             if w.dirty {
                 w.dirty = false;
                 if live.child.flush().await.is_err() {
-                    let err = PoolError::WorkerDied { exit: live.child.reap().await };
-                    return self.lose(&mut w, err, jobs, &counters);
+                    // The worker closed its end (it exited, or is exiting):
+                    // send nothing more, read what it answered before, up
+                    // to the end of its channel, which tells which task
+                    // it died in.
+                    w.broken = true;
                 }
             }
             let aborted = jobs.aborted().notified();
             tokio::pin!(aborted);
-            if w.sent.len() > 1 {
+            if w.sent.len() > 1 && !w.broken {
                 aborted.as_mut().enable();
                 self.cancel_queued(&mut live, &mut w, jobs);
                 if w.dirty {
@@ -244,15 +289,24 @@ impl<L: Launcher> WorkerCore<L> {
                 }
             }
             let Some(head) = w.sent.front() else {
+                if w.broken {
+                    // Every task sent was answered, and the worker is gone.
+                    live.child.reap().await;
+                    jobs.give_back(w.lose());
+                    self.start_warm_spare();
+                    return;
+                }
                 live.fast = fast;
                 self.live = Some(live);
                 return;
             };
             let limit = head.job.as_ref().and_then(|j| j.limit());
-            let deadline = limit.map(|l| started + l);
+            // A limit too far off to represent is no limit.
+            let deadline = limit.and_then(|l| started.checked_add(l));
             let ceiling = live.child.memory_ceiling();
             let watch = self.per_task_checks(&live).then_some(ceiling).flatten();
-            let room = w.held.is_none()
+            let room = !w.broken
+                && w.held.is_none()
                 && fast
                 && w.sent.len() < WINDOW
                 && !self.per_task_checks(&live)
@@ -313,7 +367,7 @@ impl<L: Launcher> WorkerCore<L> {
                 }
             };
             let skipped = matches!(outcome, Outcome::Skipped);
-            let head = w.sent.pop_front().expect("the head answered");
+            let head = w.pop_head(&counters).expect("the head answered");
             let now = Instant::now();
             fast = now.duration_since(started) < FAST;
             started = now;
@@ -324,6 +378,7 @@ impl<L: Launcher> WorkerCore<L> {
                 // Answered already (aborted while queued); it ran if not skipped.
                 None => live.uses += u32::from(!skipped),
                 Some(job) if skipped => {
+                    // Counted out of the running by `pop_head`; `lose` counts it again.
                     let err = PoolError::protocol("worker skipped a task it was not told to");
                     let err = broke(&mut live.child, err).await;
                     w.sent.push_front(Sent { wire: head.wire, job: Some(job), bytes: 0 });
@@ -356,6 +411,7 @@ impl<L: Launcher> WorkerCore<L> {
                 return;
             }
             self.top_up(&mut live, &mut w, jobs, fast);
+            w.mark_head(&counters);
         }
     }
 
@@ -368,6 +424,7 @@ impl<L: Launcher> WorkerCore<L> {
                 if live.child.feed(&msg).is_ok() {
                     w.dirty = true;
                     bump(&self.shared.counters.cancelled);
+                    self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
                     jobs.finish(sent.job.take().expect("checked"), Err(PoolError::Cancelled));
                 }
             }
@@ -377,7 +434,7 @@ impl<L: Launcher> WorkerCore<L> {
     /// The worker is gone (killed and reaped): the head fails with `err`,
     /// the tasks behind it go back to the queue.
     fn lose<Q: Jobs>(&mut self, w: &mut Window<Q::Job>, err: PoolError, jobs: &Q, counters: &Counters) {
-        if let Some(head) = w.sent.pop_front() {
+        if let Some(head) = w.pop_head(counters) {
             if let Some(job) = head.job {
                 let result = Err(err);
                 count(counters, &result, true);

@@ -76,11 +76,10 @@ impl PoolShared {
         job
     }
 
-    /// A queued job, now (counted as running from here).
+    /// A queued job, now. (It counts as queued until its worker starts
+    /// it: the worker slot keeps the counts from here.)
     fn try_take(&self) -> Option<Job> {
         let job = self.lock().jobs.pop_front()?;
-        self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-        self.counters.running.fetch_add(1, Ordering::Relaxed);
         if self.max_queue.is_some() {
             self.space.notify_one();
         }
@@ -175,8 +174,8 @@ impl crate::core::Jobs for PoolShared {
             return;
         }
         let n = jobs.len() as u64;
-        self.counters.running.fetch_sub(n, Ordering::Relaxed);
         if self.kill.is_cancelled() {
+            self.counters.queued.fetch_sub(n, Ordering::Relaxed);
             for job in jobs {
                 let _ = job.reply.send(Err(PoolError::Shutdown));
             }
@@ -188,14 +187,12 @@ impl crate::core::Jobs for PoolShared {
                 q.jobs.push_front(job);
             }
         }
-        self.counters.queued.fetch_add(n, Ordering::Relaxed);
         for _ in 0..n {
             self.work.notify_one();
         }
     }
 
     fn finish(&self, job: Job, mut result: Result<Bytes, PoolError>) {
-        self.counters.running.fetch_sub(1, Ordering::Relaxed);
         if matches!(result, Err(PoolError::Cancelled)) && self.kill.is_cancelled() {
             result = Err(PoolError::Shutdown);
         }
