@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Counters, Event, Live, WorkerCore, bump, broke, classify, count, ended, over_ceiling,
+    Counters, Event, Live, WorkerCore, broke, bump, classify, count, ended, over_ceiling,
     watch_memory,
 };
 use crate::child::{Child, Launcher};
@@ -164,7 +164,13 @@ impl<L: Launcher> WorkerCore<L> {
     }
 
     /// Sends `job` (buffered) or, if it cannot be sent, delivers its error.
-    fn admit<Q: Jobs>(&mut self, live: &mut Live<L::Child>, w: &mut Window<Q::Job>, job: Q::Job, jobs: &Q) {
+    fn admit<Q: Jobs>(
+        &mut self,
+        live: &mut Live<L::Child>,
+        w: &mut Window<Q::Job>,
+        job: Q::Job,
+        jobs: &Q,
+    ) {
         let counters = &self.shared.counters;
         let finish = |job, result| {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
@@ -182,7 +188,8 @@ impl<L: Launcher> WorkerCore<L> {
         }
         if !live.tasks.iter().any(|t| *t == task.name) {
             bump(&counters.failed);
-            let err = PoolError::UnknownTask { name: task.name.to_string(), known: live.tasks.to_vec() };
+            let err =
+                PoolError::UnknownTask { name: task.name.to_string(), known: live.tasks.to_vec() };
             return finish(job, Err(err));
         }
         let wire = self.next_id;
@@ -205,7 +212,13 @@ impl<L: Launcher> WorkerCore<L> {
     }
 
     /// Sends more jobs while the window has room and sending ahead is free.
-    fn top_up<Q: Jobs>(&mut self, live: &mut Live<L::Child>, w: &mut Window<Q::Job>, jobs: &Q, fast: bool) {
+    fn top_up<Q: Jobs>(
+        &mut self,
+        live: &mut Live<L::Child>,
+        w: &mut Window<Q::Job>,
+        jobs: &Q,
+        fast: bool,
+    ) {
         if w.broken {
             return;
         }
@@ -310,7 +323,11 @@ impl<L: Launcher> WorkerCore<L> {
                 && fast
                 && w.sent.len() < WINDOW
                 && !self.per_task_checks(&live)
-                && self.shared.opts.maximum_process_uses.is_none_or(|max| live.uses + (w.sent.len() as u32) < max);
+                && self
+                    .shared
+                    .opts
+                    .maximum_process_uses
+                    .is_none_or(|max| live.uses + (w.sent.len() as u32) < max);
             let more = w.sent.len() > 1;
             let head_cancel = head.job.as_ref().map(|j| j.cancel());
             let step = tokio::select! {
@@ -357,12 +374,17 @@ impl<L: Launcher> WorkerCore<L> {
             let outcome = match postcard::from_bytes::<FromWorker<'_>>(&frame) {
                 Ok(FromWorker::Done { id, outcome }) if id == head.wire => outcome,
                 Ok(other) => {
-                    let message = format!("expected the result of task {}, got {other:?}", head.wire);
+                    let message =
+                        format!("expected the result of task {}, got {other:?}", head.wire);
                     let err = broke(&mut live.child, PoolError::protocol(message)).await;
                     return self.lose(&mut w, err, jobs, &counters);
                 }
                 Err(e) => {
-                    let err = broke(&mut live.child, PoolError::protocol(format!("undecodable frame: {e}"))).await;
+                    let err = broke(
+                        &mut live.child,
+                        PoolError::protocol(format!("undecodable frame: {e}")),
+                    )
+                    .await;
                     return self.lose(&mut w, err, jobs, &counters);
                 }
             };
@@ -392,7 +414,12 @@ impl<L: Launcher> WorkerCore<L> {
                     if let Some(limit) = watch.and_then(|c| over_ceiling(Some(c))) {
                         live.child.kill().await;
                         w.sent.push_front(Sent { wire: head.wire, job: Some(job), bytes: 0 });
-                        return self.lose(&mut w, PoolError::MemoryLimit { limit }, jobs, &counters);
+                        return self.lose(
+                            &mut w,
+                            PoolError::MemoryLimit { limit },
+                            jobs,
+                            &counters,
+                        );
                     }
                     count(&counters, &result, false);
                     jobs.finish(job, result);
@@ -433,7 +460,13 @@ impl<L: Launcher> WorkerCore<L> {
 
     /// The worker is gone (killed and reaped): the head fails with `err`,
     /// the tasks behind it go back to the queue.
-    fn lose<Q: Jobs>(&mut self, w: &mut Window<Q::Job>, err: PoolError, jobs: &Q, counters: &Counters) {
+    fn lose<Q: Jobs>(
+        &mut self,
+        w: &mut Window<Q::Job>,
+        err: PoolError,
+        jobs: &Q,
+        counters: &Counters,
+    ) {
         if let Some(head) = w.pop_head(counters) {
             if let Some(job) = head.job {
                 let result = Err(err);

@@ -54,10 +54,20 @@ pub(crate) enum FromWorker<'a> {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Outcome<'a> {
     Ok(#[serde(with = "serde_bytes")] &'a [u8]),
-    Failed { kind: String, message: String },
-    Panicked { message: String },
-    UnknownTask { name: String },
-    TooLarge { len: u64, max: u64 },
+    Failed {
+        kind: String,
+        message: String,
+    },
+    Panicked {
+        message: String,
+    },
+    UnknownTask {
+        name: String,
+    },
+    TooLarge {
+        len: u64,
+        max: u64,
+    },
     /// The task was cancelled before it started; it did not run.
     Skipped,
 }

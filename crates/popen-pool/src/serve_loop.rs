@@ -84,7 +84,12 @@ impl Inbox {
             } else {
                 // SAFETY: `room` is a valid, writable buffer of its length.
                 let n = unsafe {
-                    libc::recv(ch.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT)
+                    libc::recv(
+                        ch.as_raw_fd(),
+                        room.as_mut_ptr().cast(),
+                        room.len(),
+                        libc::MSG_DONTWAIT,
+                    )
                 };
                 if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
             };

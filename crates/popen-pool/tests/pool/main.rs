@@ -11,5 +11,6 @@ mod edges;
 mod faults;
 mod hygiene;
 mod output;
+mod pipelining;
 
 popen_pool::test_support!(common::registry());
