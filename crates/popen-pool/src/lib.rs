@@ -94,6 +94,7 @@ mod core;
 mod error;
 mod pool;
 mod protocol;
+mod queue;
 mod sererr;
 mod serve;
 mod serve_loop;

@@ -140,10 +140,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 async fn head_cancelled(cancel: Option<&CancellationToken>) {
-    match cancel {
-        Some(c) => c.cancelled().await,
-        // Aborted while queued, already answered: not waited for.
-        None => {}
+    // `None`: aborted while queued and answered already; not waited for.
+    if let Some(c) = cancel {
+        c.cancelled().await;
     }
 }
 
