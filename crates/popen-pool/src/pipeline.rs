@@ -70,6 +70,9 @@ pub(crate) trait Jobs: Sync {
     fn finish(&self, job: Self::Job, result: Result<Bytes, PoolError>);
     /// Notified (one waiter) when a job is queued.
     fn queued(&self) -> &Notify;
+    /// Passes a `queued` notification this slot did not act on to another
+    /// waiter, if a job is still queued.
+    fn pass_on(&self);
     /// Notified (all waiters) when a job was aborted that was not queued.
     fn aborted(&self) -> &Notify;
 }
@@ -319,6 +322,7 @@ impl<L: Launcher> WorkerCore<L> {
             let watch = self.per_task_checks(&live).then_some(ceiling).flatten();
             let room = !w.broken
                 && w.held.is_none()
+                && !jobs.someone_idle()
                 && fast
                 && w.sent.len() < WINDOW
                 && !self.per_task_checks(&live)
@@ -342,7 +346,12 @@ impl<L: Launcher> WorkerCore<L> {
                 Step::Event(event) => event,
                 Step::Look => continue,
                 Step::Queued => {
+                    let before = (w.sent.len(), w.held.is_some());
                     self.top_up(&mut live, &mut w, jobs, fast);
+                    if (w.sent.len(), w.held.is_some()) == before {
+                        // Meant for an idle slot, maybe: let it have it.
+                        jobs.pass_on();
+                    }
                     continue;
                 }
             };

@@ -194,6 +194,12 @@ impl crate::core::Jobs for PoolShared {
         &self.work
     }
 
+    fn pass_on(&self) {
+        if !self.lock().jobs.is_empty() {
+            self.work.notify_one();
+        }
+    }
+
     fn aborted(&self) -> &Notify {
         &self.aborted
     }

@@ -98,6 +98,7 @@ impl Jobs for TestJobs {
     fn queued(&self) -> &Notify {
         &self.queued
     }
+    fn pass_on(&self) {}
     fn aborted(&self) -> &Notify {
         &self.aborted
     }

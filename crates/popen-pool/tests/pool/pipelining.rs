@@ -106,3 +106,20 @@ async fn maximum_process_uses_stays_exact_with_pipelining() {
     assert!(eventually(SOON, || pool.stats().recycled == full).await, "{:?}", pool.stats());
     pool.shutdown().await;
 }
+
+/// Nothing is sent ahead to a busy worker while another one idles: a short
+/// task submitted after a long one runs at once in the idle worker.
+#[tokio::test]
+async fn an_idle_worker_gets_the_task_rather_than_a_busy_ones_window() {
+    let pool = PopenPool::builder(test_worker_program()).max_workers(2).build().unwrap();
+    let warm: Vec<_> = (0..20).map(|i| pool.submit(Int(i))).collect();
+    for (i, h) in (0..20).zip(warm) {
+        assert_eq!(h.await, Ok(i));
+    }
+    let mut long = Box::pin(pool.submit(Sleep(5_000)));
+    wait_running(&pool, 1).await;
+    assert_eq!(pool.submit(Int(1)).await, Ok(1));
+    assert!(futures::poll!(long.as_mut()).is_pending(), "the short task waited for the long one");
+    drop(long);
+    pool.shutdown().await;
+}
