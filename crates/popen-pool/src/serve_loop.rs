@@ -237,11 +237,12 @@ pub(crate) fn run_tasks(
             other => other?,
         }
         queue.spare.push(frame);
-        after();
-        // Flushed by the next task's start, or before waiting for input.
+        // With nothing queued, out now; else flushed when the next task
+        // starts (after the worker took in what else is on the channel).
         if queue.items.is_empty() {
             writer.flush()?;
         }
+        after();
     }
 }
 
