@@ -296,7 +296,8 @@ impl<L: Launcher> WorkerCore<L> {
             }
             let aborted = jobs.aborted().notified();
             tokio::pin!(aborted);
-            if w.sent.len() > 1 && !w.broken {
+            let more = w.sent.len() > 1 || w.held.is_some();
+            if more && !w.broken {
                 aborted.as_mut().enable();
                 self.cancel_queued(&mut live, &mut w, jobs);
                 if w.dirty {
@@ -331,7 +332,6 @@ impl<L: Launcher> WorkerCore<L> {
                     .opts
                     .maximum_process_uses
                     .is_none_or(|max| live.uses + (w.sent.len() as u32) < max);
-            let more = w.sent.len() > 1;
             let head_cancel = head.job.as_ref().map(|j| j.cancel());
             let step = tokio::select! {
                 biased;
@@ -453,13 +453,25 @@ impl<L: Launcher> WorkerCore<L> {
     /// Tells the worker not to start the queued tasks aborted since the
     /// last look, and answers them `Cancelled` now.
     fn cancel_queued<Q: Jobs>(&self, live: &mut Live<L::Child>, w: &mut Window<Q::Job>, jobs: &Q) {
+        let counters = &self.shared.counters;
+        // The head aborted too (or the pool is being killed): the worker is
+        // about to be killed and the rest given back, where their tokens
+        // decide.
+        if w.sent.front().and_then(|s| s.job.as_ref()).is_some_and(|j| j.cancel().is_cancelled()) {
+            return;
+        }
+        if w.held.as_ref().is_some_and(|j| j.cancel().is_cancelled()) {
+            bump(&counters.cancelled);
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            jobs.finish(w.held.take().expect("checked"), Err(PoolError::Cancelled));
+        }
         for sent in w.sent.iter_mut().skip(1) {
             if sent.job.as_ref().is_some_and(|j| j.cancel().is_cancelled()) {
                 let msg = ToWorker::Cancel { id: sent.wire };
                 if live.child.feed(&msg).is_ok() {
                     w.dirty = true;
-                    bump(&self.shared.counters.cancelled);
-                    self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                    bump(&counters.cancelled);
+                    counters.queued.fetch_sub(1, Ordering::Relaxed);
                     jobs.finish(sent.job.take().expect("checked"), Err(PoolError::Cancelled));
                 }
             }
