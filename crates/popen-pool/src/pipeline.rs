@@ -247,7 +247,7 @@ impl<L: Launcher> WorkerCore<L> {
 
     /// Runs `first` and whatever joins it in the window, until the window
     /// is empty or the worker is lost or retired.
-    async fn serve_window<Q: Jobs>(&mut self, first: Q::Job, jobs: &Q) {
+    pub(in crate::core) async fn serve_window<Q: Jobs>(&mut self, first: Q::Job, jobs: &Q) {
         let counters = Arc::clone(&self.shared.counters);
         let finish = |job, result| {
             counters.queued.fetch_sub(1, Ordering::Relaxed);

@@ -268,3 +268,54 @@ async fn an_rss_limit_sends_nothing_ahead() {
     assert_eq!(log.pids, [P1, P2, P3], "each recycled after its one task");
     assert!(log.pids.iter().all(|&p| log.sent_to(p).len() == 1));
 }
+
+/// A large task is not sent ahead: it waits in the slot until the worker is
+/// free, and the tasks after it wait behind it, in order.
+#[tokio::test(start_paused = true)]
+async fn a_large_task_waits_in_the_slot_until_the_worker_is_free() {
+    let mut h = Harness::new(options(false));
+    let jobs = TestJobs::new(&h);
+    jobs.push("warm", Echo(vec![]), None);
+    jobs.push("slow", Slow(50), None);
+    jobs.push("big", Echo(vec![9; 100 << 10]), None);
+    jobs.push("small", Echo(vec![1]), None);
+    let log = Arc::clone(&h.log);
+    let peek = async move {
+        sleep(ms(10)).await;
+        lock(&log).sent_to(P1).len()
+    };
+    let ((), during) = tokio::join!(within(h.core.serve(&jobs)), peek);
+    assert_eq!(during, 2, "only warm and slow were sent while slow ran");
+    assert_eq!(jobs.order(), ["warm", "slow", "big", "small"]);
+    assert_eq!(jobs.result("big"), Ok(echo_bytes(&[9; 100 << 10])));
+    assert_eq!((h.stats().queued, h.stats().running), (0, 0));
+}
+
+/// Killing the pool (every token cancelled) with a full window: the
+/// running task fails, the rest go back (where the pool fails them with
+/// `Shutdown`); none is counted as cancelled twice.
+#[tokio::test(start_paused = true)]
+async fn cancelling_every_task_of_a_full_window_kills_once() {
+    let mut h = Harness::new(options(false));
+    let jobs = TestJobs::new(&h);
+    jobs.push("warm", Echo(vec![]), None);
+    let tokens: Vec<_> =
+        ["hang", "a", "b"].into_iter().map(|t| (t, jobs.push(t, Hang(()), None))).collect();
+    let cancel = async {
+        sleep(ms(10)).await;
+        for (_, token) in &tokens {
+            token.cancel();
+        }
+        jobs.aborted.notify_waiters();
+    };
+    // Serve one window, until it is lost (the test queue would hand the
+    // given-back jobs out again).
+    let job = jobs.try_next().expect("warm");
+    let serve = h.core.serve_window(job, &jobs);
+    tokio::join!(within(serve), cancel);
+    assert_eq!(jobs.result("hang"), Err(PoolError::Cancelled));
+    assert_eq!(*jobs.given_back.lock().unwrap(), ["a", "b"]);
+    assert_eq!(h.log().kills, [P1]);
+    assert!(h.log().skipped.is_empty(), "no Cancel sent for a window being lost");
+    assert_eq!(h.stats().cancelled, 1);
+}
