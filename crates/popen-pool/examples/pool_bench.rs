@@ -24,6 +24,12 @@
 //!   `pre_exec`, posix_spawn of `/bin/true` until it is reaped) and
 //!   `fork_true_s_parent_*` (the same with a no-op `pre_exec`, a real fork:
 //!   how popen-pool started workers before), same parent sizes.
+//! - `raw_socketpair_roundtrips_per_s`: the physical limit one worker's
+//!   channel is bound by without pipelining: two *processes* (this one and
+//!   a forked copy, both plain blocking code) passing a 32-byte message
+//!   back and forth over a socketpair, measured in the same run; and the
+//!   ratios `submit_ratio_to_raw`, `map_ratio_to_raw` of the 2-worker pool
+//!   rates to it.
 
 use std::time::{Duration, Instant};
 
@@ -143,9 +149,53 @@ async fn parent_sizes(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Round trips per second of a 32-byte message between this process and a
+/// forked child over a socketpair (blocking reads and writes on both sides).
+/// Called before any other thread exists, so the fork is safe.
+fn raw_socketpair_roundtrips_per_s(n: u32) -> f64 {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let (mut parent, mut child) = UnixStream::pair().expect("socketpair");
+    // SAFETY: single-threaded here; the child only does reads, writes and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(parent);
+        let mut buf = [0u8; 32];
+        while child.read_exact(&mut buf).is_ok() {
+            if child.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        // SAFETY: ends the forked child without running the parent's atexit state.
+        unsafe { libc::_exit(0) };
+    }
+    drop(child);
+    let mut buf = [7u8; 32];
+    let start = Instant::now();
+    for _ in 0..n {
+        parent.write_all(&buf).expect("write");
+        parent.read_exact(&mut buf).expect("read");
+    }
+    let rate = f64::from(n) / start.elapsed().as_secs_f64();
+    drop(parent);
+    let mut status = 0;
+    // SAFETY: reaps the child forked above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    rate
+}
+
+fn main() -> anyhow::Result<()> {
     popen_pool::serve_if_worker(registry());
+    let quick = std::env::args().any(|a| a == "--quick");
+    let raw_n = if quick { 20_000 } else { 100_000 };
+    let raw: Vec<f64> =
+        (0..if quick { 3 } else { 7 }).map(|_| raw_socketpair_roundtrips_per_s(raw_n)).collect();
+    let raw = median(raw);
+    tokio::runtime::Runtime::new()?.block_on(bench(raw))
+}
+
+async fn bench(raw: f64) -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 7 };
     let default_n = if quick { 5_000 } else { 50_000 };
@@ -198,10 +248,15 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
     assert!(stats.recycled >= m * reps as u64, "recycled {} workers", stats.recycled);
 
+    let (submit, map) = (median(submit), median(map));
     let mut out = serde_json::json!({
         "cold_start_s": median(cold),
-        "submit_tasks_per_s": median(submit),
-        "map_tasks_per_s": median(map),
+        "submit_tasks_per_s": submit,
+        "map_tasks_per_s": map,
+        "raw_socketpair_roundtrips_per_s": raw,
+        "raw_socketpair_peers": "two processes",
+        "submit_ratio_to_raw": submit / raw,
+        "map_ratio_to_raw": map / raw,
         "timeout_50ms_observed_s": median(observed),
         "respawn_after_timeout_s": median(respawn),
         "recycle_every_task_s_per_task": median(recycle),

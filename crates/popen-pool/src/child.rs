@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use tokio::io::unix::AsyncFd;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Encoder, Framed};
 
 use crate::cgroup::{Containment, WorkerCgroup};
 use crate::codec::{CodecError, FrameCodec};
@@ -27,6 +27,11 @@ pub(crate) trait Child: Send + 'static {
     fn pid(&self) -> u32;
     /// Sends one message.
     fn send(&mut self, msg: &ToWorker<'_>) -> impl Future<Output = Result<(), PoolError>> + Send;
+    /// Encodes one message into the write buffer without writing it
+    /// (`flush` writes). `Err(FrameTooLarge)` leaves the buffer as it was.
+    fn feed(&mut self, msg: &ToWorker<'_>) -> Result<(), PoolError>;
+    /// Writes what `feed` buffered.
+    fn flush(&mut self) -> impl Future<Output = Result<(), PoolError>> + Send;
     /// The next frame; `Ok(None)` when the worker closed its channel or exited.
     fn recv(&mut self) -> impl Future<Output = Result<Option<BytesMut>, PoolError>> + Send;
     /// Kills the worker and every process of its task now and reaps the worker.
@@ -199,6 +204,17 @@ impl Child for ProcessChild {
     async fn send(&mut self, msg: &ToWorker<'_>) -> Result<(), PoolError> {
         let io = self.io.as_mut().ok_or_else(|| PoolError::protocol("channel closed"))?;
         io.send(msg).await.map_err(channel_error)
+    }
+
+    fn feed(&mut self, msg: &ToWorker<'_>) -> Result<(), PoolError> {
+        let io = self.io.as_mut().ok_or_else(|| PoolError::protocol("channel closed"))?;
+        let mut codec = *io.codec();
+        codec.encode(msg, io.write_buffer_mut()).map_err(channel_error)
+    }
+
+    async fn flush(&mut self) -> Result<(), PoolError> {
+        let io = self.io.as_mut().ok_or_else(|| PoolError::protocol("channel closed"))?;
+        SinkExt::<&ToWorker<'_>>::flush(io).await.map_err(channel_error)
     }
 
     /// The next frame, or `None` once the channel closed or the process

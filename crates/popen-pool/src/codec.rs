@@ -18,7 +18,7 @@
 //! header. And the worker, which has no runtime, needs the blocking
 //! [`read_frame`]/[`write_frame`] with the same layout regardless.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
@@ -114,9 +114,12 @@ fn check_magic(src: &[u8]) -> Result<(), CodecError> {
     }
 }
 
-/// Reads one frame into `buf` (blocking). `Ok(false)` on a clean EOF before a frame.
+/// Reads one frame into `buf` (blocking). `Ok(false)` on a clean EOF before
+/// a frame. (The worker reads in batches, see `serve_loop`; this is the
+/// reference reader the tests check the layout with.)
+#[cfg(test)]
 pub(crate) fn read_frame(
-    r: &mut impl Read,
+    r: &mut impl std::io::Read,
     buf: &mut Vec<u8>,
     max: usize,
 ) -> Result<bool, CodecError> {

@@ -57,6 +57,8 @@ struct Live<C> {
     child: C,
     uses: u32,
     tasks: Arc<[String]>,
+    /// Its last task was short: the next ones may be sent ahead.
+    fast: bool,
 }
 
 /// One worker slot: at most one live process, plus maybe a spare starting.
@@ -148,29 +150,35 @@ impl Exchange {
     }
 }
 
+/// After the channel closed: what the worker's end means for its task.
+async fn ended<C: Child>(child: &mut C) -> PoolError {
+    // Before the reap, which removes the worker's cgroup.
+    let oom = child.oom_killed();
+    let exit = child.reap().await;
+    match (oom, child.memory_ceiling()) {
+        (true, Some(c)) => PoolError::MemoryLimit { limit: c.limit },
+        _ => PoolError::WorkerDied { exit },
+    }
+}
+
+/// After a failed read: the worker is killed; the protocol error to report.
+async fn broke<C: Child>(child: &mut C, e: PoolError) -> PoolError {
+    child.kill().await;
+    let message = match e {
+        PoolError::FrameTooLarge { len, max } => {
+            format!("worker sent a frame of {len} bytes, over the maximum of {max}")
+        }
+        PoolError::Protocol { message } => message,
+        other => other.to_string(),
+    };
+    PoolError::protocol(message)
+}
+
 async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchange {
     let frame = match child.recv().await {
         Ok(Some(frame)) => frame.freeze(),
-        Ok(None) => {
-            // Before the reap, which removes the worker's cgroup.
-            let oom = child.oom_killed();
-            let exit = child.reap().await;
-            if let (true, Some(c)) = (oom, child.memory_ceiling()) {
-                return Exchange::lost(PoolError::MemoryLimit { limit: c.limit });
-            }
-            return Exchange::lost(PoolError::WorkerDied { exit });
-        }
-        Err(e) => {
-            child.kill().await;
-            let message = match e {
-                PoolError::FrameTooLarge { len, max } => {
-                    format!("worker sent a frame of {len} bytes, over the maximum of {max}")
-                }
-                PoolError::Protocol { message } => message,
-                other => other.to_string(),
-            };
-            return Exchange::lost(PoolError::protocol(message));
-        }
+        Ok(None) => return Exchange::lost(ended(child).await),
+        Err(e) => return Exchange::lost(broke(child, e).await),
     };
     let outcome = match postcard::from_bytes::<FromWorker<'_>>(&frame) {
         Ok(FromWorker::Done { id: got, outcome }) if got == id => outcome,
@@ -184,7 +192,13 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
             return Exchange::lost(PoolError::protocol(format!("undecodable frame: {e}")));
         }
     };
-    let result = match outcome {
+    let result = classify(&frame, outcome, known);
+    Exchange::kept(result, true)
+}
+
+/// The result a task's outcome stands for (`frame` holds the outcome).
+fn classify(frame: &Bytes, outcome: Outcome<'_>, known: &[String]) -> Result<Bytes, PoolError> {
+    match outcome {
         Outcome::Ok(out) => Ok(frame.slice_ref(out)),
         Outcome::Failed { kind, message } => Err(PoolError::Task { kind, message }),
         Outcome::Panicked { message } => Err(PoolError::Task { kind: "panic".into(), message }),
@@ -194,8 +208,20 @@ async fn recv_done<C: Child>(child: &mut C, id: u64, known: &[String]) -> Exchan
         Outcome::TooLarge { len, max } => {
             Err(PoolError::FrameTooLarge { len: len as usize, max: max as usize })
         }
-    };
-    Exchange::kept(result, true)
+        Outcome::Skipped => Err(PoolError::protocol("worker skipped a task it was not told to")),
+    }
+}
+
+/// Counts one task's end.
+fn count(counters: &Counters, result: &Result<Bytes, PoolError>, lost: bool) {
+    match result {
+        Ok(_) => bump(&counters.completed),
+        Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
+        Err(PoolError::Cancelled) => bump(&counters.cancelled),
+        Err(PoolError::MemoryLimit { .. }) => bump(&counters.memory_kills),
+        Err(_) if lost => bump(&counters.crashes),
+        Err(_) => bump(&counters.failed),
+    }
 }
 
 /// Sends one task and waits for its outcome, its deadline or its cancellation.
@@ -317,7 +343,7 @@ async fn start_child<L: Launcher>(
     if stop.is_cancelled() {
         return Err(PoolError::Cancelled);
     }
-    // Launching is a fork+exec on the spawner thread: short, and not
+    // Launching is a posix_spawn on the spawner thread: short, and not
     // interrupted, so a started process is never dropped unreaped.
     let mut child = shared.launcher.launch().await?;
     bump(&shared.counters.spawned);
@@ -337,7 +363,7 @@ async fn start_child<L: Launcher>(
         }
     };
     match prepared {
-        Ok(tasks) => Ok(Live { child, uses: 0, tasks }),
+        Ok(tasks) => Ok(Live { child, uses: 0, tasks, fast: false }),
         Err(e) => {
             child.kill().await;
             Err(e)
@@ -468,14 +494,7 @@ impl<L: Launcher> WorkerCore<L> {
         let id = self.next_id;
         self.next_id += 1;
         let ex = exchange(&mut live.child, &live.tasks, id, task, limit, cancel).await;
-        match &ex.result {
-            Ok(_) => bump(&counters.completed),
-            Err(PoolError::Timeout { .. }) => bump(&counters.timeouts),
-            Err(PoolError::Cancelled) => bump(&counters.cancelled),
-            Err(PoolError::MemoryLimit { .. }) => bump(&counters.memory_kills),
-            Err(_) if ex.lost => bump(&counters.crashes),
-            Err(_) => bump(&counters.failed),
-        }
+        count(&counters, &ex.result, ex.lost);
         if ex.lost {
             self.start_warm_spare();
             return ex.result;
@@ -488,26 +507,32 @@ impl<L: Launcher> WorkerCore<L> {
             .max_rss_bytes
             .is_some_and(|limit| live.child.rss_bytes().is_some_and(|rss| rss > limit));
         if over_uses || over_rss {
-            bump(&counters.recycled);
-            let grace = opts.kill_grace;
-            let now = CancellationToken::new();
-            let stop = now.clone();
-            let handle = tokio::spawn(async move {
-                let graceful = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => false,
-                    _ = live.child.shutdown(grace) => true,
-                };
-                if !graceful {
-                    live.child.kill().await;
-                }
-            });
-            self.retiring = Some(Retiring { handle, now });
-            self.start_warm_spare();
+            self.retire(live);
         } else {
             self.live = Some(live);
         }
         ex.result
+    }
+
+    /// Recycles `live`: it exits gracefully in the background (killed after
+    /// the grace period), and a warm spare starts.
+    fn retire(&mut self, mut live: Live<L::Child>) {
+        bump(&self.shared.counters.recycled);
+        let grace = self.shared.opts.kill_grace;
+        let now = CancellationToken::new();
+        let stop = now.clone();
+        let handle = tokio::spawn(async move {
+            let graceful = tokio::select! {
+                biased;
+                () = stop.cancelled() => false,
+                _ = live.child.shutdown(grace) => true,
+            };
+            if !graceful {
+                live.child.kill().await;
+            }
+        });
+        self.retiring = Some(Retiring { handle, now });
+        self.start_warm_spare();
     }
 
     /// Stops a starting worker: it kills and reaps its process itself.
@@ -552,6 +577,10 @@ impl<L: Launcher> Drop for WorkerCore<L> {
         }
     }
 }
+
+#[path = "pipeline.rs"]
+mod pipeline;
+pub(crate) use pipeline::{Job, Jobs};
 
 #[cfg(test)]
 #[path = "core_tests/mod.rs"]

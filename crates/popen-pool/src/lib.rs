@@ -7,7 +7,9 @@
 //!   that executes in the worker. A worker program serves a [`Registry`] of
 //!   task types; code reaches the worker by name, never as a closure.
 //! - [`PopenWorker`] drives one worker process, one task at a time;
-//!   [`PopenPool`] runs `max_workers` of them behind a queue.
+//!   [`PopenPool`] runs `max_workers` of them behind a queue, sending a
+//!   worker a few short tasks ahead of the one it runs (each task's deadline
+//!   still starts when it starts; see docs/popen-pool.md, "Dispatch").
 //! - The parent owns every deadline. On expiry it kills the worker and every
 //!   process of its task (its cgroup, or its process tree and group; see
 //!   [`Containment`]), reaps it, fails that task with [`PoolError::Timeout`]
@@ -96,8 +98,10 @@ mod launch;
 mod pool;
 mod process;
 mod protocol;
+mod queue;
 mod sererr;
 mod serve;
+mod serve_loop;
 mod spawner;
 mod startup;
 mod stats;

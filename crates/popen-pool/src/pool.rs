@@ -1,10 +1,9 @@
 //! `PopenPool`: N workers behind a queue.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -22,96 +21,8 @@ use crate::child::{Launcher, ProcessLauncher};
 use crate::config::{WorkerOptions, WorkerProgram, worker_option_setters};
 use crate::core::{CoreShared, Counters, PoolStats, WorkerCore};
 use crate::error::PoolError;
+use crate::queue::{Job, PoolShared};
 use crate::task::{ErasedTask, Task};
-
-type Reply = oneshot::Sender<Result<Bytes, PoolError>>;
-
-struct Job {
-    id: u64,
-    task: ErasedTask,
-    limit: Option<Duration>,
-    reply: Reply,
-    cancel: CancellationToken,
-}
-
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    closed: bool,
-}
-
-struct PoolShared {
-    queue: Mutex<Queue>,
-    /// A job was queued, or the queue closed.
-    work: Notify,
-    /// A job left the queue (room for `submit_wait`).
-    space: Notify,
-    /// Cancelled by `kill` and `Drop`; every job's token is a child of it.
-    kill: CancellationToken,
-    counters: Arc<Counters>,
-    next_id: AtomicU64,
-    max_queue: Option<usize>,
-}
-
-impl PoolShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn next_job(&self) -> Option<Job> {
-        loop {
-            let notified = self.work.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut q = self.lock();
-                if let Some(job) = q.jobs.pop_front() {
-                    self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                    drop(q);
-                    self.space.notify_one();
-                    return Some(job);
-                }
-                if q.closed {
-                    return None;
-                }
-            }
-            notified.await;
-        }
-    }
-
-    /// Closes the queue; with `fail_queued`, every queued job fails with `Shutdown`.
-    fn close(&self, fail_queued: bool) {
-        let drained: Vec<Job> = {
-            let mut q = self.lock();
-            q.closed = true;
-            if fail_queued { q.jobs.drain(..).collect() } else { Vec::new() }
-        };
-        self.counters.queued.fetch_sub(drained.len() as u64, Ordering::Relaxed);
-        for job in drained {
-            let _ = job.reply.send(Err(PoolError::Shutdown));
-        }
-        self.work.notify_waiters();
-        self.space.notify_waiters();
-    }
-
-    fn remove_queued(&self, id: u64) -> bool {
-        let job = {
-            let mut q = self.lock();
-            let pos = q.jobs.iter().position(|j| j.id == id);
-            pos.and_then(|p| q.jobs.remove(p))
-        };
-        match job {
-            Some(job) => {
-                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                self.space.notify_one();
-                let _ = job.reply.send(Err(PoolError::Cancelled));
-                true
-            }
-            None => false,
-        }
-    }
-}
 
 /// A future of one task's result; it can also abort the task.
 ///
@@ -337,6 +248,8 @@ impl PoolBuilder {
             queue: Mutex::default(),
             work: Notify::new(),
             space: Notify::new(),
+            aborted: Notify::new(),
+            idle: AtomicUsize::new(0),
             kill: CancellationToken::new(),
             counters,
             next_id: AtomicU64::new(1),
@@ -353,7 +266,8 @@ impl PoolBuilder {
     }
 }
 
-/// One worker slot's loop: take a job, run it, reply.
+/// One worker slot's loop: take jobs, run them (a few ahead, see
+/// [`core::pipeline`](crate::core)), reply.
 async fn drive(
     shared: Arc<PoolShared>,
     mut core: WorkerCore<ProcessLauncher>,
@@ -363,33 +277,8 @@ async fn drive(
     if prestart {
         core.prestart();
     }
-    loop {
-        let job = tokio::select! {
-            biased;
-            () = shared.kill.cancelled() => None,
-            job = shared.next_job() => job,
-        };
-        let Some(job) = job else { break };
-        if job.cancel.is_cancelled() {
-            let err = if shared.kill.is_cancelled() {
-                PoolError::Shutdown
-            } else {
-                shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                PoolError::Cancelled
-            };
-            let _ = job.reply.send(Err(err));
-            continue;
-        }
-        shared.counters.running.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::debug_span!("popen_pool.task", task = job.task.name(), id = job.id, slot);
-        let mut result = core.run(&job.task, job.limit, Some(&job.cancel)).instrument(span).await;
-        shared.counters.running.fetch_sub(1, Ordering::Relaxed);
-        if matches!(result, Err(PoolError::Cancelled)) && shared.kill.is_cancelled() {
-            result = Err(PoolError::Shutdown);
-        }
-        let _ = job.reply.send(result);
-    }
+    let span = tracing::debug_span!("popen_pool.slot", slot);
+    core.serve(&*shared).instrument(span).await;
     if shared.kill.is_cancelled() {
         core.kill().await;
     } else {

@@ -1,15 +1,16 @@
 //! The worker side: the loop a worker process runs.
 
 use std::cell::RefCell;
-use std::io::{BufReader, BufWriter, Write};
-use std::panic::{self, AssertUnwindSafe};
+use std::io::{BufWriter, Write};
+use std::panic;
 use std::path::Path;
 
-use crate::codec::{CodecError, read_frame, write_frame};
+use crate::codec::{CodecError, write_frame};
 use crate::controls::{Controls, ENV_CONTROLS};
-use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
+use crate::protocol::{FromWorker, PROTOCOL_VERSION};
+use crate::serve_loop::End;
 use crate::startup::{self, Started};
-use crate::task::{Registry, WorkerContext};
+use crate::task::Registry;
 use crate::unix;
 
 /// Set in a worker's environment to the parent's pid.
@@ -91,8 +92,7 @@ pub(crate) fn contain(cgroup: Option<&Path>, me: bool) {
 
 fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     let Started { channel, cgroup, max } = startup::start()?;
-    let mut reader = BufReader::with_capacity(64 * 1024, channel.try_clone()?);
-    let mut writer = BufWriter::with_capacity(64 * 1024, channel);
+    let mut writer = BufWriter::new(&channel);
 
     panic::set_hook(Box::new(|info| {
         let msg = match info.payload().downcast_ref::<&str>() {
@@ -131,60 +131,22 @@ fn serve_channel(registry: &Registry) -> Result<(), CodecError> {
     };
     write_frame(&mut writer, &hello, &mut scratch, max)?;
     writer.flush()?;
+    drop(writer);
 
-    let mut ctx = WorkerContext::default();
-    let mut frame = Vec::new();
-    loop {
-        if !read_frame(&mut reader, &mut frame, max)? {
-            // The parent closed the channel: it is gone or killing us.
-            contain(cgroup.as_deref(), true);
-        }
-        let msg: ToWorker<'_> = postcard::from_bytes(&frame)
-            .map_err(|e| CodecError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        let (id, name, payload) = match msg {
-            ToWorker::Exit => {
-                // Take the task's leftovers down before leaving them orphaned.
-                if cgroup.is_none() {
-                    contain(None, false);
-                }
-                return Ok(());
-            }
-            ToWorker::Run { id, name, payload } => (id, name, payload),
-        };
-        let result: Result<Vec<u8>, Outcome<'static>> = match registry.get(name) {
-            None => Err(Outcome::UnknownTask { name: name.to_owned() }),
-            Some(handler) => {
-                match panic::catch_unwind(AssertUnwindSafe(|| handler(payload, &mut ctx))) {
-                    Ok(Ok(out)) => Ok(out),
-                    Ok(Err(f)) => Err(Outcome::Failed { kind: f.kind, message: f.message }),
-                    Err(_) => {
-                        let message = LAST_PANIC
-                            .with(|p| p.borrow_mut().take())
-                            .unwrap_or_else(|| "panic".to_owned());
-                        Err(Outcome::Panicked { message })
-                    }
-                }
-            }
-        };
-        ctx.count_task();
-        let output;
-        let outcome = match result {
-            Ok(out) => {
-                output = out;
-                Outcome::Ok(&output)
-            }
-            Err(failure) => failure,
-        };
-        match write_frame(&mut writer, &FromWorker::Done { id, outcome }, &mut scratch, max) {
-            Err(CodecError::TooLarge { len, max: m }) => {
-                let outcome = Outcome::TooLarge { len: len as u64, max: m as u64 };
-                write_frame(&mut writer, &FromWorker::Done { id, outcome }, &mut scratch, max)?;
-            }
-            other => other?,
-        }
-        writer.flush()?;
+    let last_panic = || LAST_PANIC.with(|p| p.borrow_mut().take());
+    match crate::serve_loop::run_tasks(channel, registry, max, &last_panic, &|| {
         // This worker is a child subreaper: reap what the task left behind
         // and has exited (orphans re-parented to us included).
         unix::reap_exited_children();
+    })? {
+        // The parent closed the channel: it is gone or killing us.
+        End::Eof => contain(cgroup.as_deref(), true),
+        End::Exit => {
+            // Take the task's leftovers down before leaving them orphaned.
+            if cgroup.is_none() {
+                contain(None, false);
+            }
+        }
     }
+    Ok(())
 }

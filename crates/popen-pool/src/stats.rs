@@ -59,8 +59,9 @@ pub struct PoolStats {
     pub cancelled: u64,
     /// Tasks that took their worker past the memory ceiling (the worker was killed).
     pub memory_kills: u64,
-    /// Tasks waiting in the queue now.
+    /// Tasks waiting now: in the pool's queue, or sent ahead to a worker
+    /// and not started yet (see docs/popen-pool.md, "Dispatch").
     pub queued: u64,
-    /// Tasks running now.
+    /// Tasks running now (started in their worker).
     pub running: u64,
 }

@@ -66,6 +66,8 @@ pub(super) struct FakeLog {
     /// Children that exited when asked (`shutdown` returned without a kill).
     pub(super) exits: Vec<u32>,
     pub(super) drops: Vec<u32>,
+    /// Task ids a child answered `Skipped` (cancelled while queued in it).
+    pub(super) skipped: Vec<u64>,
 }
 
 impl FakeLog {
@@ -91,6 +93,8 @@ pub(super) fn lock(log: &Mutex<FakeLog>) -> MutexGuard<'_, FakeLog> {
 
 #[derive(Debug)]
 pub(super) enum Reply {
+    /// Never comes, nor anything queued after it (a hanging task).
+    Never,
     Now(BytesMut),
     At(Instant, BytesMut),
     Error(PoolError),
@@ -101,7 +105,11 @@ pub(super) enum Reply {
 pub(super) struct FakeChild {
     pub(super) pid: u32,
     pub(super) log: Arc<Mutex<FakeLog>>,
-    pub(super) replies: VecDeque<Reply>,
+    /// The answers to come, in order, with the task id each answers; the
+    /// first is the task running now, the others are queued in the worker.
+    pub(super) replies: VecDeque<(u64, Reply)>,
+    /// When the last queued answer is due: tasks run one after another.
+    pub(super) busy_until: Option<Instant>,
     /// What `reap` reports once the channel closed.
     pub(super) exit: ExitInfo,
 }
@@ -114,10 +122,12 @@ impl FakeChild {
             "echo" | "init" => done(Outcome::Ok(payload)),
             "slow" => {
                 let ms: u64 = postcard::from_bytes(payload).expect("a Slow task");
-                let at = Instant::now() + Duration::from_millis(ms);
+                let from = self.busy_until.map_or_else(Instant::now, |b| b.max(Instant::now()));
+                let at = from + Duration::from_millis(ms);
+                self.busy_until = Some(at);
                 Reply::At(at, frame(&FromWorker::Done { id, outcome: Outcome::Ok(payload) }))
             }
-            "hang" => return,
+            "hang" => Reply::Never,
             "die" => {
                 self.exit = ExitInfo::Signal(11);
                 Reply::Close
@@ -136,7 +146,16 @@ impl FakeChild {
             })),
             other => done(Outcome::UnknownTask { name: other.into() }),
         };
-        self.replies.push_back(reply);
+        self.replies.push_back((id, reply));
+    }
+
+    /// A `Cancel` for task `id`: answered `Skipped` if it has not started.
+    fn cancel(&mut self, id: u64) {
+        let queued = self.replies.iter_mut().skip(1).find(|(i, _)| *i == id);
+        if let Some((_, reply)) = queued {
+            *reply = Reply::Now(frame(&FromWorker::Done { id, outcome: Outcome::Skipped }));
+            lock(&self.log).skipped.push(id);
+        }
     }
 }
 
@@ -146,27 +165,42 @@ impl Child for FakeChild {
     }
 
     async fn send(&mut self, msg: &ToWorker<'_>) -> Result<(), PoolError> {
+        self.feed(msg)
+    }
+
+    async fn flush(&mut self) -> Result<(), PoolError> {
+        Ok(())
+    }
+
+    fn feed(&mut self, msg: &ToWorker<'_>) -> Result<(), PoolError> {
         let max = lock(&self.log).script.max_frame;
         let len = postcard::to_stdvec(msg).expect("messages serialize").len();
         if len > max {
             return Err(PoolError::FrameTooLarge { len, max });
         }
-        if let ToWorker::Run { id, name, payload } = *msg {
-            lock(&self.log).sent.push((self.pid, name.to_owned()));
-            self.answer(id, name, payload);
+        match *msg {
+            ToWorker::Run { id, name, payload } => {
+                lock(&self.log).sent.push((self.pid, name.to_owned()));
+                self.answer(id, name, payload);
+            }
+            ToWorker::Cancel { id } => self.cancel(id),
+            ToWorker::Exit => {}
         }
         Ok(())
     }
 
     async fn recv(&mut self) -> Result<Option<BytesMut>, PoolError> {
-        let Some(next) = self.replies.front() else {
+        let Some((_, next)) = self.replies.front() else {
             return std::future::pending().await;
         };
-        if let Reply::At(at, _) = next {
+        match next {
             // Cancel-safe: the reply stays queued until its time has come.
-            tokio::time::sleep_until(*at).await;
+            Reply::At(at, _) => tokio::time::sleep_until(*at).await,
+            Reply::Never => std::future::pending().await,
+            _ => {}
         }
-        match self.replies.pop_front().expect("a reply is queued") {
+        match self.replies.pop_front().expect("a reply is queued").1 {
+            Reply::Never => unreachable!("never delivered"),
             Reply::Now(bytes) | Reply::At(_, bytes) => Ok(Some(bytes)),
             Reply::Error(e) => Err(e),
             Reply::Close => Ok(None),
@@ -256,7 +290,8 @@ impl Launcher for FakeLauncher {
         Ok(FakeChild {
             pid,
             log: Arc::clone(&self.log),
-            replies: first.into_iter().collect(),
+            replies: first.into_iter().map(|r| (0, r)).collect(),
+            busy_until: None,
             exit: exit.unwrap_or(ExitInfo::Code(0)),
         })
     }

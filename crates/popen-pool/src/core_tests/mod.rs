@@ -99,6 +99,7 @@ use fake::*;
 
 mod initializer;
 mod losing;
+mod pipelined;
 mod recycling;
 mod regressions;
 mod results;

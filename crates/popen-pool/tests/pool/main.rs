@@ -11,6 +11,7 @@ mod edges;
 mod faults;
 mod hygiene;
 mod output;
+mod pipelining;
 mod spawning;
 
 popen_pool::test_support!(common::registry());
