@@ -47,6 +47,24 @@ pub fn serve_if_worker(registry: Registry) {
     if is_worker() {
         serve(registry);
     }
+    if orphaned_worker() {
+        // Started as a worker by a parent that died before this process got
+        // here (e.g. it exited while the start was in progress): there is
+        // nobody to serve, and running the program's own `main` instead
+        // would be a stray copy of the parent program.
+        unix::exit_now(111);
+    }
+}
+
+/// True if this process carries the worker marker of a parent that is no
+/// longer alive. (A process a *task* started inherits the marker too, but
+/// its pool parent is alive while the task runs, and a worker's whole tree
+/// is killed when that parent dies.)
+fn orphaned_worker() -> bool {
+    let Some(parent) = std::env::var(ENV_MARKER).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return false;
+    };
+    parent > 0 && !unix::process_alive(parent)
 }
 
 thread_local! {

@@ -196,6 +196,12 @@ pub(crate) fn exit_now(code: i32) -> ! {
 }
 
 /// The parent's pid, as the worker sees it.
+/// True unless `pid` certainly does not exist (`kill(pid, 0)` says ESRCH).
+pub(crate) fn process_alive(pid: i32) -> bool {
+    let res = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+    !matches!(res, Err(nix::errno::Errno::ESRCH))
+}
+
 pub(crate) fn parent_pid() -> i32 {
     std::os::unix::process::parent_id() as i32
 }

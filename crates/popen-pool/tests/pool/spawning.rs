@@ -95,3 +95,41 @@ async fn starting_a_worker_does_not_fork_the_parent() {
          ({forked} after a real fork)"
     );
 }
+
+/// A worker whose parent died before it got to `serve_if_worker` (the
+/// parent exited while the start was in progress) exits at once instead of
+/// running the program's own `main`: here the test binary re-run as a
+/// worker with a dead parent's pid must not go on to run the (passing)
+/// entry test of libtest.
+#[test]
+fn a_worker_whose_parent_is_gone_does_not_run_the_program() {
+    let mut gone = std::process::Command::new("true").spawn().expect("true starts");
+    let dead = gone.id();
+    gone.wait().expect("true is reaped");
+    let exe = std::env::current_exe().expect("the test binary");
+    let run = |parent: u32| {
+        std::process::Command::new(&exe)
+            .args(["__popen_pool_worker_entry", "--test-threads=1", "-q"])
+            .env("POPEN_POOL_WORKER_PARENT", parent.to_string())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("the test binary runs")
+    };
+    let orphan = run(dead);
+    assert_eq!(
+        orphan.status.code(),
+        Some(111),
+        "an orphaned worker ran the program: {:?} {}",
+        orphan.status,
+        String::from_utf8_lossy(&orphan.stdout)
+    );
+    // The marker of a live process that is not the parent (as a process a
+    // task started inherits it; pid 1 here): the program runs normally.
+    let normal = run(1);
+    assert!(
+        normal.status.success(),
+        "{:?} {}",
+        normal.status,
+        String::from_utf8_lossy(&normal.stderr)
+    );
+}
