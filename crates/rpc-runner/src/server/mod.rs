@@ -8,6 +8,7 @@ mod ops;
 mod paths;
 mod registration;
 mod session;
+mod spare;
 
 pub use config::ServerConfig;
 pub use error::ServerError;
@@ -59,6 +60,10 @@ pub(crate) struct Shared {
     pub(crate) rekey: Notify,
     /// The server became unavailable: check when it can serve again.
     pub(crate) recheck: Notify,
+    /// The warm spare, if one is ready (locked while one is being made).
+    pub(crate) spare: tokio::sync::Mutex<Option<spare::Spare>>,
+    /// A session took the spare or found none: make the next one.
+    pub(crate) spare_wanted: Notify,
 }
 
 impl Shared {
@@ -225,6 +230,8 @@ async fn run_with(
         status,
         rekey: Notify::new(),
         recheck: Notify::new(),
+        spare: tokio::sync::Mutex::new(None),
+        spare_wanted: Notify::new(),
     });
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -232,6 +239,9 @@ async fn run_with(
         tasks.spawn(registration::run(Arc::clone(&shared), tracker, stop.clone()));
     }
     tasks.spawn(recheck(Arc::clone(&shared), stop.clone()));
+    if shared.cfg.warm_spare {
+        tasks.spawn(spare::keep(Arc::clone(&shared), stop.clone()));
+    }
     tracing::info!(port, key = %shared.cfg.key, "device server listening");
     tokio::pin!(shutdown);
     let result = loop {

@@ -145,11 +145,12 @@ pub(crate) async fn run(
     let mut rx = FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME));
     let mut tx = FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME));
     let root = cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
-    let made = ops::blocking({
-        let root = root.clone();
-        move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root)
-    })
-    .await;
+    // The warm spare's dir and started worker, else a dir of our own (the
+    // worker then starts with the first call).
+    let (made, worker) = match super::spare::take(shared).await {
+        Some(spare) => (Ok(spare.dir), Some(spare.worker)),
+        None => (super::spare::session_dir(cfg).await, None),
+    };
     let dir = match made {
         Ok(dir) => {
             shared.update(|st| st.unavailable = None);
@@ -173,7 +174,7 @@ pub(crate) async fn run(
         cfg,
         dir: dir.path().to_path_buf(),
         tx,
-        worker: None,
+        worker,
         op: Op::Idle,
         held: None,
         last_id: 0,
