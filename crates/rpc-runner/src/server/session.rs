@@ -185,11 +185,17 @@ pub(crate) async fn run(
     // Tear down first, answer after: the client learns the server is clean
     // when close() returns.
     session.stop_op().await;
-    if let Some(mut worker) = session.worker.take() {
-        worker.kill().await;
-    }
+    // The worker is killed and reaped while the dir is removed: both are
+    // done before the answer.
+    let worker = session.worker.take();
+    let kill = async move {
+        if let Some(mut worker) = worker {
+            worker.kill().await;
+        }
+    };
     let dir_path = session.dir.clone();
-    if let Err(e) = ops::blocking(move || dir.close()).await {
+    let ((), removed) = tokio::join!(kill, ops::blocking(move || dir.close()));
+    if let Err(e) = removed {
         tracing::warn!(dir = %dir_path.display(), error = %e, "cannot remove session directory");
     }
     let last = match end {

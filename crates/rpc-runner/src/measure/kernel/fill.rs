@@ -53,14 +53,58 @@ fn mix(mut z: u64) -> u64 {
 /// (SplitMix64's state after `i + 1` draws is `state + (i + 1) * GAMMA`),
 /// so the loop has no carried dependency and the compiler vectorizes it.
 pub(super) fn fill(bytes: &mut [u8], dtype: DType, rng: &mut SplitMix64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        // SAFETY: the CPU has AVX-512 F, DQ and VL (checked just above; DQ
+        // and VL imply F).
+        unsafe { fill_avx512(bytes, dtype, rng) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { fill_avx2(bytes, dtype, rng) };
+        return;
+    }
+    fill_indexed(bytes, dtype, rng);
+}
+
+/// [`fill_indexed`] compiled for AVX2 (the same IEEE operations in the same
+/// order, so the same bytes; no FMA contraction: Rust never fuses).
+///
+/// # Safety
+///
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_avx2(bytes: &mut [u8], dtype: DType, rng: &mut SplitMix64) {
+    fill_indexed(bytes, dtype, rng);
+}
+
+/// [`fill_indexed`] compiled for AVX-512 (64-bit multiplies and
+/// conversions in vector registers; the same bytes, as for AVX2).
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F, DQ and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+unsafe fn fill_avx512(bytes: &mut [u8], dtype: DType, rng: &mut SplitMix64) {
+    fill_indexed(bytes, dtype, rng);
+}
+
+#[inline(always)]
+fn fill_indexed(bytes: &mut [u8], dtype: DType, rng: &mut SplitMix64) {
     #[inline(always)]
     fn each<const N: usize>(bytes: &mut [u8], base: u64, value: impl Fn(u64) -> [u8; N]) -> u64 {
-        let mut state = base;
-        for chunk in bytes.chunks_exact_mut(N) {
-            state = state.wrapping_add(GAMMA);
+        let n = bytes.len() / N;
+        for (i, chunk) in bytes.chunks_exact_mut(N).enumerate() {
+            let state = base.wrapping_add(GAMMA.wrapping_mul(i as u64 + 1));
             chunk.copy_from_slice(&value(mix(state)));
         }
-        state
+        base.wrapping_add(GAMMA.wrapping_mul(n as u64))
     }
     let unit = |z: u64| (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     let float = move |z: u64| 1.0 + 9.0 * unit(z);
@@ -201,10 +245,13 @@ mod tests {
                 let len = elems * dtype.bytes();
                 let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
                 let (mut ra, mut rb) = (SplitMix64(seed), SplitMix64(seed));
-                fill(&mut a, dtype, &mut ra);
                 fill_sequential(&mut b, dtype, &mut rb);
+                fill(&mut a, dtype, &mut ra);
                 assert_eq!(a, b, "{dtype} seed {seed} n {elems}");
                 assert_eq!(ra.0, rb.0, "{dtype} seed {seed} n {elems}: the state after");
+                let (mut c, mut rc) = (vec![0u8; len], SplitMix64(seed));
+                fill_indexed(&mut c, dtype, &mut rc);
+                assert_eq!((c, rc.0), (b, rb.0), "{dtype} seed {seed} n {elems}: portable");
             }
         }
     }
