@@ -49,6 +49,9 @@ pub struct ServerStatus {
     /// ([`SessionError::SetupFailed`](crate::SessionError::SetupFailed)); it
     /// is cleared when the server can serve again (checked every `tracker_poll`).
     pub unavailable: Option<String>,
+    /// The pid of the warm spare's worker while one is ready for the next
+    /// session ([`ServerConfig::warm_spare`]; always `None` without it).
+    pub spare: Option<u32>,
 }
 
 pub(crate) struct Shared {

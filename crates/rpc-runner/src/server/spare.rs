@@ -103,10 +103,15 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
         }
         tokio::select! {
             () = stop.cancelled() => break,
-            made = make(&shared.cfg) => *slot = made,
+            made = make(&shared.cfg) => {
+                let pid = made.as_ref().and_then(|s| s.worker.pid());
+                *slot = made;
+                shared.update(|st| st.spare = pid);
+            }
         }
     }
     let left = shared.spare.lock().await.take();
+    shared.update(|st| st.spare = None);
     if let Some(spare) = left {
         discard(spare).await;
     }
@@ -121,7 +126,11 @@ pub(super) async fn take(shared: &Shared) -> Option<Spare> {
         return None;
     }
     let taken = match tokio::time::timeout(TAKE_WAIT, shared.spare.lock()).await {
-        Ok(mut slot) => slot.take(),
+        Ok(mut slot) => {
+            let taken = slot.take();
+            shared.update(|st| st.spare = None);
+            taken
+        }
         Err(_) => None,
     };
     shared.spare_wanted.notify_one();
