@@ -207,10 +207,9 @@ impl ServerConfig {
     /// Keeps one warm spare ready: a fresh session dir and a started,
     /// never-used session worker, so a session does not wait for a worker
     /// process to start (default: off). The spare is made when the server
-    /// starts and again as soon as a session takes it (its process starts
-    /// while that session runs; its CPU pinning applies from the worker's
-    /// first instruction of our code on, as for any session worker), and
-    /// after a session that found none. A spare serves exactly one session
+    /// starts, at a session's first call (its process then starts while
+    /// that session's worker is busy) and when a session ends, each time
+    /// only if there is none. A spare serves exactly one session
     /// and is killed with it, as any session worker; a worker that ran a
     /// session's code is never reused. While the server is idle it holds
     /// that one empty dir and one idle worker process; both are removed

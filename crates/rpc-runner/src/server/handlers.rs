@@ -151,6 +151,9 @@ impl Session<'_> {
             },
         };
         self.op = Op::Call(Call::start(id, worker, task, limit));
+        if let Some(want) = self.want_spare.take() {
+            want.notify_one();
+        }
         Ok(())
     }
 }

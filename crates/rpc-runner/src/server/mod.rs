@@ -419,6 +419,9 @@ async fn handle_conn(
         st.sessions += 1;
     });
     shared.rekey.notify_one();
+    if shared.cfg.warm_spare {
+        shared.spare_wanted.notify_one();
+    }
     if let Some(farewell) = farewell {
         farewell.drain(&stop).await;
     }

@@ -95,6 +95,8 @@ pub(super) struct Session<'a> {
     pub(super) last_id: u64,
     pub(super) deadline: Option<Instant>,
     pub(super) limit: Option<Duration>,
+    /// Told at the session's first call: make the next warm spare.
+    pub(super) want_spare: Option<&'a tokio::sync::Notify>,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -180,6 +182,7 @@ pub(crate) async fn run(
         last_id: 0,
         deadline: limit.and_then(|l| Instant::now().checked_add(l)),
         limit,
+        want_spare: cfg.warm_spare.then_some(&shared.spare_wanted),
     };
     let end = session.serve(&mut rx, &shutdown).await;
     // Tear down first, answer after: the client learns the server is clean

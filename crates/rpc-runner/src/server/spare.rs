@@ -3,7 +3,8 @@
 //! process to start.
 //!
 //! One keeper task owns the making: it makes a spare when the server
-//! starts, when a session took the spare, and when a session found none.
+//! starts, when a session makes its first call, and when a session ends
+//! (each time only if there is none).
 //! A session takes the spare (waiting for one being made, bounded by
 //! [`TAKE_WAIT`]); the spare then is that session's dir and worker, torn
 //! down with it like any other. A spare is never handed to two sessions,
@@ -118,7 +119,9 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Takes the spare for a session (waiting at most [`TAKE_WAIT`] for one
-/// being made) and asks the keeper for the next one. `None` without
+/// being made). The session asks for the next one with its first call
+/// (so the next worker starts while this session's worker, not the server,
+/// is busy: an upload is not slowed by it) or when it ends. `None` without
 /// `warm_spare`, when there is none, or when its process died (it is
 /// discarded). Cancel-safe: a dropped call takes nothing.
 pub(super) async fn take(shared: &Shared) -> Option<Spare> {
@@ -133,7 +136,6 @@ pub(super) async fn take(shared: &Shared) -> Option<Spare> {
         }
         Err(_) => None,
     };
-    shared.spare_wanted.notify_one();
     let spare = taken?;
     if spare.worker.pid().is_none() {
         discard(spare).await;
