@@ -50,7 +50,7 @@ pub(super) async fn session_dir(cfg: &ServerConfig) -> std::io::Result<TempDir> 
 }
 
 /// Makes a spare; `None` (logged) if the dir or the worker cannot be made.
-/// Cancel-safe: a dropped future drops (kills) the worker and removes the dir.
+/// Not to be dropped while it runs: see [`keep`].
 async fn make(cfg: &ServerConfig) -> Option<Spare> {
     let dir = match session_dir(cfg).await {
         Ok(dir) => dir,
@@ -90,7 +90,10 @@ async fn discard(mut spare: Spare) {
 }
 
 /// The keeper: makes a spare whenever one is wanted and there is none,
-/// until `stop`; then discards the spare. Runs only with `warm_spare`.
+/// until `stop` (a spare being made is finished first); then discards the
+/// spare. Runs only with `warm_spare`. Dropping it while it makes a spare
+/// (the runtime shutting down, a dropped `DeviceServer::run`) can leave
+/// that worker's process behind; a graceful stop cannot.
 pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
     shared.spare_wanted.notify_one();
     loop {
@@ -102,14 +105,13 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
         if slot.is_some() || shared.snapshot().unavailable.is_some() {
             continue;
         }
-        tokio::select! {
-            () = stop.cancelled() => break,
-            made = make(&shared.cfg) => {
-                let pid = made.as_ref().and_then(|s| s.worker.pid());
-                *slot = made;
-                shared.update(|st| st.spare = pid);
-            }
-        }
+        // Not cut short by `stop`: a worker start dropped midway can leave
+        // its process running without a parent that knows it (popen-pool's
+        // start is not safe to drop during the spawn); it is discarded below.
+        let made = make(&shared.cfg).await;
+        let pid = made.as_ref().and_then(|s| s.worker.pid());
+        *slot = made;
+        shared.update(|st| st.spare = pid);
     }
     let left = shared.spare.lock().await.take();
     shared.update(|st| st.spare = None);
