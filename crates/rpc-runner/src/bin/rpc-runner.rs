@@ -90,6 +90,10 @@ enum Command {
         /// Directory for the sessions' temp dirs (default: the system temp dir).
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
+        /// Keep a warm spare session (a fresh dir and a started worker)
+        /// ready, so a lease does not wait for a worker process to start.
+        #[arg(long)]
+        warm_spare: bool,
     },
     /// Print the C header of the kernel ABI (`tuning_harness_kernel.h`).
     KernelHeader,
@@ -249,6 +253,7 @@ async fn main() -> Result<()> {
             no_pin,
             memory_limit,
             work_dir,
+            warm_spare,
         } => {
             let listener = bind_range(&host, port, port_end).await?;
             let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?)
@@ -294,6 +299,7 @@ async fn main() -> Result<()> {
             if let Some(bytes) = memory_limit {
                 config = config.worker_memory_limit(bytes);
             }
+            config = config.warm_spare(warm_spare);
             config.check().await.context("the server cannot serve")?;
             println!("server listening on {}", local(&listener)?);
             DeviceServer::run(listener, config, shutdown_signal())

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub(crate) worker_cpus: Option<Vec<usize>>,
     /// Memory ceiling of a session worker while a task runs (default: none).
     pub(crate) worker_memory_limit: Option<u64>,
+    /// Keep a warm spare session (dir and started worker) ready (default: off).
+    pub(crate) warm_spare: bool,
 }
 
 impl ServerConfig {
@@ -77,6 +79,7 @@ impl ServerConfig {
             max_connections: 64,
             worker_cpus: Some(crate::measure::CpuPlan::detect().measure),
             worker_memory_limit: None,
+            warm_spare: false,
         }
     }
 }
@@ -198,6 +201,24 @@ impl ServerConfig {
     #[must_use]
     pub fn worker_memory_limit(mut self, bytes: u64) -> Self {
         self.worker_memory_limit = Some(bytes);
+        self
+    }
+
+    /// Keeps one warm spare ready: a fresh session dir and a started,
+    /// never-used session worker, so a session does not wait for a worker
+    /// process to start (default: off). The spare is made when the server
+    /// starts, at a session's first call (its process then starts while
+    /// that session's worker is busy) and when a session ends, each time
+    /// only if there is none. A spare serves exactly one session
+    /// and is killed with it, as any session worker; a worker that ran a
+    /// session's code is never reused. While the server is idle it holds
+    /// that one empty dir and one idle worker process; both are removed
+    /// when the server stops. A session that finds no spare ready (or one
+    /// whose process died) makes its own dir and worker, as without this
+    /// option.
+    #[must_use]
+    pub fn warm_spare(mut self, on: bool) -> Self {
+        self.warm_spare = on;
         self
     }
 

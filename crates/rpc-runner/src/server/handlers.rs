@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use popen_pool::{ErasedTask, PopenWorker};
+use popen_pool::ErasedTask;
 
 use super::ops::{self, Call, Stream, Upload, Writer, io_error};
 use super::paths::resolve;
@@ -145,25 +145,15 @@ impl Session<'_> {
     ) -> Result<(), End> {
         let worker = match self.worker.take() {
             Some(w) => w,
-            None => {
-                let program = self.cfg.worker.clone().current_dir(&self.dir);
-                let mut builder = PopenWorker::builder(program)
-                    .stdout(self.cfg.worker_output)
-                    .stderr(self.cfg.worker_output);
-                if let Some(cpus) = &self.cfg.worker_cpus {
-                    builder = builder.cpu_affinity(cpus.iter().copied());
-                }
-                if let Some(bytes) = self.cfg.worker_memory_limit {
-                    builder = builder.memory_limit(bytes);
-                }
-                let built = builder.build();
-                match built {
-                    Ok(w) => w,
-                    Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
-                }
-            }
+            None => match super::spare::new_worker(self.cfg, &self.dir) {
+                Ok(w) => w,
+                Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
+            },
         };
         self.op = Op::Call(Call::start(id, worker, task, limit));
+        if let Some(want) = self.want_spare.take() {
+            want.notify_one();
+        }
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ mod ops;
 mod paths;
 mod registration;
 mod session;
+mod spare;
 
 pub use config::ServerConfig;
 pub use error::ServerError;
@@ -48,6 +49,9 @@ pub struct ServerStatus {
     /// ([`SessionError::SetupFailed`](crate::SessionError::SetupFailed)); it
     /// is cleared when the server can serve again (checked every `tracker_poll`).
     pub unavailable: Option<String>,
+    /// The pid of the warm spare's worker while one is ready for the next
+    /// session ([`ServerConfig::warm_spare`]; always `None` without it).
+    pub spare: Option<u32>,
 }
 
 pub(crate) struct Shared {
@@ -59,6 +63,10 @@ pub(crate) struct Shared {
     pub(crate) rekey: Notify,
     /// The server became unavailable: check when it can serve again.
     pub(crate) recheck: Notify,
+    /// The warm spare, if one is ready (locked while one is being made).
+    pub(crate) spare: tokio::sync::Mutex<Option<spare::Spare>>,
+    /// A session took the spare or found none: make the next one.
+    pub(crate) spare_wanted: Notify,
 }
 
 impl Shared {
@@ -225,6 +233,8 @@ async fn run_with(
         status,
         rekey: Notify::new(),
         recheck: Notify::new(),
+        spare: tokio::sync::Mutex::new(None),
+        spare_wanted: Notify::new(),
     });
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -232,6 +242,9 @@ async fn run_with(
         tasks.spawn(registration::run(Arc::clone(&shared), tracker, stop.clone()));
     }
     tasks.spawn(recheck(Arc::clone(&shared), stop.clone()));
+    if shared.cfg.warm_spare {
+        tasks.spawn(spare::keep(Arc::clone(&shared), stop.clone()));
+    }
     tracing::info!(port, key = %shared.cfg.key, "device server listening");
     tokio::pin!(shutdown);
     let result = loop {
@@ -406,6 +419,9 @@ async fn handle_conn(
         st.sessions += 1;
     });
     shared.rekey.notify_one();
+    if shared.cfg.warm_spare {
+        shared.spare_wanted.notify_one();
+    }
     if let Some(farewell) = farewell {
         farewell.drain(&stop).await;
     }

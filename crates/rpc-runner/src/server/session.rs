@@ -95,6 +95,8 @@ pub(super) struct Session<'a> {
     pub(super) last_id: u64,
     pub(super) deadline: Option<Instant>,
     pub(super) limit: Option<Duration>,
+    /// Told at the session's first call: make the next warm spare.
+    pub(super) want_spare: Option<&'a tokio::sync::Notify>,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -145,11 +147,12 @@ pub(crate) async fn run(
     let mut rx = FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME));
     let mut tx = FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME));
     let root = cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
-    let made = ops::blocking({
-        let root = root.clone();
-        move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root)
-    })
-    .await;
+    // The warm spare's dir and started worker, else a dir of our own (the
+    // worker then starts with the first call).
+    let (made, worker) = match super::spare::take(shared).await {
+        Some(spare) => (Ok(spare.dir), Some(spare.worker)),
+        None => (super::spare::session_dir(cfg).await, None),
+    };
     let dir = match made {
         Ok(dir) => {
             shared.update(|st| st.unavailable = None);
@@ -173,22 +176,29 @@ pub(crate) async fn run(
         cfg,
         dir: dir.path().to_path_buf(),
         tx,
-        worker: None,
+        worker,
         op: Op::Idle,
         held: None,
         last_id: 0,
         deadline: limit.and_then(|l| Instant::now().checked_add(l)),
         limit,
+        want_spare: cfg.warm_spare.then_some(&shared.spare_wanted),
     };
     let end = session.serve(&mut rx, &shutdown).await;
     // Tear down first, answer after: the client learns the server is clean
     // when close() returns.
     session.stop_op().await;
-    if let Some(mut worker) = session.worker.take() {
-        worker.kill().await;
-    }
+    // The worker is killed and reaped while the dir is removed: both are
+    // done before the answer.
+    let worker = session.worker.take();
+    let kill = async move {
+        if let Some(mut worker) = worker {
+            worker.kill().await;
+        }
+    };
     let dir_path = session.dir.clone();
-    if let Err(e) = ops::blocking(move || dir.close()).await {
+    let ((), removed) = tokio::join!(kill, ops::blocking(move || dir.close()));
+    if let Err(e) = removed {
         tracing::warn!(dir = %dir_path.display(), error = %e, "cannot remove session directory");
     }
     let last = match end {

@@ -12,7 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::error::SessionError;
-use super::io::{ChunkSink, Got};
+use super::io::{ChunkSink, Got, Opened, open_local};
 pub(crate) use super::options::ConnectOptions;
 use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::handshake::{
@@ -243,7 +243,9 @@ impl Session {
         self.upload_from(remote, data.len() as u64, Source::Bytes(data)).await
     }
 
-    /// Uploads the local file `local` to `remote`, streaming it in chunks.
+    /// Uploads the local file `local` to `remote`, streaming it in chunks (a
+    /// file of at most one chunk is read whole, in one trip to a blocking
+    /// thread, before it is sent).
     ///
     /// # Errors
     ///
@@ -262,9 +264,18 @@ impl Session {
         let local = local.as_ref();
         let local_err =
             |source| SessionError::LocalIo { path: local.display().to_string(), source };
-        let file = tokio::fs::File::open(local).await.map_err(local_err)?;
-        let len = file.metadata().await.map_err(local_err)?.len();
-        self.upload_from(remote, len, Source::File { file, path: local }).await
+        // One trip to a blocking thread opens, sizes and (for a file of at
+        // most one chunk, such as a kernel) reads it.
+        let opened = open_local(local).await.map_err(local_err)?;
+        match opened {
+            Opened::Small(data) => {
+                self.upload_from(remote, data.len() as u64, Source::Bytes(&data)).await
+            }
+            Opened::Large(file, len) => {
+                let file = tokio::fs::File::from_std(file);
+                self.upload_from(remote, len, Source::File { file, path: local }).await
+            }
+        }
     }
 
     async fn upload_from(

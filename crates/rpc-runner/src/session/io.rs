@@ -344,3 +344,29 @@ impl Answer {
         postcard::from_bytes(&self.0).ok()
     }
 }
+
+/// A local file to upload: read whole (at most one chunk), or to stream.
+pub(super) enum Opened {
+    Small(Vec<u8>),
+    Large(std::fs::File, u64),
+}
+
+/// Opens and sizes `path` in one trip to a blocking thread, reading it
+/// whole there if it fits in one chunk (a kernel, typically). Cancel-safe:
+/// a dropped call drops what the thread opened.
+pub(super) async fn open_local(path: &std::path::Path) -> std::io::Result<Opened> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let file = std::fs::File::open(&path)?;
+        let len = file.metadata()?.len();
+        if len > crate::wire::proto::CHUNK as u64 {
+            return Ok(Opened::Large(file, len));
+        }
+        let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.take(len).read_to_end(&mut data)?;
+        Ok(Opened::Small(data))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))))
+}

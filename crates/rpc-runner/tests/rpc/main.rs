@@ -12,6 +12,7 @@ mod kernels;
 mod runners;
 mod server_input;
 mod sessions;
+mod spare;
 mod tasks;
 mod tracker;
 mod tracker_interop;

@@ -170,6 +170,8 @@ impl ArgSet {
 /// The argument sets of the current [`AllocArgs`].
 pub(super) struct ArgSets {
     pub(super) sets: Vec<ArgSet>,
+    /// What they were made for (see [`ArgSets::refill`]).
+    args: Vec<ArgInfo>,
 }
 
 impl ArgSets {
@@ -184,7 +186,25 @@ impl ArgSets {
         let sets = (0..alloc_repeat)
             .map(|_| ArgSet::new(args, &mut rng))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(ArgSets { sets })
+        Ok(ArgSets { sets, args: args.to_vec() })
+    }
+
+    /// If these sets were made for the same `args` and `alloc_repeat`,
+    /// fills them again with `seed`'s values (the bytes [`ArgSets::new`]
+    /// would give: every argument buffer is overwritten, whatever a kernel
+    /// wrote into it) and returns true; keeps the allocations, so their
+    /// pages are neither freed nor faulted in again.
+    pub(super) fn refill(&mut self, args: &[ArgInfo], alloc_repeat: u32, seed: u64) -> bool {
+        if self.args != args || usize::try_from(alloc_repeat).ok() != Some(self.sets.len()) {
+            return false;
+        }
+        let mut rng = SplitMix64(seed);
+        for set in &mut self.sets {
+            for (buf, info) in set.bufs.iter_mut().zip(args) {
+                fill(buf.as_mut_slice(), info.dtype, &mut rng);
+            }
+        }
+        true
     }
 }
 

@@ -67,6 +67,32 @@ fn alloc_args_is_seeded_aligned_and_in_range() {
 }
 
 #[test]
+fn alloc_args_again_for_the_same_shapes_reuses_the_buffers_and_restores_the_bytes() {
+    let mut ctx = WorkerContext::default();
+    AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
+    let fresh: Vec<Vec<u8>> = (0..5).map(|i| read(&ctx, 1, i)).collect();
+    let ptr = ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr;
+    // A kernel wrote its outputs over set 1's buffers.
+    for buf in &mut ctx.get_mut::<ArgSets>().unwrap().sets[1].bufs {
+        buf.as_mut_slice().fill(0xAB);
+    }
+    AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
+    assert_eq!(ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr, ptr, "buffers kept");
+    for (i, want) in fresh.iter().enumerate() {
+        assert_eq!(&read(&ctx, 1, i as u32), want, "argument {i} filled again");
+    }
+    // Other shapes or another alloc_repeat: new sets.
+    AllocArgs { args: args(), alloc_repeat: 1, seed: 9 }.run(&mut ctx).unwrap();
+    assert_eq!(ctx.get::<ArgSets>().unwrap().sets.len(), 1);
+    let mut other = args();
+    other[0] = ArgInfo::tensor(DType::F32, [5, 3]);
+    AllocArgs { args: other, alloc_repeat: 1, seed: 9 }.run(&mut ctx).unwrap();
+    assert_eq!(ctx.get::<ArgSets>().unwrap().sets[0].tensors[0].ndim, 2);
+    // SAFETY: the shape pointer points at the set's own 2-element shape.
+    assert_eq!(unsafe { *ctx.get::<ArgSets>().unwrap().sets[0].tensors[0].shape }, 5);
+}
+
+#[test]
 fn fill_is_stable() {
     // Pinned so a change to the generator is noticed: fills are part of
     // what a tuning log reproduces.
