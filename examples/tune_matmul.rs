@@ -73,7 +73,7 @@ use crate::outcome::Status;
 use crate::rounds::{DEFAULT_FINALISTS, MAX_FINALISTS};
 
 /// Candidates the search proposes by default.
-const DEFAULT_TRIALS: usize = 96;
+const DEFAULT_TRIALS: usize = 80;
 
 /// Candidates per round by default.
 const DEFAULT_BATCH: usize = 16;
@@ -106,7 +106,7 @@ struct Args {
     batch: usize,
     /// No new round starts after this many seconds (the final and the
     /// all-cores rounds still run).
-    #[arg(long, value_name = "SECS", default_value_t = 45.0, value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 40.0, value_parser = parse_secs)]
     time_budget: f64,
     /// Problem size: C[M][N] = A[M][K] * B[K][N], as MxNxK or M,N,K.
     #[arg(long, value_name = "MxNxK", default_value = "256x256x256", value_parser = parse_size)]
@@ -278,6 +278,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let plan = embedded.as_ref().map(|_| CpuPlan::detect());
     let mut build_cfg =
         LocalBuilderConfig::default().out_dir(out_dir.join("build")).add_flags(cflags.clone());
+    // The first batch builds before anything is measured: on every CPU.
+    let first_cfg = build_cfg.clone();
     let pin_note = match &plan {
         None => "remote servers: each pins its own session workers; builds use every CPU here"
             .to_owned(),
@@ -330,16 +332,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let result = match (LocalBuilder::new(program, build_cfg), screen, last) {
-        (Ok(builder), Ok(screen), Ok(last)) => {
+    let builders = (
+        LocalBuilder::new(program.clone(), first_cfg),
+        LocalBuilder::new(program, build_cfg),
+    );
+    let result = match (builders, screen, last) {
+        ((Ok(first), Ok(builder)), Ok(screen), Ok(last)) => {
             let runners = Runners { screen, last };
+            let builders = [&first, &builder];
             let result =
-                tune(&args, &cflags, &builder, &runners, all_cores, pin_note, &out_dir).await;
+                tune(&args, &cflags, builders, &runners, all_cores, pin_note, &out_dir).await;
+            first.shutdown().await;
             builder.shutdown().await;
             result
         }
-        (Err(e), _, _) => Err(e).context("cannot start the builder"),
-        (_, Err(e), _) | (_, _, Err(e)) => Err(e).context("cannot start the runner"),
+        ((first, builder), screen, last) => {
+            let mut errors = Vec::new();
+            for b in [first, builder] {
+                match b {
+                    Ok(b) => b.shutdown().await,
+                    Err(e) => errors.push(anyhow::Error::from(e).context("cannot start the builder")),
+                }
+            }
+            for r in [screen, last] {
+                if let Err(e) = r {
+                    errors.push(anyhow::Error::from(e).context("cannot start the runner"));
+                }
+            }
+            Err(errors.pop().unwrap_or_else(|| anyhow::anyhow!("cannot start")))
+        }
     };
 
     // Everything stops, whatever happened.
@@ -366,7 +387,7 @@ struct Runners {
 async fn tune(
     args: &Args,
     cflags: &[String],
-    builder: &LocalBuilder,
+    [first_builder, builder]: [&LocalBuilder; 2],
     runners: &Runners,
     all_cores: Option<tuner::AllCores>,
     pin_note: String,
@@ -382,6 +403,7 @@ async fn tune(
         finalists: args.finalists,
         openblas_lib: args.openblas_lib.clone(),
         builder,
+        first_builder,
         screen: &runners.screen,
         last: &runners.last,
         all_cores,

@@ -37,6 +37,8 @@ pub(crate) struct Setup<'a> {
     pub(crate) finalists: usize,
     pub(crate) openblas_lib: String,
     pub(crate) builder: &'a LocalBuilder,
+    /// Builds the first batch (nothing is measured meanwhile: every CPU).
+    pub(crate) first_builder: &'a LocalBuilder,
     pub(crate) screen: &'a RpcRunner,
     pub(crate) last: &'a RpcRunner,
     /// With the embedded tracker: how to start the unpinned server.
@@ -162,7 +164,7 @@ async fn measure(
 /// Runs the probe kernel on the device.
 async fn probe(setup: &Setup<'_>) -> anyhow::Result<Device> {
     let built = setup
-        .builder
+        .first_builder
         .build_one(BuilderInput::new("device_probe", openblas::probe_source(&setup.openblas_lib)))
         .await;
     let path = built.result.map_err(|e| anyhow::anyhow!("{e}"))?.artifact_path;
@@ -229,7 +231,7 @@ pub(crate) async fn tune(setup: &Setup<'_>) -> anyhow::Result<Tuned> {
     }
     let phase = Instant::now();
     let inputs = (0..book.candidates.len()).map(|i| book.input(i, size, lib)).collect();
-    book.built(build(setup.builder, inputs).await);
+    book.built(build(setup.first_builder, inputs).await);
     phases.push(format!("first build {:.1} s", phase.elapsed().as_secs_f64()));
 
     // 2. Rounds: measure round r while round r + 1 builds.
