@@ -332,10 +332,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let builders = (
-        LocalBuilder::new(program.clone(), first_cfg),
-        LocalBuilder::new(program, build_cfg),
-    );
+    let builders =
+        (LocalBuilder::new(program.clone(), first_cfg), LocalBuilder::new(program, build_cfg));
     let result = match (builders, screen, last) {
         ((Ok(first), Ok(builder)), Ok(screen), Ok(last)) => {
             let runners = Runners { screen, last };
@@ -351,7 +349,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             for b in [first, builder] {
                 match b {
                     Ok(b) => b.shutdown().await,
-                    Err(e) => errors.push(anyhow::Error::from(e).context("cannot start the builder")),
+                    Err(e) => {
+                        errors.push(anyhow::Error::from(e).context("cannot start the builder"))
+                    }
                 }
             }
             for r in [screen, last] {

@@ -16,10 +16,8 @@ use serde_json::Value;
 
 // The search of the example, unit-tested here (examples' own tests do not run).
 #[path = "../examples/tune_matmul/model.rs"]
-#[expect(dead_code, reason = "the example uses more of it than these tests")]
 mod model;
 #[path = "../examples/tune_matmul/search.rs"]
-#[expect(dead_code, reason = "the example uses more of it than these tests")]
 mod search;
 #[path = "../examples/tune_matmul/space.rs"]
 #[expect(dead_code, reason = "the example uses more of it than these tests")]

@@ -295,7 +295,10 @@ pub(crate) fn plot(
         .y_desc("GFLOP/s")
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 14))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(rounds.max(1) + 1)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
+        })
         .y_label_formatter(&|y| format!("{y:.0}"))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
@@ -310,14 +313,19 @@ pub(crate) fn plot(
             });
     }
     let blue = RGBColor(31, 119, 180);
+    let step: Vec<(f64, f64)> = best
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(r, b))| [(r, b), (best.get(j + 1).map_or(r + 0.5, |n| n.0), b)])
+        .collect();
     chart
-        .draw_series(LineSeries::new(best.clone(), blue.stroke_width(3)))?
+        .draw_series(LineSeries::new(step, blue.stroke_width(3)))?
         .label("best so far (1 thread)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(3)));
     let orange = RGBColor(255, 127, 14);
     chart
         .draw_series(points.iter().map(|&p| Circle::new(p, 3, orange.filled())))?
-        .label("candidate (screening)")
+        .label("candidate (final cost for finalists)")
         .legend(move |(x, y)| Circle::new((x + 10, y), 3, orange.filled()));
     chart
         .configure_series_labels()

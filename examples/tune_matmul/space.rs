@@ -136,7 +136,8 @@ impl Gemm {
 
     /// Accumulators, the vectors of B and the broadcast of A fit the registers.
     pub(crate) fn fits(&self) -> bool {
-        self.mr * self.nrv + self.nrv + 1 <= self.isa.registers()
+        // One register for the broadcast of A.
+        self.mr * self.nrv + self.nrv < self.isa.registers()
     }
 
     /// Every parameter is one of its options and the kernel fits.

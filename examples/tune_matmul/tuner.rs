@@ -65,6 +65,9 @@ pub(crate) struct Tuned {
     pub(crate) rounds: usize,
 }
 
+/// A build's result: the artifact and its build time, or the failure.
+type Built = (usize, Result<(PathBuf, f64), Outcome>);
+
 /// Every candidate so far, by index.
 #[derive(Default)]
 struct Book {
@@ -92,7 +95,7 @@ impl Book {
         (i, BuilderInput::new(&c.name, c.source(size, lib)).with_flags(c.extra_flags()))
     }
 
-    fn built(&mut self, results: Vec<(usize, Result<(PathBuf, f64), Outcome>)>) {
+    fn built(&mut self, results: Vec<Built>) {
         for (i, r) in results {
             match r {
                 Ok((path, secs)) => {
@@ -104,9 +107,14 @@ impl Book {
         }
     }
 
-    fn median(&self, i: usize) -> Option<f64> {
+    /// The screening cost the search ranks by: the fastest batch (other
+    /// tasks only ever add time; screening counts every batch).
+    fn cost(&self, i: usize) -> Option<f64> {
         let o = self.outcomes[i].as_ref()?;
-        o.status.ranked().then(|| o.median())?
+        if !o.status.ranked() {
+            return None;
+        }
+        o.run_secs.iter().copied().filter(|s| *s > 0.0).min_by(f64::total_cmp)
     }
 
     fn gemm(&self, i: usize) -> Option<Gemm> {
@@ -126,10 +134,7 @@ fn matrix_args(size: Size) -> Vec<ArgInfo> {
 }
 
 /// Builds `inputs`; a failed build becomes its outcome.
-async fn build(
-    builder: &LocalBuilder,
-    inputs: Vec<(usize, BuilderInput)>,
-) -> Vec<(usize, Result<(PathBuf, f64), Outcome>)> {
+async fn build(builder: &LocalBuilder, inputs: Vec<(usize, BuilderInput)>) -> Vec<Built> {
     let (ids, inputs): (Vec<usize>, Vec<BuilderInput>) = inputs.into_iter().unzip();
     let mut out = Vec::with_capacity(ids.len());
     let mut builds = builder.build(inputs);
@@ -300,7 +305,7 @@ pub(crate) async fn tune(setup: &Setup<'_>) -> anyhow::Result<Tuned> {
             .iter()
             .filter_map(|&i| {
                 let g = book.gemm(i)?;
-                Some((g, book.median(i).map(|s| size.flops() / s / 1e9)))
+                Some((g, book.cost(i).map(|s| size.flops() / s / 1e9)))
             })
             .collect();
         search.observe(fed);
@@ -315,7 +320,7 @@ pub(crate) async fn tune(setup: &Setup<'_>) -> anyhow::Result<Tuned> {
     // 3. The final round (the multi-threaded variants build meanwhile).
     let mut ranked: Vec<(usize, f64)> = (0..book.candidates.len())
         .filter(|&i| book.gemm(i).is_some_and(|g| g.threads == 1))
-        .filter_map(|i| book.median(i).map(|m| (i, m)))
+        .filter_map(|i| book.cost(i).map(|m| (i, m)))
         .collect();
     ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     let mut finalists: Vec<usize> = ranked.iter().take(setup.finalists).map(|&(i, _)| i).collect();
