@@ -446,9 +446,22 @@ async fn tune(
     if !cflags.is_empty() && args.cflags.is_none() {
         println!("(the kernels are compiled for this machine: --cflags \"\" for portable code)");
     }
-    let missing = match tuned.device {
+    let missing = match &tuned.device {
         Some(d) => {
             println!("{} (reported by a probe kernel run on the device)", d.describe());
+            if let Some(core) = &d.openblas_core {
+                let env = std::env::var("OPENBLAS_CORETYPE").ok();
+                println!(
+                    "OpenBLAS uses its {core} kernels on the device ({})",
+                    match env {
+                        Some(v) => format!(
+                            "OPENBLAS_CORETYPE={v} is set here and the device workers inherit it: \
+                             unset it for OpenBLAS's own choice"
+                        ),
+                        None => "its own choice; OPENBLAS_CORETYPE=<core> overrides it".to_owned(),
+                    }
+                );
+            }
             (!d.openblas).then(|| {
                 format!(
                     "{} is not installed on the device (install it: apt-get install libopenblas0)",

@@ -9,8 +9,11 @@
 
 use crate::space::Isa;
 
-/// Slots of the probe's output.
-pub(crate) const PROBE_LEN: usize = 5;
+/// Slots of the probe's output: 5 flags and counts, then OpenBLAS's core
+/// name, one character a slot, zero-terminated.
+pub(crate) const PROBE_LEN: usize = 5 + CORE_NAME_LEN;
+
+const CORE_NAME_LEN: usize = 32;
 
 /// The probe kernel: `args = [int32 out[PROBE_LEN]]`.
 pub(crate) fn probe_source(lib: &str) -> String {
@@ -31,6 +34,10 @@ int32_t entry(DLTensor* args, int32_t num_args) {{
   out[2] = __builtin_cpu_supports("avx512f") != 0;
   void* lib = dlopen({lib:?}, RTLD_NOW | RTLD_LOCAL);
   out[3] = lib != 0 && dlsym(lib, "cblas_sgemm") != 0;
+  for (int i = 5; i < {PROBE_LEN}; ++i) out[i] = 0;
+  char* (*corename)(void) = lib ? (char* (*)(void))dlsym(lib, "openblas_get_corename") : 0;
+  const char* name = corename ? corename() : 0;
+  for (int i = 0; name && name[i] && i < {CORE_NAME_LEN} - 1; ++i) out[5 + i] = (unsigned char)name[i];
   if (lib) dlclose(lib);
   out[4] = (int32_t)sysconf(_SC_NPROCESSORS_ONLN);
   return 0;
@@ -40,7 +47,7 @@ int32_t entry(DLTensor* args, int32_t num_args) {{
 }
 
 /// What the probe reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Device {
     pub(crate) avx2: bool,
     pub(crate) fma: bool,
@@ -48,12 +55,25 @@ pub(crate) struct Device {
     /// The OpenBLAS library loads and has `cblas_sgemm`.
     pub(crate) openblas: bool,
     pub(crate) cpus: usize,
+    /// The kernels OpenBLAS picked for this CPU (`openblas_get_corename`).
+    pub(crate) openblas_core: Option<String>,
 }
 
 impl Device {
     pub(crate) fn from_probe(out: &[i32]) -> Option<Device> {
-        let &[avx2, fma, avx512f, openblas, cpus] = out else { return None };
+        if out.len() != PROBE_LEN {
+            return None;
+        }
+        let head: &[i32; 5] = out[..5].try_into().ok()?;
+        let &[avx2, fma, avx512f, openblas, cpus] = head;
+        let name = &out[5..];
+        let core: String = name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .filter_map(|&c| u8::try_from(c).ok().filter(u8::is_ascii_graphic).map(char::from))
+            .collect();
         Some(Device {
+            openblas_core: (!core.is_empty()).then_some(core),
             avx2: avx2 != 0,
             fma: fma != 0,
             avx512f: avx512f != 0,

@@ -208,9 +208,9 @@ pub(crate) async fn tune(setup: &Setup<'_>) -> anyhow::Result<Tuned> {
             None
         }
     };
-    let isas = device.map_or_else(|| vec![crate::space::Isa::Portable], |d| d.isas());
-    let openblas = device.is_some_and(|d| d.openblas);
-    let cpus = device.map_or(1, |d| d.cpus);
+    let isas = device.as_ref().map_or_else(|| vec![crate::space::Isa::Portable], Device::isas);
+    let openblas = device.as_ref().is_some_and(|d| d.openblas);
+    let cpus = device.as_ref().map_or(1, |d| d.cpus);
     let mut search = Search::new(setup.seed, &isas, size.m, size.n, size.k);
 
     // 1. The first batch: the fixed candidates, OpenBLAS, the first proposals.
