@@ -336,12 +336,26 @@ pub(crate) async fn tune(setup: &Setup<'_>) -> anyhow::Result<Tuned> {
             mt.push(book.add(Candidate::new(Kind::Gemm(g)), round, true));
         }
     }
+    // The fastest single-threaded one runs on all cores too (the same
+    // library): a multi-threaded variant has to beat it to be worth it.
+    if let (Some(&(i, _)), false) = (ranked.first(), mt.is_empty()) {
+        let c = &book.candidates[i];
+        let twin = Candidate { name: format!("{}_all_cores", c.name), ..c.clone() };
+        let j = book.add(twin, book.round[i], true);
+        book.artifacts[j] = book.artifacts[i].clone();
+        book.build_secs[j] = book.build_secs[i];
+        mt.push(j);
+    }
     let bar = bars.add(ProgressBar::new(finalists.len() as u64).with_style(style()));
     bar.set_prefix("final");
     bar.set_message(format!("{} interleaved in one session", finalists.len()));
     bar.enable_steady_tick(Duration::from_millis(200));
     let phase = Instant::now();
-    let builds: Vec<(usize, BuilderInput)> = mt.iter().map(|&i| book.input(i, size, lib)).collect();
+    let builds: Vec<(usize, BuilderInput)> = mt
+        .iter()
+        .filter(|&&i| book.artifacts[i].is_none())
+        .map(|&i| book.input(i, size, lib))
+        .collect();
     let Book { artifacts, outcomes, .. } = &mut book;
     let (built, ()) = tokio::join!(
         build(setup.builder, builds),
