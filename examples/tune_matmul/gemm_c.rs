@@ -244,31 +244,60 @@ fn rows_fn(d: &mut String, g: &Gemm) {
     d.push_str("}\n\n");
 }
 
-/// `gemm_threads(A, B, C)`: NT POSIX threads on contiguous row ranges
-/// (whole register blocks); the calling thread takes the first range. A
-/// thread that cannot be created is run by the caller.
+/// `gemm_threads(A, B, C)`: NT threads on contiguous row ranges (whole
+/// register blocks), the calling thread taking the first. The other NT - 1
+/// are created at the first call and kept, blocked on a barrier between
+/// calls (creating them at every call costs about what the second core
+/// gains at 256^3). If they cannot all be created, every call runs on the
+/// calling thread alone (those created stay blocked until the process
+/// exits).
 const THREADS: &str = r#"
 #include <pthread.h>
-typedef struct { const float* A; const float* B; float* C; int m0, m1, tid; } job_t;
-static void* run_job(void* arg) {
-  const job_t* j = (const job_t*)arg;
-  gemm_rows(j->A, j->B, j->C, j->m0, j->m1, j->tid);
+static pthread_barrier_t start_barrier, done_barrier;
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static int pool_ok;
+static const float* job_a;
+static const float* job_b;
+static float* job_c;
+#define ROWS (((M + NT - 1) / NT + MR - 1) / MR * MR)
+static void run_part(int t) {
+  const int m0 = MIN(t * ROWS, M);
+  gemm_rows(job_a, job_b, job_c, m0, MIN(m0 + ROWS, M), t);
+}
+static void* pool_thread(void* arg) {
+  const int t = (int)(long)arg;
+  for (;;) {
+    pthread_barrier_wait(&start_barrier);
+    run_part(t);
+    pthread_barrier_wait(&done_barrier);
+  }
   return 0;
 }
-static void gemm_threads(const float* A, const float* B, float* C) {
-  job_t jobs[NT];
-  pthread_t th[NT];
-  int started[NT];
-  const int rows = ((M + NT - 1) / NT + MR - 1) / MR * MR;
-  for (int t = 0; t < NT; ++t) {
-    const int m0 = MIN(t * rows, M);
-    jobs[t] = (job_t){A, B, C, m0, MIN(m0 + rows, M), t};
-  }
-  for (int t = 1; t < NT; ++t) started[t] = pthread_create(&th[t], 0, run_job, &jobs[t]) == 0;
-  run_job(&jobs[0]);
+static void start_pool(void) {
+  if (pthread_barrier_init(&start_barrier, 0, NT) || pthread_barrier_init(&done_barrier, 0, NT))
+    return;
+  pthread_attr_t attr;
+  if (pthread_attr_init(&attr)) return;
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int started = 0;
   for (int t = 1; t < NT; ++t) {
-    if (started[t]) pthread_join(th[t], 0);
-    else run_job(&jobs[t]);
+    pthread_t th;
+    if (pthread_create(&th, &attr, pool_thread, (void*)(long)t) == 0) ++started;
   }
+  pthread_attr_destroy(&attr);
+  pool_ok = started == NT - 1;
+}
+static void gemm_threads(const float* A, const float* B, float* C) {
+  pthread_once(&pool_once, start_pool);
+  if (!pool_ok) {
+    gemm_rows(A, B, C, 0, M, 0);
+    return;
+  }
+  job_a = A;
+  job_b = B;
+  job_c = C;
+  pthread_barrier_wait(&start_barrier);
+  run_part(0);
+  pthread_barrier_wait(&done_barrier);
 }
 "#;
