@@ -170,6 +170,10 @@ pub(crate) fn openblas(trials: &[Trial], size: Size, missing: Option<&str>) -> S
         let line = match (missing, best, base) {
             (Some(why), _, _) => format!("not measured: {why}"),
             (None, Some(b), Some(o)) => ratio(b, o, size),
+            (None, None, _) if label == "all cores" => {
+                "not measured: no multi-threaded candidate ran (see the \"all cores:\" line above)"
+                    .to_owned()
+            }
             (None, None, _) => "not measured: no candidate ran".to_owned(),
             (None, Some(_), None) => "not measured: OpenBLAS did not run".to_owned(),
         };
