@@ -1,41 +1,59 @@
-//! `tune_matmul`: tunes a float32 C matmul end to end.
+//! `tune_matmul`: tunes a float32 C matmul end to end, in rounds.
 //!
-//! Generates candidate kernels (the naive i-j-k loops, cache-tiled variants
-//! over loop orders, tile sizes and unrolling, register-blocked and packed
-//! variants, and three that are broken on purpose), compiles them with
-//! `LocalBuilder` in a process pool, measures them with `RpcRunner` through
-//! a tracker and a device server, checks every output against the naive
-//! kernel's, and prints a ranked table and the speedup over naive. It writes
-//! a JSON-lines tuning log and a convergence plot.
+//! A probe kernel run on the device reports what its CPU supports (AVX2,
+//! FMA, AVX-512F), whether OpenBLAS is there, and its CPUs. The search
+//! space (`space.rs`) is a blocked GEMM: cache blocks MC/KC/NC in any of
+//! six loop orders, packing of A and/or B panels, an MR x NR register-
+//! blocked micro-kernel in AVX-512 or AVX2/FMA intrinsics or portable GCC
+//! vector C, k-loop unrolling, POSIX threads. Each round proposes a batch
+//! (evolutionary: mutation and crossover of the best so far, ranked by a
+//! ridge-regression cost model, plus random exploration, seeded), builds it
+//! with `LocalBuilder` on the CPUs that do not measure *while the previous
+//! batch is measured* with `RpcRunner`, checks every output against the
+//! naive kernel's, and feeds the costs back. The fastest `--finalists` and
+//! OpenBLAS's `cblas_sgemm` with one thread (loaded with `dlopen` by a
+//! shim with our kernel ABI) are then timed together, interleaved; then
+//! OpenBLAS with every thread and the multi-threaded variants of the best,
+//! interleaved on a second, unpinned device server. The naive kernel and
+//! three broken on purpose (compile error, SIGSEGV, wrong result) are in
+//! the first round; the broken ones are rejected, not ranked.
 //!
-//! Measuring has two rounds: screening times every candidate on its own
-//! under a cheap adaptive rule; the fastest `--finalists` (8) are then timed
-//! again together in one session, their batches interleaved, under
-//! `EvaluatorConfig::adaptive()`. Costs are `median ± relative noise`; the
-//! best is named only if it beats every other finalist beyond noise, else
-//! the finalists tied with the fastest are listed.
+//! Prints a ranked table (`median ± noise`), the best (or the set tied
+//! within noise), `best vs OpenBLAS (1 thread)` and `(all cores)`, the
+//! speedup over naive; writes a JSON-lines log and a convergence plot.
 //!
 //! By default the tracker and the device server run in this process (the
 //! server's session workers, like the builder's workers, are this program
-//! re-executed; they time on the last CPU, and this process moves to the
-//! others once the builds are done); `--tracker HOST:PORT --key KEY`
-//! measures on real servers.
+//! re-executed; they time on the last CPU, builds and this process stay
+//! on the others); `--tracker HOST:PORT --key KEY` measures on real servers.
 //!
 //! ```sh
 //! cargo run --release --example tune_matmul
-//! cargo run --release --example tune_matmul -- --size 512,512,512 --trials 40 --out /tmp/mm
+//! cargo run --release --example tune_matmul -- --size 512x512x512 --out /tmp/mm
 //! ```
 
 #[path = "tune_matmul/candidates.rs"]
 mod candidates;
+#[path = "tune_matmul/gemm_c.rs"]
+mod gemm_c;
+#[path = "tune_matmul/model.rs"]
+mod model;
+#[path = "tune_matmul/openblas.rs"]
+mod openblas;
 #[path = "tune_matmul/outcome.rs"]
 mod outcome;
 #[path = "tune_matmul/report.rs"]
 mod report;
 #[path = "tune_matmul/rounds.rs"]
 mod rounds;
+#[path = "tune_matmul/search.rs"]
+mod search;
+#[path = "tune_matmul/space.rs"]
+mod space;
 #[path = "tune_matmul/summary.rs"]
 mod summary;
+#[path = "tune_matmul/tuner.rs"]
+mod tuner;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,23 +61,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use futures::StreamExt as _;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use popen_pool::{OutputMode, WorkerProgram};
 use rpc_runner::measure::{
-    ArgInfo, BuilderInput, CpuPlan, DType, LocalBuilder, LocalBuilderConfig, Measurement,
-    RpcConfig, RpcRunner, RunError, Runner, RunnerInput, pin_this_process,
+    CpuPlan, LocalBuilder, LocalBuilderConfig, RpcConfig, RpcRunner, pin_this_process,
 };
 use rpc_runner::tracker::{Tracker, TrackerConfig, TrackerHandle};
 use rpc_runner::{DeviceServer, ServerConfig, ServerHandle};
 
 use crate::candidates::{Kind, Size};
-use crate::outcome::{Outcome, Status};
-use crate::report::Trial;
+use crate::outcome::Status;
 use crate::rounds::{DEFAULT_FINALISTS, MAX_FINALISTS};
 
-/// Candidates measured by default: 18-33 s on a 2-core machine (load 1.3-2.8).
-const DEFAULT_TRIALS: usize = 96;
+/// Candidates the search proposes by default.
+const DEFAULT_TRIALS: usize = 80;
+
+/// Candidates per round by default.
+const DEFAULT_BATCH: usize = 16;
 
 /// Tunes a float32 C matmul C = A * B end to end: builds candidate kernels in
 /// a process pool, measures them through an RPC tracker and device server,
@@ -77,13 +94,26 @@ struct Args {
     /// Token of servers that require one.
     #[arg(long)]
     token: Option<String>,
-    /// Candidates to measure, the naive and the three broken-on-purpose ones
-    /// included (those four always are, plus at least one tuned candidate).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_TRIALS)]
+    /// Candidates the search proposes (at least 1; the naive, the three
+    /// broken-on-purpose ones, OpenBLAS and the multi-threaded variants
+    /// come on top).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TRIALS,
+          value_parser = |s: &str| parse_count(s, 4096))]
     trials: usize,
-    /// Problem size: C[M][N] = A[M][K] * B[K][N].
-    #[arg(long, value_name = "M,N,K", default_value = "256,256,256", value_parser = parse_size)]
+    /// Candidates per round.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH,
+          value_parser = |s: &str| parse_count(s, 512))]
+    batch: usize,
+    /// No new round starts after this many seconds (the final and the
+    /// all-cores rounds still run).
+    #[arg(long, value_name = "SECS", default_value_t = 40.0, value_parser = parse_secs)]
+    time_budget: f64,
+    /// Problem size: C[M][N] = A[M][K] * B[K][N], as MxNxK or M,N,K.
+    #[arg(long, value_name = "MxNxK", default_value = "256x256x256", value_parser = parse_size)]
     size: Size,
+    /// The OpenBLAS library the device loads (dlopen name or path).
+    #[arg(long, value_name = "LIB", default_value = "libopenblas.so.0", value_parser = parse_lib)]
+    openblas_lib: String,
     /// Output directory [default: target/tune_matmul/<timestamp>].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -104,7 +134,7 @@ struct Args {
 
 fn parse_size(s: &str) -> Result<Size, String> {
     let dims = s
-        .split(',')
+        .split([',', 'x'])
         .map(|d| d.trim().parse::<usize>().map_err(|e| format!("{d:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     match dims.as_slice() {
@@ -116,8 +146,35 @@ fn parse_size(s: &str) -> Result<Size, String> {
             Ok(Size { m, n, k })
         }
         [_, _, _] => Err("dimensions must be positive".into()),
-        _ => Err("expected three dimensions M,N,K (e.g. 256,256,256)".into()),
+        _ => Err("expected three dimensions MxNxK (e.g. 256x256x256)".into()),
     }
+}
+
+/// A count in `1..=max`.
+fn parse_count(s: &str, max: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n}: expected 1 to {max}")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// Seconds, positive and at most a day.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 86_400.0 => Ok(x),
+        Ok(x) => Err(format!("{x}: expected more than 0 and at most 86400 seconds")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// A library name that goes into a C string literal as is.
+fn parse_lib(s: &str) -> Result<String, String> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "._-+/".contains(c);
+    if s.is_empty() || s.len() > 256 || !s.chars().all(plain) {
+        return Err("expected 1-256 characters of A-Z a-z 0-9 . _ - + /".into());
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_finalists(s: &str) -> Result<usize, String> {
@@ -190,7 +247,6 @@ impl Embedded {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let size = args.size;
     let out_dir = match &args.out {
         Some(dir) => dir.clone(),
         None => default_out_dir(),
@@ -216,8 +272,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None if embedded.is_some() => vec!["-march=native".to_owned()],
         None => Vec::new(),
     };
-    let build_cfg =
+    // With the embedded server, the session workers time on the last CPU;
+    // this process (tracker, server, runtime) and the builds, which overlap
+    // the measurements, stay on the others. Remote servers pin their own.
+    let plan = embedded.as_ref().map(|_| CpuPlan::detect());
+    let mut build_cfg =
         LocalBuilderConfig::default().out_dir(out_dir.join("build")).add_flags(cflags.clone());
+    // The first batch builds before anything is measured: on every CPU.
+    let first_cfg = build_cfg.clone();
+    let pin_note = match &plan {
+        None => "remote servers: each pins its own session workers; builds use every CPU here"
+            .to_owned(),
+        Some(plan) if plan.others.is_empty() => {
+            "one CPU: the timed kernels share it with the builds, the tracker and the server"
+                .to_owned()
+        }
+        Some(plan) => {
+            build_cfg = build_cfg.cpu_affinity(plan.others.clone()).max_workers(plan.others.len());
+            match pin_this_process(&plan.others) {
+                Ok(()) => format!(
+                    "pinned: timing on CPU {:?} (session workers); builds, tracker, server and \
+                     this process on {:?}",
+                    plan.measure, plan.others
+                ),
+                Err(e) => format!(
+                    "pinned: timing on CPU {:?}; builds on {:?}; note: cannot pin this process \
+                     to {:?}: {e}",
+                    plan.measure, plan.others, plan.others
+                ),
+            }
+        }
+    };
     let mut rpc = RpcConfig::new(host, port, args.key.clone());
     if let Some(token) = &args.token {
         rpc = rpc.token(token);
@@ -228,25 +313,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .seed(args.seed)
         .build()
         .await;
-    let final_rpc = rpc.session_timeout(rounds::final_session_timeout(args.finalists));
+    let final_rpc = rpc.session_timeout(rounds::final_session_timeout(args.finalists + 1));
     let last = RpcRunner::builder(final_rpc)
         .evaluator(rounds::final_evaluator())
         .seed(args.seed)
         .build()
         .await;
-    // With the embedded server, this process (tracker, server, runtime)
-    // moves off the measuring CPU once the builds are done; remote servers
-    // pin their own workers.
-    let plan = embedded.as_ref().map(|_| CpuPlan::detect());
-    let result = match (LocalBuilder::new(program, build_cfg), screen, last) {
-        (Ok(builder), Ok(screen), Ok(last)) => {
-            let runners = Runners { screen, last, plan };
-            let result = tune(&args, size, &cflags, &builder, &runners, &out_dir).await;
+    let all_cores = match (&embedded, &plan) {
+        (Some(e), Some(plan)) => {
+            let mut cpus: Vec<usize> = plan.measure.iter().chain(&plan.others).copied().collect();
+            cpus.sort_unstable();
+            Some(tuner::AllCores {
+                tracker_port: e.tracker.addr().port(),
+                key: args.key.clone(),
+                program: program.clone(),
+                cpus,
+            })
+        }
+        _ => None,
+    };
+    let builders =
+        (LocalBuilder::new(program.clone(), first_cfg), LocalBuilder::new(program, build_cfg));
+    let result = match (builders, screen, last) {
+        ((Ok(first), Ok(builder)), Ok(screen), Ok(last)) => {
+            let runners = Runners { screen, last };
+            let builders = [&first, &builder];
+            let result =
+                tune(&args, &cflags, builders, &runners, all_cores, pin_note, &out_dir).await;
+            first.shutdown().await;
             builder.shutdown().await;
             result
         }
-        (Err(e), _, _) => Err(e).context("cannot start the builder"),
-        (_, Err(e), _) | (_, _, Err(e)) => Err(e).context("cannot start the runner"),
+        ((first, builder), screen, last) => {
+            let mut errors = Vec::new();
+            for b in [first, builder] {
+                match b {
+                    Ok(b) => b.shutdown().await,
+                    Err(e) => {
+                        errors.push(anyhow::Error::from(e).context("cannot start the builder"))
+                    }
+                }
+            }
+            for r in [screen, last] {
+                if let Err(e) = r {
+                    errors.push(anyhow::Error::from(e).context("cannot start the runner"));
+                }
+            }
+            Err(errors.pop().unwrap_or_else(|| anyhow::anyhow!("cannot start")))
+        }
     };
 
     // Everything stops, whatever happened.
@@ -267,204 +381,106 @@ struct Runners {
     screen: RpcRunner,
     /// The final round: the finalists interleaved, the recommended rule.
     last: RpcRunner,
-    /// `Some` with the embedded server: this process is pinned to `others`.
-    plan: Option<CpuPlan>,
 }
 
-/// Builds, measures, checks and reports; returns the closing summary.
+/// Tunes, reports; returns the closing summary.
 async fn tune(
     args: &Args,
-    size: Size,
     cflags: &[String],
-    builder: &LocalBuilder,
+    [first_builder, builder]: [&LocalBuilder; 2],
     runners: &Runners,
+    all_cores: Option<tuner::AllCores>,
+    pin_note: String,
     out_dir: &Path,
 ) -> anyhow::Result<String> {
-    let candidates = candidates::generate(size, args.trials, args.seed);
-    let n = candidates.len();
-    let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template(
-        "{prefix:>9} [{elapsed_precise}] {bar:32.cyan/blue} {pos:>3}/{len:3} {wide_msg}",
-    )?
-    .progress_chars("=> ");
-    let build_bar = bars.add(ProgressBar::new(n as u64).with_style(style.clone()));
-    build_bar.set_prefix("building");
-    let measure_bar = bars.add(ProgressBar::new(n as u64).with_style(style.clone()));
-    measure_bar.set_prefix("screening");
-    let final_bar = bars.add(ProgressBar::new(args.finalists as u64).with_style(style));
-    final_bar.set_prefix("final");
-    build_bar.tick();
-    measure_bar.tick();
-    final_bar.tick();
-
-    let mut phases = Vec::new();
-    let phase = Instant::now();
-    // 1. Build everything (the two cores compile; nothing is timed meanwhile).
-    let inputs: Vec<BuilderInput> = candidates
-        .iter()
-        .map(|c| BuilderInput::new(&c.name, c.source(size)).with_flags(c.extra_flags()))
-        .collect();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
-    let mut artifacts: Vec<Option<PathBuf>> = vec![None; n];
-    let mut builds = builder.build(inputs);
-    while let Some((i, built)) = builds.next().await {
-        match built.result {
-            Ok(out) => artifacts[i] = Some(out.artifact_path),
-            Err(e) => outcomes[i] = Some(Outcome::build_failed(&e)),
-        }
-        build_bar.set_message(candidates[i].name.clone());
-        build_bar.inc(1);
-    }
-    build_bar.finish_with_message("done");
-    phases.push(format!("build {:.1} s", phase.elapsed().as_secs_f64()));
-
-    // Nothing is timed while building; now keep this process (the tracker,
-    // the server, the runtime) off the CPU the session workers time on.
-    let mut pin_note = None;
-    if runners.plan.is_none() {
-        pin_note = Some("remote servers: each pins its own session workers".to_owned());
-    }
-    if let Some(plan) = &runners.plan {
-        pin_note = Some(match pin_this_process(&plan.others) {
-            Ok(()) => format!(
-                "timing on CPU {:?} (session workers); tracker, server and this process on {:?}",
-                plan.measure, plan.others
-            ),
-            Err(_) if plan.others.is_empty() => {
-                "one CPU: the timed kernels share it with the tracker and the server".to_owned()
-            }
-            Err(e) => format!("note: cannot pin this process to CPUs {:?}: {e}", plan.others),
-        });
-    }
-
-    // 2. Screening: what was built, in candidate order, one device at a time
-    //    per server, each on its own; every candidate gets the same random
-    //    inputs (same seed).
-    let args_info = vec![
-        ArgInfo::tensor(DType::F32, [size.m as i64, size.k as i64]),
-        ArgInfo::tensor(DType::F32, [size.k as i64, size.n as i64]),
-        ArgInfo::tensor(DType::F32, [size.m as i64, size.n as i64]),
-    ];
-    let mut order = Vec::new();
-    let mut inputs = Vec::new();
-    for (i, path) in artifacts.iter().enumerate() {
-        match path {
-            Some(path) => {
-                // The naive kernel's A and B come back too, to check it on the host.
-                let read: &[u32] =
-                    if candidates[i].kind == Kind::Naive { &[0, 1, 2] } else { &[2] };
-                inputs.push(RunnerInput::new(path, args_info.clone()).read_args(read));
-                order.push(i);
-            }
-            None => measure_bar.inc(1),
-        }
-    }
-    measure_bar.reset_elapsed();
-    let phase = Instant::now();
-    let mut measured: Vec<Option<Result<Measurement, RunError>>> = vec![None; n];
-    let mut results = runners.screen.run(inputs);
-    while let Some((j, result)) = results.next().await {
-        let i = order[j];
-        measure_bar.set_message(candidates[i].name.clone());
-        measure_bar.inc(1);
-        measured[i] = Some(result);
-    }
-    measure_bar.finish_with_message("done");
-    phases.push(format!("screening {:.1} s", phase.elapsed().as_secs_f64()));
-
-    // 3. Check every output against the naive kernel's (itself checked on the host).
-    let naive =
-        candidates.iter().position(|c| c.kind == Kind::Naive).context("no naive candidate")?;
-    let (reference, naive_problem) = match measured[naive].take() {
-        Some(Ok(m)) => {
-            let (reference, outcome) = outcome::check_naive(size, m).await?;
-            outcomes[naive] = Some(outcome);
-            (reference, None)
-        }
-        Some(Err(e)) => {
-            let problem = format!("the naive kernel failed: {e}");
-            outcomes[naive] = Some(Outcome::run_failed(&e));
-            (None, Some(problem))
-        }
-        None => (None, Some("the naive kernel did not build".to_owned())),
+    let size = args.size;
+    let setup = tuner::Setup {
+        size,
+        seed: args.seed,
+        trials: args.trials,
+        batch: args.batch,
+        time_budget: Duration::from_secs_f64(args.time_budget),
+        finalists: args.finalists,
+        openblas_lib: args.openblas_lib.clone(),
+        builder,
+        first_builder,
+        screen: &runners.screen,
+        last: &runners.last,
+        all_cores,
     };
-    let naive_problem = naive_problem.or_else(|| {
-        reference.is_none().then(|| "the naive kernel computed a wrong result".to_owned())
-    });
-    for (i, m) in measured.into_iter().enumerate() {
-        let Some(m) = m else { continue };
-        outcomes[i] = Some(match m {
-            Err(e) => Outcome::run_failed(&e),
-            Ok(m) => outcome::check(m, reference.as_deref()),
-        });
-    }
+    let tuned = tuner::tune(&setup).await?;
+    let trials = &tuned.trials;
 
-    // 4. The final round: the fastest few, interleaved in one session, under
-    //    the recommended adaptive rule; their outputs are checked again.
-    let finalists = rounds::finalists(&outcomes, args.finalists);
-    final_bar.set_length(finalists.len() as u64);
-    final_bar.set_message(format!("{} candidates interleaved in one session", finalists.len()));
-    final_bar.reset_elapsed();
-    let phase = Instant::now();
-    final_bar.enable_steady_tick(Duration::from_millis(200));
-    rounds::final_round(
-        &runners.last,
-        &finalists,
-        &artifacts,
-        &args_info,
-        reference.as_deref(),
-        &mut outcomes,
-    )
-    .await;
-    final_bar.set_position(finalists.len() as u64);
-    final_bar.finish_with_message("done");
-    phases.push(format!("final round {:.1} s", phase.elapsed().as_secs_f64()));
-    bars.clear()?;
-
-    let trials: Vec<Trial> = candidates
-        .into_iter()
-        .zip(outcomes)
-        .enumerate()
-        .map(|(trial, (candidate, outcome))| Trial {
-            trial,
-            candidate,
-            outcome: outcome.unwrap_or_else(|| Outcome::failed(Status::Error, "not run")),
-        })
-        .collect();
-
-    // 5. Report.
-    let naive_trial = &trials[naive];
+    // Report.
+    let naive_trial =
+        trials.iter().find(|t| t.candidate.kind == Kind::Naive).context("no naive")?;
     let naive_median =
         naive_trial.outcome.status.ranked().then(|| naive_trial.outcome.median()).flatten();
     let log_path = out_dir.join("tuning_log.jsonl");
-    report::write_log(&log_path, &trials, size)?;
+    report::write_log(&log_path, trials, size)?;
     let plot_path = out_dir.join("convergence.png");
-    report::plot(
-        &plot_path,
-        &trials,
-        size,
-        naive_trial.gflops(size).filter(|_| naive_median.is_some()),
-    )?;
+    let mut lines = Vec::new();
+    for t in trials {
+        if let (Kind::OpenBlas { threads }, true) = (t.candidate.kind, t.outcome.status.ranked()) {
+            if let Some(g) = t.gflops(size) {
+                lines.push((format!("OpenBLAS, {threads} thread(s)"), g));
+            }
+        }
+    }
+    if let Some(g) = naive_trial.gflops(size).filter(|_| naive_median.is_some()) {
+        lines.push(("naive".to_owned(), g));
+    }
+    report::plot(&plot_path, trials, size, &lines, tuned.rounds)?;
 
     println!(
-        "tune_matmul: C[{m}][{n}] = A[{m}][{k}] * B[{k}][{n}], float32, {count} candidates, \
-         seed {seed}, flags: {flags}",
+        "tune_matmul: C[{m}][{n}] = A[{m}][{k}] * B[{k}][{n}], float32, {count} candidates in {r} \
+         rounds, seed {seed}, flags: {flags}",
         m = size.m,
         n = size.n,
         k = size.k,
         count = trials.len(),
+        r = tuned.rounds,
         seed = args.seed,
         flags = builder.config().flags.join(" "),
     );
     if !cflags.is_empty() && args.cflags.is_none() {
         println!("(the kernels are compiled for this machine: --cflags \"\" for portable code)");
     }
-    if let Some(note) = pin_note {
+    let missing = match &tuned.device {
+        Some(d) => {
+            println!("{} (reported by a probe kernel run on the device)", d.describe());
+            if let Some(core) = &d.openblas_core {
+                let env = std::env::var("OPENBLAS_CORETYPE").ok();
+                println!(
+                    "OpenBLAS uses its {core} kernels on the device ({})",
+                    match env {
+                        Some(v) => format!(
+                            "OPENBLAS_CORETYPE={v} is set here and the device workers inherit it: \
+                             unset it for OpenBLAS's own choice"
+                        ),
+                        None => "its own choice; OPENBLAS_CORETYPE=<core> overrides it".to_owned(),
+                    }
+                );
+            }
+            (!d.openblas).then(|| {
+                format!(
+                    "{} is not installed on the device (install it: apt-get install libopenblas0)",
+                    args.openblas_lib
+                )
+            })
+        }
+        None => Some("the device probe failed".to_owned()),
+    };
+    if let Some(why) = &missing {
+        println!("OpenBLAS: not measured: {why}");
+    }
+    println!("{pin_note}");
+    for note in &tuned.notes {
         println!("{note}");
     }
-    println!("{}", rounds::describe(finalists.len()));
+    println!("{}", rounds::describe(args.finalists));
     println!();
-    print!("{}", report::table(&trials, size, naive_median));
+    print!("{}", report::table(trials, size, naive_median));
     print!(
         "{}",
         report::legend(
@@ -476,7 +492,7 @@ async fn tune(
     println!();
 
     let mut summary = String::new();
-    for t in &trials {
+    for t in trials {
         if !t.outcome.status.meets(t.candidate.expect)
             && t.candidate.expect != candidates::Expect::Ok
         {
@@ -488,14 +504,16 @@ async fn tune(
             ));
         }
     }
-    for note in summary::notes(&trials) {
+    for note in summary::notes(trials) {
         summary.push_str(&note);
         summary.push('\n');
     }
     let ok = trials.iter().filter(|t| t.outcome.status == Status::Ok).count();
     summary.push_str(&format!("{ok} of {} candidates ok\n", trials.len()));
-    summary.push_str(&summary::best(&trials, size, naive_median, naive_problem.as_deref()));
-    summary.push_str(&format!("time: {}\n", phases.join(", ")));
+    let naive_problem = tuned.naive_problem.as_deref();
+    summary.push_str(&summary::best(trials, size, naive_median, naive_problem));
+    summary.push_str(&summary::openblas(trials, size, missing.as_deref()));
+    summary.push_str(&format!("time: {}\n", tuned.phases.join(", ")));
     summary.push_str(&format!(
         "tuning log: {}\nconvergence plot: {}\noutput directory: {}",
         log_path.display(),

@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// The search of the example, unit-tested here (examples' own tests do not run).
+#[path = "../examples/tune_matmul/model.rs"]
+mod model;
+#[path = "../examples/tune_matmul/search.rs"]
+mod search;
+#[path = "../examples/tune_matmul/space.rs"]
+#[expect(dead_code, reason = "the example uses more of it than these tests")]
+mod space;
+
 /// A run is killed after this long (nextest's own limit is 180 s).
 const RUN_LIMIT: Duration = Duration::from_secs(150);
 
@@ -130,7 +139,7 @@ fn a_small_tuning_run_ranks_the_good_kernels_and_classifies_the_broken_ones() {
     let started = Instant::now();
     let tag = format!("small-run-{}", std::process::id());
     let (status, stdout, stderr) = run_example(
-        &["--size", "64,64,64", "--trials", "8", "--seed", "7", "--out", out_arg],
+        &["--size", "64x64x64", "--trials", "8", "--batch", "4", "--seed", "7", "--out", out_arg],
         &tag,
     );
     let status = status.unwrap_or_else(|| {
@@ -150,11 +159,40 @@ fn a_small_tuning_run_ranks_the_good_kernels_and_classifies_the_broken_ones() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
         .collect();
-    assert_eq!(log.len(), 8, "--trials 8 measures 8 candidates:\n{text}");
+    // --trials 8: the search proposes 8 single-threaded candidates, in two
+    // rounds of 4 (--batch 4), after the naive and the three broken ones.
+    let searched: Vec<&Value> =
+        log.iter().filter(|l| l["kind"] == "gemm" && l["all_cores"] == false).collect();
+    assert_eq!(searched.len(), 8, "--trials 8 proposes 8 candidates:\n{text}");
     for (i, line) in log.iter().enumerate() {
         assert_eq!(line["trial"], i, "{line}");
-        for field in ["name", "kind", "status", "run_secs"] {
+        for field in ["name", "kind", "status", "run_secs", "round", "all_cores"] {
             assert!(!line[field].is_null(), "{field} missing: {line}");
+        }
+    }
+    let rounds: Vec<u64> = searched.iter().map(|l| l["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, [0, 0, 0, 0, 1, 1, 1, 1], "rounds of 4:\n{text}");
+    for name in ["naive", "broken_compile", "broken_crash", "broken_wrong_result"] {
+        assert_eq!(by_name(&log, name)["round"], 0, "{name} is in the first round");
+    }
+    for line in &searched {
+        assert!(line["mr"].as_u64().is_some() && line["isa"].is_string(), "parameters: {line}");
+        assert!(line["build_secs"].as_f64().is_some_and(|s| s > 0.0), "build: {line}");
+    }
+    assert!(stdout.contains("reported by a probe kernel run on the device"), "{stdout}");
+    assert!(stdout.contains("pinned: timing on CPU"), "what was pinned: {stdout}");
+    // The vendor library, measured in the same run, or why not.
+    for label in ["1 thread", "all cores"] {
+        let prefix = format!("best vs OpenBLAS ({label}): ");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {stdout}"));
+        let rest = &line[prefix.len()..];
+        if openblas_installed() && (label == "1 thread" || cpus() > 1) {
+            assert!(is_ratio(rest), "a ratio with OpenBLAS installed: {line}");
+        } else {
+            assert!(rest.starts_with("not measured: "), "{line}");
         }
     }
 
@@ -206,6 +244,142 @@ fn a_small_tuning_run_ranks_the_good_kernels_and_classifies_the_broken_ones() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(processes_tagged(&tag), Vec::<u32>::new(), "leftover processes of the example");
+}
+
+/// `R.RRx (...`
+fn is_ratio(text: &str) -> bool {
+    let Some((num, _)) = text.split_once("x (") else { return false };
+    num.split_once('.').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.len() == 2
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
+/// The dynamic loader knows `libopenblas.so.0` (`ldconfig -p`).
+fn openblas_installed() -> bool {
+    Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .or_else(|_| Command::new("/sbin/ldconfig").arg("-p").output())
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libopenblas.so.0 "))
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn without_openblas_the_run_says_so_and_succeeds() {
+    let out = tempfile::tempdir().unwrap();
+    let out_arg = out.path().to_str().unwrap();
+    let tag = format!("no-openblas-{}", std::process::id());
+    let args = [
+        "--size",
+        "32x32x32",
+        "--trials",
+        "2",
+        "--finalists",
+        "2",
+        "--out",
+        out_arg,
+        "--openblas-lib",
+        "libno-such-openblas.so.0",
+    ];
+    let (status, stdout, stderr) = run_example(&args, &tag);
+    let status = status.unwrap_or_else(|| panic!("killed\nstdout:\n{stdout}\nstderr:\n{stderr}"));
+    assert!(status.success(), "exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let missing = "not measured: libno-such-openblas.so.0 is not installed on the device \
+                   (install it: apt-get install libopenblas0)";
+    assert!(stdout.contains(&format!("OpenBLAS: {missing}")), "{stdout}");
+    assert!(stdout.contains(&format!("best vs OpenBLAS (1 thread): {missing}")), "{stdout}");
+    assert!(stdout.contains(&format!("best vs OpenBLAS (all cores): {missing}")), "{stdout}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_tagged(&tag).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_tagged(&tag), Vec::<u32>::new(), "leftover processes of the example");
+}
+
+/// A deterministic stand-in for measured GFLOP/s.
+fn fake_gflops(g: &space::Gemm) -> Option<f64> {
+    (g.mr != 7).then(|| (g.mr * g.nr()) as f64 + g.kc as f64 / 64.0 + f64::from(u8::from(g.pack_b)))
+}
+
+fn proposals(seed: u64) -> Vec<Vec<space::Gemm>> {
+    let mut s = search::Search::new(seed, &space::Isa::ALL, 256, 256, 256);
+    let mut rounds = Vec::new();
+    for _ in 0..4 {
+        let batch = s.propose(16);
+        s.observe(batch.iter().map(|g| (*g, fake_gflops(g))));
+        rounds.push(batch);
+    }
+    rounds
+}
+
+#[test]
+fn the_same_seed_proposes_the_same_candidates() {
+    let a = proposals(11);
+    assert_eq!(a, proposals(11), "same seed, same feedback");
+    assert_ne!(a, proposals(12), "another seed");
+    let all: Vec<&space::Gemm> = a.iter().flatten().collect();
+    let unique: std::collections::HashSet<&&space::Gemm> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "never the same candidate twice");
+    assert!(a.iter().all(|r| r.len() == 16));
+}
+
+#[test]
+fn the_search_climbs_on_a_known_objective() {
+    let rounds = proposals(5);
+    let best = |r: &[space::Gemm]| r.iter().filter_map(fake_gflops).fold(0.0, f64::max);
+    // The last round's proposals are mostly children of the best, ranked by the model.
+    let mean = |r: &[space::Gemm]| r.iter().filter_map(fake_gflops).sum::<f64>() / r.len() as f64;
+    assert!(mean(&rounds[3]) > mean(&rounds[0]), "{} vs {}", mean(&rounds[3]), mean(&rounds[0]));
+    assert!(best(&rounds.concat()) >= best(&rounds[0]));
+}
+
+#[test]
+fn mutation_and_crossover_stay_in_the_space() {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let isas = [space::Isa::Avx2, space::Isa::Portable];
+    let mut g = space::Gemm::random(&mut rng, &isas);
+    for _ in 0..5000 {
+        let other = space::Gemm::random(&mut rng, &isas);
+        assert!(other.valid() && isas.contains(&other.isa), "{other:?}");
+        let m = g.mutate(&mut rng, &isas);
+        assert!(m.valid() && m.threads == 1 && isas.contains(&m.isa), "{m:?}");
+        let c = m.crossover(&other, &mut rng);
+        assert!(c.valid() && isas.contains(&c.isa), "{c:?}");
+        g = c;
+    }
+}
+
+#[test]
+fn the_cost_model_fits_a_known_linear_function() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let w = [0.5, -2.0, 3.0, 0.25, 1.5];
+    let xs: Vec<Vec<f64>> = (0..200)
+        .map(|_| {
+            let mut x = vec![1.0];
+            x.extend((0..4).map(|_| rng.random_range(-3.0..3.0)));
+            x
+        })
+        .collect();
+    let ys: Vec<f64> = xs.iter().map(|x| x.iter().zip(&w).map(|(a, b)| a * b).sum()).collect();
+    let fit = model::Ridge::fit(&xs, &ys, 1e-9).expect("a positive definite system");
+    for x in &xs {
+        let want: f64 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!((fit.predict(x) - want).abs() < 1e-6, "{} vs {want}", fit.predict(x));
+    }
+    // The real features of real configurations are well-formed.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let g = space::Gemm::random(&mut rng, &space::Isa::ALL);
+    let f = model::features(&g, 256, 256, 256);
+    assert!(f.iter().all(|v| v.is_finite()), "{f:?}");
+    assert!(model::Ridge::fit(&[], &[], 1.0).is_none(), "no data, no model");
 }
 
 #[test]

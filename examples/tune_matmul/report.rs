@@ -14,10 +14,16 @@ use rpc_runner::measure::Stats;
 use crate::candidates::{Candidate, Expect, Size};
 use crate::outcome::{Outcome, Status};
 
-/// One candidate with its outcome; `trial` is its index in measurement order.
+/// One candidate with its outcome; `trial` is its index in proposal order.
 #[derive(Debug)]
 pub(crate) struct Trial {
     pub(crate) trial: usize,
+    /// The round that proposed (and screened) it.
+    pub(crate) round: usize,
+    /// Timed in the all-cores round (unpinned, with other threads).
+    pub(crate) all_cores: bool,
+    /// How long its build took, if it built.
+    pub(crate) build_secs: Option<f64>,
     pub(crate) candidate: Candidate,
     pub(crate) outcome: Outcome,
 }
@@ -30,9 +36,12 @@ impl Trial {
     fn json(&self, size: Size) -> Value {
         let mut obj = serde_json::Map::new();
         obj.insert("trial".into(), json!(self.trial));
+        obj.insert("round".into(), json!(self.round));
+        obj.insert("all_cores".into(), json!(self.all_cores));
         obj.insert("name".into(), json!(self.candidate.name));
         obj.extend(self.candidate.config_json());
         obj.insert("flags".into(), json!(self.candidate.extra_flags()));
+        obj.insert("build_secs".into(), json!(self.build_secs));
         obj.insert("size".into(), json!([size.m, size.n, size.k]));
         obj.insert("status".into(), json!(self.outcome.status.key()));
         obj.insert("expected".into(), json!(expect_key(self.candidate.expect)));
@@ -158,10 +167,11 @@ pub(crate) fn table(trials: &[Trial], size: Size, naive_median: Option<f64>) -> 
                 Some(s) => format!("{} {}", fmt_cost(&s), if o.unstable() { '~' } else { ' ' }),
                 None => median.map(fmt_secs).unwrap_or_default(),
             };
-            let round = match (o.finalist, o.fidelity.is_some()) {
-                (true, _) => "final",
-                (false, true) => "screen",
-                (false, false) => "",
+            let round = match (t.all_cores, o.finalist, o.fidelity.is_some()) {
+                (true, _, _) => "all cores".to_owned(),
+                (false, true, _) => format!("{} final", t.round),
+                (false, false, true) => t.round.to_string(),
+                (false, false, false) => String::new(),
             };
             [
                 if ranked { (rank + 1).to_string() } else { "-".to_owned() },
@@ -173,7 +183,7 @@ pub(crate) fn table(trials: &[Trial], size: Size, naive_median: Option<f64>) -> 
                     String::new()
                 },
                 speedup,
-                round.to_owned(),
+                round,
                 status,
                 detail,
             ]
@@ -224,44 +234,51 @@ pub(crate) fn legend(screen_noise: f64, final_noise: f64, any_unstable: bool) ->
     }
     let _ = writeln!(
         out,
-        "round: final = re-measured interleaved with the other finalists; screen = screening only"
+        "round: the round that proposed it; final = re-measured interleaved with the other \
+         finalists and OpenBLAS (1 thread); all cores = timed unpinned, interleaved, every thread"
     );
     out
 }
 
-/// The convergence plot: best GFLOP/s so far against the trial index, each
-/// ranked trial as a point, failures as crosses on the x axis, the naive
-/// kernel as a dashed line.
+/// The convergence plot: best single-threaded GFLOP/s so far against the
+/// round, each ranked candidate as a point at its round, OpenBLAS (one
+/// thread, all cores) and the naive kernel as horizontal lines.
 pub(crate) fn plot(
     path: &Path,
     trials: &[Trial],
     size: Size,
-    naive_gflops: Option<f64>,
+    lines: &[(String, f64)],
+    rounds: usize,
 ) -> anyhow::Result<()> {
-    let points: Vec<(usize, f64)> = trials
+    let searched = |t: &&Trial| {
+        !t.all_cores
+            && t.outcome.status.ranked()
+            && matches!(t.candidate.kind, crate::candidates::Kind::Gemm(_))
+    };
+    let points: Vec<(f64, f64)> = trials
         .iter()
-        .filter(|t| t.outcome.status.ranked())
-        .filter_map(|t| t.gflops(size).map(|g| (t.trial, g)))
+        .filter(searched)
+        .filter_map(|t| {
+            // Spread a round's points a little so that they do not hide each other.
+            let jitter = ((t.trial * 37) % 11) as f64 / 11.0 * 0.5 - 0.25;
+            t.gflops(size).map(|g| (t.round as f64 + jitter, g))
+        })
         .collect();
-    let failures: Vec<usize> =
-        trials.iter().filter(|t| !t.outcome.status.ranked()).map(|t| t.trial).collect();
     let mut best = Vec::new();
     let mut so_far: Option<f64> = None;
-    let mut by_trial: Vec<(usize, Option<f64>)> = trials
-        .iter()
-        .map(|t| (t.trial, t.outcome.status.ranked().then(|| t.gflops(size)).flatten()))
-        .collect();
-    by_trial.sort_by_key(|&(i, _)| i);
-    for (i, g) in by_trial {
-        if let Some(g) = g {
-            so_far = Some(so_far.map_or(g, |b: f64| b.max(g)));
+    for r in 0..rounds.max(1) {
+        for t in trials.iter().filter(searched).filter(|t| t.round == r) {
+            if let Some(g) = t.gflops(size) {
+                so_far = Some(so_far.map_or(g, |b: f64| b.max(g)));
+            }
         }
         if let Some(b) = so_far {
-            best.push((i, b));
+            best.push((r as f64, b));
         }
     }
-    let x_max = trials.iter().map(|t| t.trial).max().unwrap_or(0) + 1;
-    let y_max = points.iter().map(|&(_, g)| g).fold(1.0, f64::max) * 1.12;
+    let x_max = rounds.max(1) as f64 - 0.5;
+    let y_max =
+        points.iter().map(|&(_, g)| g).chain(lines.iter().map(|l| l.1)).fold(1.0, f64::max) * 1.12;
 
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -271,68 +288,48 @@ pub(crate) fn plot(
         .margin(18)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.5f64..(x_max as f64 - 0.5), 0.0f64..y_max)?;
+        .build_cartesian_2d(-0.5f64..x_max, 0.0f64..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("trial (measurement order)")
+        .x_desc("round")
         .y_desc("GFLOP/s")
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 14))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(rounds.max(1) + 1)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
+        })
         .y_label_formatter(&|y| format!("{y:.0}"))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-
-    if let Some(n) = naive_gflops {
-        let dashed = (0..x_max * 2)
-            .step_by(2)
-            .map(|s| {
-                let x0 = s as f64 / 2.0 - 0.5;
-                vec![(x0, n), (x0 + 0.5, n)]
-            })
-            .collect::<Vec<_>>();
-        for (i, seg) in dashed.into_iter().enumerate() {
-            let series =
-                chart.draw_series(LineSeries::new(seg, RGBColor(128, 128, 128).stroke_width(2)))?;
-            if i == 0 {
-                series.label(format!("naive ({n:.2} GFLOP/s)")).legend(|(x, y)| {
-                    PathElement::new(
-                        vec![(x, y), (x + 20, y)],
-                        RGBColor(128, 128, 128).stroke_width(2),
-                    )
-                });
-            }
-        }
+    let palette = [RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(128, 128, 128)];
+    for (i, (label, g)) in lines.iter().enumerate() {
+        let color = palette[i.min(palette.len() - 1)];
+        chart
+            .draw_series(LineSeries::new(vec![(-0.5, *g), (x_max, *g)], color.stroke_width(2)))?
+            .label(format!("{label} ({g:.1} GFLOP/s)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     let blue = RGBColor(31, 119, 180);
     let step: Vec<(f64, f64)> = best
         .iter()
         .enumerate()
-        .flat_map(|(j, &(i, b))| {
-            let next = best.get(j + 1).map_or(i as f64 + 0.5, |&(n, _)| n as f64);
-            [(i as f64, b), (next, b)]
-        })
+        .flat_map(|(j, &(r, b))| [(r, b), (best.get(j + 1).map_or(r + 0.5, |n| n.0), b)])
         .collect();
     chart
         .draw_series(LineSeries::new(step, blue.stroke_width(3)))?
-        .label("best so far")
+        .label("best so far (1 thread)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(3)));
     let orange = RGBColor(255, 127, 14);
     chart
-        .draw_series(points.iter().map(|&(i, g)| Circle::new((i as f64, g), 4, orange.filled())))?
-        .label("trial")
-        .legend(move |(x, y)| Circle::new((x + 10, y), 4, orange.filled()));
-    if !failures.is_empty() {
-        chart
-            .draw_series(
-                failures.iter().map(|&i| Cross::new((i as f64, 0.0), 5, RED.stroke_width(2))),
-            )?
-            .label("failed / rejected")
-            .legend(|(x, y)| Cross::new((x + 10, y), 5, RED.stroke_width(2)));
-    }
+        .draw_series(points.iter().map(|&p| Circle::new(p, 3, orange.filled())))?
+        .label("candidate (final cost for finalists)")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 3, orange.filled()));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 15))

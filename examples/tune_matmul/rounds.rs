@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rpc_runner::measure::{
-    AdaptiveStop, ArgInfo, EvaluatorConfig, RpcRunner, Runner as _, RunnerInput,
-};
+use rpc_runner::measure::{ArgInfo, EvaluatorConfig, RpcRunner, Runner as _, RunnerInput};
 
 use crate::outcome::{self, Outcome};
 
@@ -17,17 +15,30 @@ pub(crate) const DEFAULT_FINALISTS: usize = 8;
 /// Most finalists (`--finalists`): the final round is one session.
 pub(crate) const MAX_FINALISTS: usize = 64;
 
-/// Screening: batches of at least 5 ms until the relative noise is at most
-/// 2% over at least 5 batches, at most 20 batches or 300 ms of timed
-/// batches. Enough to rank ~100 candidates and to check their outputs in a
-/// few seconds; the final round decides between the fastest.
+/// Screening: 8 batches of at least 5 ms each, every batch counted.
+///
+/// Not the adaptive rule: that one discards a batch whose thread lost more
+/// than 0.5% of it to other tasks and, on a machine busy enough that every
+/// batch is disturbed, ends at its time budget with no cost at all (seen
+/// with other builds running). Screening only ranks; the final round
+/// decides, under the adaptive rule.
 pub(crate) fn screening_evaluator() -> EvaluatorConfig {
-    EvaluatorConfig::adaptive().with_adaptive(AdaptiveStop {
-        target_rel_noise: 0.02,
-        min_batches: 5,
-        max_batches: 20,
-        max_time_ms: 300,
-    })
+    let mut cfg = EvaluatorConfig::adaptive();
+    cfg.adaptive = None;
+    cfg.repeat = 8;
+    cfg.min_repeat_ms = 5;
+    cfg
+}
+
+/// The all-cores round: 30 batches of at least 10 ms each, interleaved,
+/// every batch counted: a multi-threaded kernel's calling thread waits for
+/// its other threads, which the adaptive rule would take for preemption.
+pub(crate) fn all_cores_evaluator() -> EvaluatorConfig {
+    let mut cfg = EvaluatorConfig::adaptive();
+    cfg.adaptive = None;
+    cfg.repeat = 30;
+    cfg.min_repeat_ms = 10;
+    cfg
 }
 
 /// The final round: the recommended rule (0.5% relative noise over at
@@ -65,21 +76,6 @@ pub(crate) fn describe(finalists: usize) -> String {
 pub(crate) fn final_session_timeout(finalists: usize) -> Duration {
     let per = Duration::from_secs(4);
     per.saturating_mul(u32::try_from(finalists).unwrap_or(u32::MAX)).max(Duration::from_secs(60))
-}
-
-/// The finalists: the `k` ranked candidates with the fastest screening
-/// medians (ties broken by trial index), fastest first.
-pub(crate) fn finalists(outcomes: &[Option<Outcome>], k: usize) -> Vec<usize> {
-    let mut ranked: Vec<(usize, f64)> = outcomes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, o)| {
-            let o = o.as_ref()?;
-            o.status.ranked().then(|| o.median().map(|m| (i, m)))?
-        })
-        .collect();
-    ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    ranked.into_iter().take(k).map(|(i, _)| i).collect()
 }
 
 /// Re-measures the finalists in one interleaved session, checks their

@@ -8,7 +8,7 @@ use rpc_runner::measure::{
     Stats, Verdict, best_within_noise, best_within_noise_paired, compare_paired,
 };
 
-use crate::candidates::Size;
+use crate::candidates::{Kind, Size};
 use crate::report::{Trial, fmt_cost, fmt_secs};
 
 /// The candidates the best is chosen among, `(trial index, stats)`: the
@@ -16,11 +16,14 @@ use crate::report::{Trial, fmt_cost, fmt_secs};
 /// when there was no final round (`--finalists 0`); none when every
 /// finalist failed in the final round (the best of the rest would be a
 /// claim about the candidates already ranked below them).
-fn contenders(trials: &[Trial]) -> Vec<(usize, Stats)> {
-    let any_finalist = trials.iter().any(|t| t.outcome.finalist);
+pub(crate) fn contenders(trials: &[Trial]) -> Vec<(usize, Stats)> {
+    let any_finalist = trials
+        .iter()
+        .any(|t| t.outcome.finalist && !matches!(t.candidate.kind, Kind::OpenBlas { .. }));
     trials
         .iter()
         .enumerate()
+        .filter(|(_, t)| !t.all_cores && !matches!(t.candidate.kind, Kind::OpenBlas { .. }))
         .filter(|(_, t)| t.outcome.status.ranked() && (!any_finalist || t.outcome.finalist))
         .filter_map(|(i, t)| t.outcome.stats().map(|s| (i, s)))
         .collect()
@@ -113,9 +116,16 @@ pub(crate) fn best(
     }
     match (naive_median, naive_problem) {
         (Some(naive_m), _) => {
+            let naive_noise = trials
+                .iter()
+                .find(|t| t.candidate.kind == Kind::Naive)
+                .and_then(|t| t.outcome.stats())
+                .map_or(0.0, |n| n.rel_noise);
+            let noise = naive_noise.hypot(s.rel_noise) * 100.0;
             let _ = writeln!(
                 out,
-                "naive {}, {:.2} GFLOP/s; speedup of the fastest median over naive: {:.2}x",
+                "naive {}, {:.2} GFLOP/s; speedup of the fastest median over naive: {:.2}x \
+                 (± {noise:.1}%)",
                 fmt_secs(naive_m),
                 size.flops() / naive_m / 1e9,
                 naive_m / s.median
@@ -126,6 +136,78 @@ pub(crate) fn best(
         }
     }
     out
+}
+
+/// The two `best vs OpenBLAS` lines. One thread: the fastest contender
+/// against OpenBLAS with one thread, both in the final round, compared
+/// round by round (median of the per-round ratios ± their relative noise).
+/// All cores: the fastest multi-threaded candidate against OpenBLAS with
+/// every thread, both in the all-cores round, the same way. `missing`: why
+/// OpenBLAS was not measured at all.
+pub(crate) fn openblas(trials: &[Trial], size: Size, missing: Option<&str>) -> String {
+    let mut out = String::new();
+    let ob = |all: bool| {
+        trials.iter().find(|t| {
+            t.all_cores == all
+                && matches!(t.candidate.kind, Kind::OpenBlas { .. })
+                && t.outcome.status.ranked()
+        })
+    };
+    let contenders = contenders(trials);
+    let best_1t = contenders
+        .iter()
+        .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
+        .map(|&(i, _)| &trials[i]);
+    let best_all = trials
+        .iter()
+        .filter(|t| t.all_cores && matches!(t.candidate.kind, Kind::Gemm(_)))
+        .filter(|t| t.outcome.status.ranked())
+        .filter_map(|t| t.outcome.median().map(|m| (t, m)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(t, _)| t);
+    for (label, best, base) in [("1 thread", best_1t, ob(false)), ("all cores", best_all, ob(true))]
+    {
+        let line = match (missing, best, base) {
+            (Some(why), _, _) => format!("not measured: {why}"),
+            (None, Some(b), Some(o)) => ratio(b, o, size),
+            (None, None, _) if label == "all cores" => {
+                "not measured: no multi-threaded candidate ran (see the \"all cores:\" line above)"
+                    .to_owned()
+            }
+            (None, None, _) => "not measured: no candidate ran".to_owned(),
+            (None, Some(_), None) => "not measured: OpenBLAS did not run".to_owned(),
+        };
+        let _ = writeln!(out, "best vs OpenBLAS ({label}): {line}");
+    }
+    out
+}
+
+/// `R.RRx (± N.N%, ...)`: how many times faster `best` is than `base`.
+fn ratio(best: &Trial, base: &Trial, size: Size) -> String {
+    let (b, o) = (&best.outcome.run_secs, &base.outcome.run_secs);
+    let paired: Vec<f64> = o.iter().zip(b.iter()).map(|(o, b)| o / b).collect();
+    let verdict = match compare_paired(b, o) {
+        Verdict::Faster => "faster beyond noise",
+        Verdict::Slower => "slower beyond noise",
+        _ => "tied within noise",
+    };
+    let figures = |t: &Trial| {
+        format!(
+            "{} {:.1} GFLOP/s",
+            t.candidate.name,
+            t.outcome.median().map_or(0.0, |m| size.flops() / m / 1e9)
+        )
+    };
+    match Stats::from_costs(&paired, 0.0) {
+        Some(r) => format!(
+            "{:.2}x (± {:.1}%, {verdict}; {} vs {}, compared round by round)",
+            r.median,
+            r.rel_noise * 100.0,
+            figures(best),
+            figures(base)
+        ),
+        None => "not measured: no costs".to_owned(),
+    }
 }
 
 /// Every distinct environment warning of the measurements that ran, once:
