@@ -127,6 +127,16 @@ fn own_affinity() -> Vec<usize> {
     }
 }
 
+/// Context switches so far: the calling thread's voluntary ones (it waited
+/// of its own accord) and the whole process's involuntary ones (a thread
+/// was preempted).
+pub(super) fn context_switches() -> Option<(i64, i64)> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let thread = getrusage(UsageWho::RUSAGE_THREAD).ok()?;
+    let process = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    Some((thread.voluntary_context_switches(), process.involuntary_context_switches()))
+}
+
 /// The calling thread's CPU time.
 pub(super) fn thread_cpu_time() -> Option<std::time::Duration> {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)

@@ -104,11 +104,30 @@ pub(super) struct RoundsOut {
 pub(super) struct BatchTime {
     pub(super) wall: Duration,
     pub(super) cpu: Option<Duration>,
+    /// Context switches during the batch, when they could be read: the
+    /// timed thread's voluntary ones and the process's involuntary ones.
+    pub(super) switches: Option<(i64, i64)>,
+}
+
+impl BatchTime {
+    /// Whether other work took the CPU from the kernel for more than
+    /// [`PREEMPTED_SHARE`] of the batch. The timed thread's CPU clock says
+    /// so for a kernel that runs on that thread; one that waits of its own
+    /// accord (a multi-threaded kernel waiting for its threads) is off its
+    /// CPU by design, so for it only an involuntary switch of one of the
+    /// process's threads counts.
+    fn disturbed(&self) -> bool {
+        match (self.cpu, self.switches) {
+            (_, Some((voluntary, involuntary))) if voluntary > 0 => involuntary > 0,
+            (Some(cpu), _) => cpu.as_secs_f64() < self.wall.as_secs_f64() * (1.0 - PREEMPTED_SHARE),
+            (None, _) => false,
+        }
+    }
 }
 
 impl From<Duration> for BatchTime {
     fn from(wall: Duration) -> Self {
-        BatchTime { wall, cpu: None }
+        BatchTime { wall, cpu: None, switches: None }
     }
 }
 
@@ -193,18 +212,16 @@ pub(super) fn run_rounds<B: Into<BatchTime>>(
             last = Some((c, set));
             let Ok(state) = &mut out[c] else { continue };
             match batch(c, set, state.number).map(Into::into) {
-                Ok(BatchTime { wall: elapsed, cpu }) => {
+                Ok(time) => {
+                    let elapsed = time.wall;
                     timed[c] += elapsed;
-                    let disturbed = cpu.is_some_and(|cpu| {
-                        cpu.as_secs_f64() < elapsed.as_secs_f64() * (1.0 - PREEMPTED_SHARE)
-                    });
-                    if let (Rule::Adaptive(stop), true) = (rules[c], disturbed) {
-                        if state.preempted < stop.max_batches {
+                    if let (Rule::Adaptive(stop), true) = (rules[c], time.disturbed()) {
+                        // Timed again while the retry and time budgets
+                        // last; once either is spent the batch counts (so a
+                        // candidate never ends without costs).
+                        let in_time = timed[c] < Duration::from_millis(stop.max_time_ms);
+                        if state.preempted < stop.max_batches && in_time {
                             state.preempted += 1;
-                            if timed[c] >= Duration::from_millis(stop.max_time_ms) {
-                                state.stop = StopReason::TimeBudget;
-                                finished.push(c);
-                            }
                             continue;
                         }
                         state.preempted_counted += 1;
@@ -412,6 +429,51 @@ mod tests {
     }
 
     #[test]
+    fn every_batch_preempted_until_the_time_budget_still_gives_costs() {
+        // Each batch reads 1 ms and lost half of it; the time budget (5 ms)
+        // ends before the retry budget (50): the candidate stops on time
+        // with the disturbed batches counted, never with no costs.
+        let cfg = adaptive(0.01, 5, 50, 5);
+        let out = run_rounds(
+            &cfg,
+            &[1],
+            1,
+            |_, _, n| {
+                let wall = Duration::from_micros(1000 * u64::from(n));
+                Ok(BatchTime { wall, cpu: Some(wall / 2), switches: None })
+            },
+            |_, _| {},
+            |_| {},
+        )
+        .unwrap();
+        let o = out[0].as_ref().unwrap();
+        assert_eq!(o.stop, StopReason::TimeBudget, "{o:?}");
+        assert!(!o.costs.is_empty(), "{o:?}");
+        assert_eq!(o.preempted_counted as usize, o.costs.len(), "{o:?}");
+    }
+
+    #[test]
+    fn a_kernel_waiting_for_its_threads_is_preempted_only_by_involuntary_switches() {
+        let quiet =
+            |wall: Duration| BatchTime { wall, cpu: Some(wall / 10), switches: Some((4, 0)) };
+        assert!(
+            !quiet(Duration::from_millis(5)).disturbed(),
+            "waiting on its threads is not preemption"
+        );
+        let preempted = BatchTime { switches: Some((4, 1)), ..quiet(Duration::from_millis(5)) };
+        assert!(preempted.disturbed());
+        // A kernel on the timed thread alone: its CPU clock decides.
+        let lost = |cpu_share: f64| {
+            let wall = Duration::from_millis(5);
+            BatchTime { wall, cpu: Some(wall.mul_f64(cpu_share)), switches: Some((0, 0)) }
+        };
+        assert!(lost(0.9).disturbed());
+        assert!(!lost(1.0).disturbed());
+        // No clock and no counters: nothing to go on.
+        assert!(!BatchTime::from(Duration::from_millis(5)).disturbed());
+    }
+
+    #[test]
     fn preempted_batches_are_timed_again_within_a_budget() {
         let cfg = adaptive(0.01, 5, 8, 10_000);
         let mut i = 0u32;
@@ -424,9 +486,9 @@ mod tests {
                 i += 1;
                 let wall = Duration::from_micros(10 * u64::from(n));
                 if i % 3 == 0 {
-                    Ok(BatchTime { wall: wall * 11 / 10, cpu: Some(wall) })
+                    Ok(BatchTime { wall: wall * 11 / 10, cpu: Some(wall), switches: None })
                 } else {
-                    Ok(BatchTime { wall, cpu: Some(wall) })
+                    Ok(BatchTime { wall, cpu: Some(wall), switches: None })
                 }
             },
             |_, _| {},
@@ -445,7 +507,7 @@ mod tests {
             1,
             |_, _, n| {
                 let wall = Duration::from_micros(10 * u64::from(n));
-                Ok(BatchTime { wall, cpu: Some(wall / 2) })
+                Ok(BatchTime { wall, cpu: Some(wall / 2), switches: None })
             },
             |_, _| {},
             |_| {},

@@ -1,8 +1,8 @@
 //! The time evaluator's loop (TVM's semantics) and the tasks' worker-side bodies.
 
 use super::buffers::ArgSet;
-use super::env::thread_cpu_time;
 use super::env::{EnvProbe, Environment};
+use super::env::{context_switches, thread_cpu_time};
 use super::realtime::maybe_realtime;
 use super::rounds::{BatchTime, RoundsOut, StopReason, run_rounds};
 use super::*;
@@ -203,6 +203,7 @@ pub(super) fn time_subjects(
             order_seed,
             |c, s, n| {
                 let (tensors, num_args) = raw[c][s];
+                let switches0 = context_switches();
                 let cpu0 = thread_cpu_time();
                 let start = Instant::now();
                 for _ in 0..n {
@@ -212,7 +213,10 @@ pub(super) fn time_subjects(
                 }
                 let wall = start.elapsed();
                 let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
-                Ok(BatchTime { wall, cpu })
+                let switches = switches0
+                    .zip(context_switches())
+                    .map(|((v0, i0), (v1, i1))| (v1.saturating_sub(v0), i1.saturating_sub(i0)));
+                Ok(BatchTime { wall, cpu, switches })
             },
             |c, s| flushers[c][s].flush(),
             |d| {
