@@ -308,14 +308,39 @@ fn fake_gflops(g: &space::Gemm) -> Option<f64> {
 }
 
 fn proposals(seed: u64) -> Vec<Vec<space::Gemm>> {
+    proposals_measured(seed, |_| 1.0)
+}
+
+/// As [`proposals`], each measurement multiplied by `noise(i)` (the `i`-th
+/// measurement fed back).
+fn proposals_measured(seed: u64, mut noise: impl FnMut(usize) -> f64) -> Vec<Vec<space::Gemm>> {
     let mut s = search::Search::new(seed, &space::Isa::ALL, 256, 256, 256);
     let mut rounds = Vec::new();
+    let mut i = 0;
     for _ in 0..4 {
         let batch = s.propose(16);
-        s.observe(batch.iter().map(|g| (*g, fake_gflops(g))));
+        s.observe(batch.iter().map(|g| {
+            i += 1;
+            // On a 2% grid (e^0.02k) so that +-0.5% stays inside a cell.
+            let grid = fake_gflops(g).map(|y| ((y.ln() / 0.02).round() * 0.02).exp());
+            (*g, grid.map(|y| y * noise(i)))
+        }));
         rounds.push(batch);
     }
     rounds
+}
+
+#[test]
+fn noise_below_the_grid_does_not_change_the_proposals() {
+    use rand::{Rng, SeedableRng};
+    let quiet = proposals(11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let noisy = proposals_measured(11, |_| 1.0 + rng.random_range(-0.005..0.005));
+    assert_eq!(quiet, noisy, "+-0.5% noise changed what the search proposed");
+    // Beyond the grid, measurements do steer it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let rough = proposals_measured(11, |_| 1.0 + rng.random_range(-0.3..0.3));
+    assert_ne!(quiet, rough, "the search ignores its measurements");
 }
 
 #[test]

@@ -2,8 +2,12 @@
 //! measured so far) ranked by the cost model, plus random exploration.
 //!
 //! Deterministic: the same seed and the same measurements fed back with
-//! [`Search::observe`] give the same proposals. (Measurements are noisy, so
-//! two runs agree on their later rounds only as far as their rankings do.)
+//! [`Search::observe`] give the same proposals. Measurements are noisy, so
+//! the search only looks at them on a coarse grid ([`GRID`]: speeds within
+//! ~2% of each other are equal, ties go to the earlier measured), parents
+//! are used as a set (in a fixed order, not in rank order), and the model's
+//! predictions are on the same grid: two runs then propose the same
+//! candidates unless a measurement crosses a grid line.
 
 use std::collections::HashSet;
 
@@ -22,6 +26,14 @@ const POOL_FACTOR: usize = 24;
 
 /// Parents: the best this many measured so far.
 const ELITE: usize = 8;
+
+/// The grid, in natural-log units, speeds are compared on (2%).
+const GRID: f64 = 0.02;
+
+/// `gflops` on the [`GRID`], as a log.
+fn on_grid(gflops: f64) -> f64 {
+    (gflops.ln() / GRID).round() * GRID
+}
 
 /// Ridge penalty.
 const LAMBDA: f64 = 0.05;
@@ -57,7 +69,9 @@ impl Search {
     /// the model.
     pub(crate) fn observe(&mut self, results: impl IntoIterator<Item = (Gemm, Option<f64>)>) {
         for (g, gflops) in results {
-            self.measured.push((g, gflops.unwrap_or(0.0)));
+            // Kept on the grid (as GFLOP/s): all the search ever looks at.
+            let y = gflops.filter(|y| *y > 0.0 && y.is_finite()).map_or(0.0, |y| on_grid(y).exp());
+            self.measured.push((g, y));
         }
         let (m, n, k) = self.dims;
         let ok: Vec<&(Gemm, f64)> = self.measured.iter().filter(|(_, y)| *y > 0.0).collect();
@@ -84,7 +98,9 @@ impl Search {
     /// measured (or the model is not fitted yet), else mostly the children
     /// of the best with the highest predicted speed, some random.
     pub(crate) fn propose(&mut self, count: usize) -> Vec<Gemm> {
-        let parents = self.best(ELITE);
+        // As a set: which of them is faster does not steer the draws.
+        let mut parents = self.best(ELITE);
+        parents.sort_by_cached_key(Gemm::name);
         let (_explore, exploit) = match (&self.model, parents.len()) {
             (Some(_), p) if p >= 2 => {
                 let explore = ((count as f64) * EXPLORE).round() as usize;
@@ -111,7 +127,7 @@ impl Search {
             let mut scored: Vec<(f64, usize, Gemm)> = pool
                 .into_iter()
                 .enumerate()
-                .map(|(i, g)| (self.predict(&g).unwrap_or(0.0), i, g))
+                .map(|(i, g)| (self.predict(&g).map_or(f64::NEG_INFINITY, on_grid), i, g))
                 .collect();
             scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             for (_, _, g) in scored.into_iter().take(exploit) {
