@@ -133,3 +133,25 @@ fn a_worker_whose_parent_is_gone_does_not_run_the_program() {
         String::from_utf8_lossy(&normal.stderr)
     );
 }
+
+/// A worker start dropped at any point (before the spawn, during it, while
+/// the worker is placed or shakes hands) leaves no process behind: the
+/// spawner kills what it started for a caller that is gone, and a started
+/// process is killed and reaped when its owner is dropped.
+#[tokio::test]
+async fn a_dropped_worker_start_leaves_no_process() {
+    use std::time::Duration;
+    for i in 0..60u64 {
+        let mut worker = popen_pool::PopenWorker::builder(test_worker_program()).build().unwrap();
+        // 0 to 2.9 ms: from "not yet spawned" to "handshake done".
+        let limit = Duration::from_micros(100 * (i % 30));
+        let _ = tokio::time::timeout(limit, worker.start()).await;
+        drop(worker);
+    }
+    assert!(
+        crate::hygiene::eventually(crate::hygiene::SOON, || crate::common::child_pids().is_empty())
+            .await,
+        "children left: {:?}",
+        crate::common::child_pids()
+    );
+}
