@@ -130,6 +130,12 @@ impl ProcessLauncher {
             stderr: stdio(self.opts.stderr),
             fds,
             hold: None,
+            // Where the kernel can, the worker is created in its cgroup
+            // (no move afterwards: see `clone3`).
+            cgroup: cgroup
+                .as_ref()
+                .and_then(|cg| std::fs::File::open(cg.path()).ok())
+                .map(OwnedFd::from),
         };
         // The spawner drops the spec, closing our copy of the child's end,
         // before it replies: from then on EOF on our end means the worker is
@@ -143,7 +149,12 @@ impl ProcessLauncher {
             // Placed before the handshake, so before any task code runs; the
             // worker waits for the byte below before it does anything else.
             let procs = Path::new(std::ffi::OsStr::from_bytes(cg.procs().as_bytes()));
-            if let Err(err) = std::fs::write(procs, pid.to_string()) {
+            let placed = if spawned.placed {
+                Ok(()) // created there
+            } else {
+                std::fs::write(procs, pid.to_string())
+            };
+            if let Err(err) = placed {
                 child.start_kill();
                 let _ = child.wait(None).await;
                 if let Some(dir) = cg.path().parent() {

@@ -89,6 +89,7 @@
 
 mod cgroup;
 mod child;
+mod clone3;
 mod codec;
 mod config;
 mod controls;

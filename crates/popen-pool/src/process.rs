@@ -54,6 +54,9 @@ pub(crate) struct Spec {
     pub(crate) fds: Vec<(OwnedFd, RawFd)>,
     /// Kept alive until the spawn is done (dropped before the reply).
     pub(crate) hold: Option<Keep>,
+    /// The cgroup directory to start the child in, if it can be done at
+    /// creation (see `clone3`); else the caller moves it there.
+    pub(crate) cgroup: Option<OwnedFd>,
 }
 
 /// A started child and the parent's ends of its piped streams.
@@ -62,6 +65,8 @@ pub(crate) struct Spawned {
     pub(crate) process: Process,
     pub(crate) stdout: Option<OwnedFd>,
     pub(crate) stderr: Option<OwnedFd>,
+    /// The child was created in `Spec::cgroup` (nothing left to move).
+    pub(crate) placed: bool,
 }
 
 /// Lowest fd number for the parent's temporary copies of what the child
@@ -123,6 +128,11 @@ fn null_ptrs(v: &[CString]) -> Vec<*mut libc::c_char> {
 /// returns `Ok`, the child has exec'd the program; a failed exec is an `Err`.
 /// Blocking (for the few microseconds until the child execs).
 pub(crate) fn spawn(spec: Spec) -> io::Result<Spawned> {
+    if let Some(spawned) = spawn_in_cgroup(&spec) {
+        let spawned = spawned?;
+        drop((spec.fds, spec.hold, spec.cgroup));
+        return Ok(spawned);
+    }
     let mut a = Attrs::new()?;
     let mut copies = Vec::new(); // closed when this returns
     let mut out = [None, None];
@@ -194,10 +204,76 @@ pub(crate) fn spawn(spec: Spec) -> io::Result<Spawned> {
             envp.as_ptr(),
         ))?;
         // Our copies close now, before the caller hears of the child.
-        drop((spec.fds, spec.hold, copies));
+        drop((spec.fds, spec.hold, spec.cgroup, copies));
         let [stdout, stderr] = out;
-        Ok(Spawned { process: Process { pid: pid as u32, status: None }, stdout, stderr })
+        let process = Process { pid: pid as u32, status: None };
+        Ok(Spawned { process, stdout, stderr, placed: false })
     }
+}
+
+/// [`spawn`] through `clone3` straight into `spec.cgroup`, if there is one
+/// and the kernel can (`None`: use `posix_spawn`). Same child setup.
+fn spawn_in_cgroup(spec: &Spec) -> Option<io::Result<Spawned>> {
+    let cgroup = spec.cgroup.as_ref()?;
+    if !spec.program.as_bytes().contains(&b'/') {
+        return None; // a PATH search would allocate in the child
+    }
+    let prepared = (|| -> io::Result<_> {
+        let mut copies = Vec::new(); // closed when this returns
+        let mut dups = Vec::new();
+        let null_in = std::fs::File::open("/dev/null")?;
+        let null_in = raised(null_in.as_raw_fd())?;
+        dups.push((null_in.as_raw_fd(), 0));
+        copies.push(null_in);
+        let mut out = [None, None];
+        for (slot, (target, mode)) in [(1, spec.stdout), (2, spec.stderr)].into_iter().enumerate() {
+            match mode {
+                Stdio::Inherit => {}
+                Stdio::Null => {
+                    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+                    let null = raised(null.as_raw_fd())?;
+                    dups.push((null.as_raw_fd(), target));
+                    copies.push(null);
+                }
+                Stdio::Piped => {
+                    use nix::fcntl::OFlag;
+                    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                    let w = raised(w.as_raw_fd())?;
+                    dups.push((w.as_raw_fd(), target));
+                    copies.push(w);
+                    out[slot] = Some(r);
+                }
+            }
+        }
+        for (fd, target) in &spec.fds {
+            let src = raised(fd.as_raw_fd())?;
+            dups.push((src.as_raw_fd(), *target));
+            copies.push(src);
+        }
+        Ok((copies, dups, out))
+    })();
+    let (copies, dups, out) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    let argv = null_ptrs(&spec.args);
+    let envp = null_ptrs(&spec.env);
+    let plan = crate::clone3::Plan {
+        path: spec.program.as_c_str(),
+        argv: &argv,
+        envp: &envp,
+        cwd: spec.cwd.as_deref(),
+        dups: &dups,
+        cgroup: cgroup.as_raw_fd(),
+    };
+    let pid = match crate::clone3::spawn(&plan)? {
+        Ok(pid) => pid,
+        Err(e) => return Some(Err(e)),
+    };
+    drop(copies);
+    let [stdout, stderr] = out;
+    let process = Process { pid: pid as u32, status: None };
+    Some(Ok(Spawned { process, stdout, stderr, placed: true }))
 }
 
 /// A child of this process, reaped by its owner. Dropped unreaped, it is

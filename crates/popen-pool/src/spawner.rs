@@ -112,6 +112,7 @@ mod tests {
             stderr: Stdio::Null,
             fds: Vec::new(),
             hold: Some(Box::new(flag)),
+            cgroup: None,
         };
         let mut child = spawn(spec, None).await.unwrap();
         assert!(
