@@ -22,9 +22,8 @@ use crate::error::PoolError;
 use crate::protocol::{FromWorker, Outcome, PROTOCOL_VERSION, ToWorker};
 use crate::task::ErasedTask;
 
-pub(crate) use crate::stats::Counters;
 pub use crate::stats::PoolStats;
-pub(crate) use crate::stats::bump;
+pub(crate) use crate::stats::{Counters, bump};
 
 /// What every core of one pool shares.
 #[derive(Debug)]
@@ -423,6 +422,21 @@ impl<L: Launcher> WorkerCore<L> {
         Ok(())
     }
 
+    /// The live (or a fresh) worker, once a recycled one is gone; counts a cancel.
+    pub(in crate::core) async fn ready_live(
+        &mut self,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Live<L::Child>, PoolError> {
+        let ready = match self.join_retiring(cancel).await {
+            Ok(()) => self.take_live(cancel).await,
+            Err(e) => Err(e),
+        };
+        if matches!(ready, Err(PoolError::Cancelled)) {
+            bump(&self.shared.counters.cancelled);
+        }
+        ready
+    }
+
     async fn take_live(
         &mut self,
         cancel: Option<&CancellationToken>,
@@ -474,19 +488,7 @@ impl<L: Launcher> WorkerCore<L> {
                 max: opts.max_frame_bytes,
             });
         }
-        let ready = match self.join_retiring(cancel).await {
-            Ok(()) => self.take_live(cancel).await,
-            Err(e) => Err(e),
-        };
-        let mut live = match ready {
-            Ok(live) => live,
-            Err(e) => {
-                if matches!(e, PoolError::Cancelled) {
-                    bump(&counters.cancelled);
-                }
-                return Err(e);
-            }
-        };
+        let mut live = self.ready_live(cancel).await?;
         let last_use = opts.maximum_process_uses.is_some_and(|max| live.uses + 1 >= max);
         if last_use {
             self.start_warm_spare();

@@ -257,16 +257,9 @@ impl<L: Launcher> WorkerCore<L> {
             bump(&counters.cancelled);
             return finish(first, Err(PoolError::Cancelled));
         }
-        let ready = match self.join_retiring(Some(first.cancel())).await {
-            Ok(()) => self.take_live(Some(first.cancel())).await,
-            Err(e) => Err(e),
-        };
-        let mut live = match ready {
+        let mut live = match self.ready_live(Some(first.cancel())).await {
             Ok(live) => live,
             Err(e) => {
-                if matches!(e, PoolError::Cancelled) {
-                    bump(&counters.cancelled);
-                }
                 return finish(first, Err(e));
             }
         };

@@ -180,8 +180,7 @@ impl State {
         }
         for key in &conn.put_keys {
             if let Some(q) = self.queues.get_mut(key) {
-                // Only a connection with free servers has any to remove
-                // (most close while leased, or with none left).
+                // Only a connection with free servers has any to remove.
                 if conn.free > 0 {
                     q.free.retain(|s| s.conn != id);
                 }
