@@ -410,7 +410,10 @@ impl<L: Launcher> WorkerCore<L> {
 
     /// Waits for a recycled worker to be gone (the handle stays tracked until
     /// it is, even if this future is dropped). `Err` if `cancel` fired first.
-    async fn join_retiring(&mut self, cancel: Option<&CancellationToken>) -> Result<(), PoolError> {
+    pub(in crate::core) async fn join_retiring(
+        &mut self,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<(), PoolError> {
         if let Some(retiring) = self.retiring.as_mut() {
             tokio::select! {
                 biased;
@@ -422,22 +425,7 @@ impl<L: Launcher> WorkerCore<L> {
         Ok(())
     }
 
-    /// The live (or a fresh) worker, once a recycled one is gone; counts a cancel.
-    pub(in crate::core) async fn ready_live(
-        &mut self,
-        cancel: Option<&CancellationToken>,
-    ) -> Result<Live<L::Child>, PoolError> {
-        let ready = match self.join_retiring(cancel).await {
-            Ok(()) => self.take_live(cancel).await,
-            Err(e) => Err(e),
-        };
-        if matches!(ready, Err(PoolError::Cancelled)) {
-            bump(&self.shared.counters.cancelled);
-        }
-        ready
-    }
-
-    async fn take_live(
+    pub(in crate::core) async fn take_live(
         &mut self,
         cancel: Option<&CancellationToken>,
     ) -> Result<Live<L::Child>, PoolError> {

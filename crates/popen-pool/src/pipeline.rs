@@ -245,6 +245,26 @@ impl<L: Launcher> WorkerCore<L> {
         }
     }
 
+    /// The live (or a fresh) worker for the next task, once a recycled one
+    /// is gone; a cancellation first is counted.
+    ///
+    /// Cancel safety: dropping the future loses nothing: the recycled
+    /// worker stays tracked until it is gone, a spare being started stays
+    /// in `self.spare` for the next call.
+    pub(in crate::core) async fn ready_live(
+        &mut self,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Live<L::Child>, PoolError> {
+        let ready = match self.join_retiring(cancel).await {
+            Ok(()) => self.take_live(cancel).await,
+            Err(e) => Err(e),
+        };
+        if matches!(ready, Err(PoolError::Cancelled)) {
+            bump(&self.shared.counters.cancelled);
+        }
+        ready
+    }
+
     /// Runs `first` and whatever joins it in the window, until the window
     /// is empty or the worker is lost or retired.
     pub(in crate::core) async fn serve_window<Q: Jobs>(&mut self, first: Q::Job, jobs: &Q) {
