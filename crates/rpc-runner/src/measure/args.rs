@@ -40,6 +40,19 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every element type, in declaration order (for tests over all of them).
+    #[cfg(test)]
+    pub(crate) const ALL: [DType; 8] = [
+        DType::F16,
+        DType::F32,
+        DType::F64,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+    ];
+
     /// TVM's name (`"float32"`...).
     pub fn name(self) -> &'static str {
         match self {

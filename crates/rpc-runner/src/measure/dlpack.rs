@@ -124,16 +124,7 @@ mod tests {
         assert_eq!((u8.code, u8.bits, u8.lanes), (1, 8, 1));
         let i64 = DLDataType::from(DType::I64);
         assert_eq!((i64.code, i64.bits, i64.lanes), (0, 64, 1));
-        for d in [
-            DType::F16,
-            DType::F32,
-            DType::F64,
-            DType::I8,
-            DType::I16,
-            DType::I32,
-            DType::I64,
-            DType::U8,
-        ] {
+        for d in DType::ALL {
             assert_eq!(usize::from(DLDataType::from(d).bits) / 8, d.bytes(), "{d:?}");
         }
     }

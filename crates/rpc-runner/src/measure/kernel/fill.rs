@@ -230,17 +230,7 @@ mod tests {
 
     #[test]
     fn the_indexed_fill_gives_the_sequential_bytes_and_state() {
-        let all = [
-            DType::F16,
-            DType::F32,
-            DType::F64,
-            DType::I8,
-            DType::I16,
-            DType::I32,
-            DType::I64,
-            DType::U8,
-        ];
-        for dtype in all {
+        for dtype in DType::ALL {
             for (seed, elems) in [(0u64, 0usize), (1, 1), (7, 33), (u64::MAX, 1000), (42, 4097)] {
                 let len = elems * dtype.bytes();
                 let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
