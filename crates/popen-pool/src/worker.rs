@@ -144,6 +144,12 @@ impl PopenWorker {
 
     /// Kills the worker and its task's processes now and reaps it; the next task starts
     /// a fresh process.
+    ///
+    /// The signal goes out when the future is first polled (SIGKILL to the
+    /// worker's cgroup or process tree): from then on no code of the worker
+    /// runs, whether or not the future is polled again. The rest of the
+    /// future waits for the reap and removes the worker's cgroup; dropping it
+    /// before then leaves the reap to the worker's `Drop`.
     pub async fn kill(&mut self) {
         self.core.kill().await;
     }

@@ -1,6 +1,6 @@
 //! Per-measurement overhead of the runners: prints one JSON line.
 //!
-//! `cargo run --release -p rpc-runner --example runner_bench [-- --quick] [--runs N] [--no-ballast]`
+//! `cargo run --release -p rpc-runner --example runner_bench [-- --quick] [--runs N] [--no-ballast] [--only MODE]`
 //!
 //! Workload (issue 11): a kernel that busy-waits 200 µs, three float32
 //! `[256, 256]` arguments (768 KiB), `number` 1, `repeat` 1,
@@ -70,15 +70,18 @@ struct Opts {
     quick: bool,
     runs: usize,
     ballast: bool,
+    /// `--only MODE`: run just this runner mode (for profiling), no worker-start phase.
+    only: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
-    let mut opts = Opts { quick: false, runs: 0, ballast: true };
+    let mut opts = Opts { quick: false, runs: 0, ballast: true, only: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--no-ballast" => opts.ballast = false,
+            "--only" => opts.only = Some(args.next().context("--only needs a mode")?),
             "--runs" => {
                 let n = args.next().context("--runs needs a number")?;
                 opts.runs = n.parse().with_context(|| format!("--runs {n:?}"))?;
@@ -87,7 +90,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 }
             }
             a => bail!(
-                "unknown argument {a:?} (usage: runner_bench [--quick] [--runs N] [--no-ballast])"
+                "unknown argument {a:?} (usage: runner_bench [--quick] [--runs N] [--no-ballast] [--only MODE])"
             ),
         }
     }
@@ -330,10 +333,20 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         ("rpc_2_servers", 2, true),
         ("rpc_1_server_no_spare", 1, false),
     ];
+    if let Some(only) = &opts.only
+        && !modes.iter().any(|m| m.0 == only)
+    {
+        bail!(
+            "--only {only:?}: not one of local, rpc_1_server, rpc_2_servers, rpc_1_server_no_spare"
+        );
+    }
     let mut overheads: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut all: Vec<Vec<Measurement>> = modes.iter().map(|_| Vec::new()).collect();
     for run in 0..opts.runs {
         for (i, &(name, servers, spare)) in modes.iter().enumerate() {
+            if opts.only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
             eprintln!("runner_bench: run {} of {}: {name}", run + 1, opts.runs);
             let out = if servers == 0 {
                 local_run(&program, &artifact, n).await
@@ -358,6 +371,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
 
     let mut out = Map::new();
     let sizes: &[(&str, usize)] = match (opts.ballast, opts.quick) {
+        _ if opts.only.is_some() => &[],
         (false, _) => &[("6m", 0)],
         // CI runs --quick: no 4 GiB there.
         (true, true) => &[("6m", 0), ("1g", 1 << 30)],

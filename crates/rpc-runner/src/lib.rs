@@ -57,6 +57,8 @@ pub mod tracker;
 pub mod tvm;
 pub mod wire;
 
-pub use server::{DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus};
+pub use server::{
+    DeviceServer, ServerConfig, ServerError, ServerHandle, ServerStatus, default_work_root,
+};
 pub use session::{ConnectOptions, DirEntry, RequestOptions, Session, SessionError};
 pub use tracker::TrackerClient;

@@ -387,3 +387,25 @@ fn postcard_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 fn postcard_decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> T {
     postcard::from_bytes(b).unwrap()
 }
+
+/// `kill` sends the signal when its future is first polled; the rest of the
+/// future only reaps. A caller (the device server) relies on this to answer
+/// before the reap: one poll, and the worker runs no more code.
+#[tokio::test]
+async fn kill_signals_the_worker_at_its_first_poll() {
+    let mut w = PopenWorker::builder(test_worker_program()).build().unwrap();
+    let pid = w.run(Pid).await.unwrap();
+    let mut kill = std::pin::pin!(w.kill());
+    if futures::poll!(kill.as_mut()).is_pending() {
+        // Not polled again until the worker is seen dead (a zombie, not
+        // reaped: reaping is what the rest of the future does).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while crate::hygiene::alive(pid) {
+            assert!(Instant::now() < deadline, "worker {pid} still runs after kill's first poll");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(pid_exists(pid), "reaped without being polled");
+    }
+    kill.await;
+    assert!(!pid_exists(pid), "reaped once kill returned");
+}

@@ -87,7 +87,8 @@ enum Command {
         /// `512M` (binary units); a task over it fails alone.
         #[arg(long, value_parser = parse_bytes)]
         memory_limit: Option<u64>,
-        /// Directory for the sessions' temp dirs (default: the system temp dir).
+        /// Directory for the sessions' temp dirs (default: /dev/shm when it is a
+        /// writable tmpfs without noexec, else the system temp dir).
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
         /// Keep a warm spare session (a fresh dir and a started worker)

@@ -150,7 +150,7 @@ impl Session<'_> {
                 Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
             },
         };
-        self.op = Op::Call(Call::start(id, worker, task, limit));
+        self.op = Op::Call(Call::start(id, worker, task, limit, self.teardown.take()));
         if let Some(want) = self.want_spare.take() {
             want.notify_one();
         }

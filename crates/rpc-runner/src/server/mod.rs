@@ -10,7 +10,7 @@ mod registration;
 mod session;
 mod spare;
 
-pub use config::ServerConfig;
+pub use config::{ServerConfig, default_work_root};
 pub use error::ServerError;
 
 use std::future::Future;
@@ -52,6 +52,10 @@ pub struct ServerStatus {
     /// The pid of the warm spare's worker while one is ready for the next
     /// session ([`ServerConfig::warm_spare`]; always `None` without it).
     pub spare: Option<u32>,
+    /// The last session's teardown is finishing: its processes are killed
+    /// (they run no more code) and are being reaped, its cgroup and temp dir
+    /// removed. The next session's first call waits until this is false.
+    pub retiring: bool,
 }
 
 pub(crate) struct Shared {
@@ -67,6 +71,11 @@ pub(crate) struct Shared {
     pub(crate) spare: tokio::sync::Mutex<Option<spare::Spare>>,
     /// A session took the spare or found none: make the next one.
     pub(crate) spare_wanted: Notify,
+    /// Held while a session's teardown finishes in the background
+    /// (`session::retire`); a session's first call waits for it.
+    pub(crate) teardown: Arc<tokio::sync::Mutex<()>>,
+    /// The server's tasks (its shutdown waits for them all).
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Shared {
@@ -194,7 +203,7 @@ impl Drop for ServerHandle {
 /// Checks that the server can serve a session at all: the work dir can
 /// hold session dirs, and the worker program exists.
 async fn validate(config: &ServerConfig) -> Result<(), ServerError> {
-    let root = config.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    let root = config.root();
     if let Err(source) = ops::probe_work_root(&root).await {
         return Err(ServerError::WorkDir { path: root, source });
     }
@@ -235,9 +244,11 @@ async fn run_with(
         recheck: Notify::new(),
         spare: tokio::sync::Mutex::new(None),
         spare_wanted: Notify::new(),
+        teardown: Arc::new(tokio::sync::Mutex::new(())),
+        tasks: TaskTracker::new(),
     });
+    let tasks = shared.tasks.clone();
     let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
     if let Some(tracker) = shared.cfg.tracker.clone() {
         tasks.spawn(registration::run(Arc::clone(&shared), tracker, stop.clone()));
     }
@@ -302,7 +313,7 @@ async fn refuse(mut stream: TcpStream) {
 /// While the server is unavailable, checks every `tracker_poll` whether it
 /// can serve again (its work dir holds a probe dir), and clears the reason.
 async fn recheck(shared: Arc<Shared>, stop: CancellationToken) {
-    let root = shared.cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    let root = shared.cfg.root();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

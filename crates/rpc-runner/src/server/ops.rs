@@ -7,6 +7,7 @@
 //! frame arrives and polls a fresh one afterwards, and no progress is lost.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -220,18 +221,26 @@ pub(super) struct Call {
 }
 
 impl Call {
-    /// Runs `task` in `worker` until it ends or the call is cancelled.
+    /// Runs `task` in `worker` until it ends or the call is cancelled,
+    /// first waiting for `after` (the previous session's teardown) if given.
     pub(super) fn start(
         id: u64,
         mut worker: PopenWorker,
         task: ErasedTask,
         limit: Option<Duration>,
+        after: Option<Arc<tokio::sync::Mutex<()>>>,
     ) -> Self {
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         let fut = async move {
+            let run = async {
+                if let Some(after) = &after {
+                    drop(after.lock().await);
+                }
+                worker.run_erased(&task, limit).await
+            };
             let outcome = tokio::select! {
-                r = worker.run_erased(&task, limit) => Some(r),
+                r = run => Some(r),
                 () = token.cancelled() => None,
             };
             if outcome.is_none() {

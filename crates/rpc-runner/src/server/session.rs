@@ -9,6 +9,7 @@
 //! cancelled operation has been answered, so answers stay in order.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -97,6 +98,9 @@ pub(super) struct Session<'a> {
     pub(super) limit: Option<Duration>,
     /// Told at the session's first call: make the next warm spare.
     pub(super) want_spare: Option<&'a tokio::sync::Notify>,
+    /// Held by the previous session's teardown while it finishes in the
+    /// background: the first call waits for it (taken by that call).
+    pub(super) teardown: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -134,10 +138,12 @@ impl Farewell {
 
 /// Runs a session on `stream` (handshake done) until it ends, then kills its
 /// worker, removes its temp dir and sends the last frame (`Closed` or
-/// `Terminated`). If the temp dir cannot be made, the client is told why and
-/// the server marks itself unavailable.
+/// `Terminated`); the worker's reap finishes in the background (see
+/// [`retire`]). If the
+/// temp dir cannot be made, the client is told why and the server marks
+/// itself unavailable.
 pub(crate) async fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     stream: TcpStream,
     timeout: Option<Duration>,
     shutdown: CancellationToken,
@@ -146,7 +152,7 @@ pub(crate) async fn run(
     let (rd, wr) = stream.into_split();
     let mut rx = FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME));
     let mut tx = FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME));
-    let root = cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    let root = cfg.root();
     // The warm spare's dir and started worker, else a dir of our own (the
     // worker then starts with the first call).
     let (made, worker) = match super::spare::take(shared).await {
@@ -183,24 +189,11 @@ pub(crate) async fn run(
         deadline: limit.and_then(|l| Instant::now().checked_add(l)),
         limit,
         want_spare: cfg.warm_spare.then_some(&shared.spare_wanted),
+        teardown: Some(Arc::clone(&shared.teardown)),
     };
     let end = session.serve(&mut rx, &shutdown).await;
-    // Tear down first, answer after: the client learns the server is clean
-    // when close() returns.
     session.stop_op().await;
-    // The worker is killed and reaped while the dir is removed: both are
-    // done before the answer.
-    let worker = session.worker.take();
-    let kill = async move {
-        if let Some(mut worker) = worker {
-            worker.kill().await;
-        }
-    };
-    let dir_path = session.dir.clone();
-    let ((), removed) = tokio::join!(kill, ops::blocking(move || dir.close()));
-    if let Err(e) = removed {
-        tracing::warn!(dir = %dir_path.display(), error = %e, "cannot remove session directory");
-    }
+    retire(shared, session.worker.take(), dir).await;
     let last = match end {
         End::Gone => None,
         End::Close(id) => Some(Response::Closed { id }),
@@ -209,8 +202,41 @@ pub(crate) async fn run(
     if let Some(msg) = last {
         last_frame(&mut session.tx, msg).await;
     }
-    tracing::info!(dir = %dir_path.display(), "session ended");
+    tracing::info!(dir = %session.dir.display(), "session ended");
     Farewell { tx: session.tx, rx }
+}
+
+/// Tears a session down: every process of its worker is sent SIGKILL (it
+/// runs no more of the session's code) and the session's temp dir is
+/// removed before this returns; reaping the processes and removing the
+/// worker's cgroup go on in a background task of the server, tracked by its
+/// `TaskTracker` (the server's shutdown waits for it) and holding
+/// `Shared::teardown`, which the next session's first call waits for: no
+/// call runs while the old worker still exits. `ServerStatus::retiring` is
+/// true meanwhile. The client is answered, and the server offered again,
+/// without waiting for the reap (a process exit here takes 0.3-1 ms, most
+/// of a teardown).
+async fn retire(shared: &Arc<Shared>, worker: Option<PopenWorker>, dir: tempfile::TempDir) {
+    let path = dir.path().to_path_buf();
+    // Waits only if the previous session's teardown is still running.
+    let guard = Arc::clone(&shared.teardown).lock_owned().await;
+    shared.update(|st| st.retiring = true);
+    let done = Arc::clone(shared);
+    let mut reap = Box::pin(async move {
+        if let Some(mut worker) = worker {
+            // Signals the worker's whole tree when first polled.
+            worker.kill().await;
+        }
+        done.update(|st| st.retiring = false);
+        drop(guard);
+    });
+    // The first poll sends the kill; the reap goes on in the background.
+    if futures::poll!(reap.as_mut()).is_pending() {
+        shared.tasks.spawn(reap);
+    }
+    if let Err(e) = ops::blocking(move || dir.close()).await {
+        tracing::warn!(dir = %path.display(), error = %e, "cannot remove session directory");
+    }
 }
 
 /// Sends the session's last frame (bounded: the client may not read).

@@ -45,7 +45,7 @@ pub(super) fn new_worker(cfg: &ServerConfig, dir: &Path) -> Result<PopenWorker, 
 
 /// A new session dir under the server's work root.
 pub(super) async fn session_dir(cfg: &ServerConfig) -> std::io::Result<TempDir> {
-    let root = cfg.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    let root = cfg.root();
     ops::blocking(move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root)).await
 }
 

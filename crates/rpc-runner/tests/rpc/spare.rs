@@ -10,7 +10,7 @@ use rpc_runner::tasks::WorkerInfo;
 
 use crate::common::{LIMIT, within};
 use crate::sessions::{server, tracker};
-use crate::tasks::Segfault;
+use crate::tasks::{HoldMemory, PathsExist, Segfault};
 
 /// True while `pid` exists (a reaped process does not).
 fn exists(pid: u32) -> bool {
@@ -28,6 +28,8 @@ async fn each_session_gets_a_fresh_started_spare_and_nothing_outlives_the_server
     let s = server(Some(&t), "cpu", |c| c.warm_spare(true).work_root(root.path())).await;
     let mut tc = rpc_runner::TrackerClient::connect(&t.addr().to_string()).await.unwrap();
     let mut seen = Vec::new();
+    // The last session's worker pids and dir, gone by the next session's first call.
+    let mut previous: Vec<String> = Vec::new();
     for round in 0..3 {
         // A spare is ready before the lease: its worker runs already.
         let st = s.wait_for(LIMIT, |st| st.spare.is_some() && !st.busy && st.registered).await;
@@ -36,9 +38,16 @@ async fn each_session_gets_a_fresh_started_spare_and_nothing_outlives_the_server
         assert_eq!(entries(root.path()), 1, "round {round}: one spare dir while idle");
 
         let mut sess = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+        // The previous teardown may finish after its close() returned, but
+        // before this session's first call runs: reaped, dir removed.
+        let left = within("paths", sess.call(PathsExist(previous.clone()), None)).await.unwrap();
+        assert!(
+            left.iter().all(|&e| !e),
+            "round {round}: left of the last session {previous:?}: {left:?}"
+        );
         let info = within("worker info", sess.call(WorkerInfo, None)).await.unwrap();
         assert_eq!(info.pid, spare, "round {round}: the session got the started spare");
-        assert_eq!(info.tasks_run, 0, "round {round}: the spare ran nothing before");
+        assert_eq!(info.tasks_run, 1, "round {round}: the spare ran nothing before the check");
         assert_eq!(
             std::fs::canonicalize(&info.cwd).unwrap(),
             std::fs::canonicalize(sess.workdir()).unwrap(),
@@ -61,15 +70,47 @@ async fn each_session_gets_a_fresh_started_spare_and_nothing_outlives_the_server
         }
         let workdir = sess.workdir().to_owned();
         within("close", sess.close()).await.unwrap();
-        // Torn down before close() returns, as without the spare.
-        for pid in session_pids {
-            assert!(!exists(pid), "round {round}: the session's worker {pid} is reaped");
-        }
-        assert!(!Path::new(&workdir).exists(), "round {round}: the session dir is removed");
+        assert!(!Path::new(&workdir).exists(), "round {round}: close() removed the session dir");
+        // The workers are killed; their reap finishes in the background, as
+        // without the spare: checked by the next session's first call.
+        previous = session_pids.iter().map(|p| format!("/proc/{p}")).collect();
+        previous.push(workdir);
+    }
+    // The last teardown is done once the status says so.
+    s.wait_for(LIMIT, |st| !st.retiring).await.expect("teardown finishes");
+    for p in &previous {
+        assert!(!Path::new(p).exists(), "{p} is left after the last teardown");
     }
     let last = s.wait_for(LIMIT, |st| st.spare.is_some()).await.unwrap().spare.unwrap();
     within("shutdown", s.shutdown()).await.unwrap();
     assert!(!exists(last), "the spare's worker is reaped when the server stops");
     assert_eq!(entries(root.path()), 0, "the spare's dir is removed when the server stops");
+    drop(t);
+}
+
+/// The server answers `close()` once the worker is killed and reaps it in the
+/// background; the next session's first call still runs only after that
+/// reap. The old worker holds 512 MiB, so its exit takes long enough to be
+/// seen by a call that did not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_sessions_first_call_runs_after_the_last_worker_is_reaped() {
+    let t = tracker().await;
+    let s = server(Some(&t), "cpu", |c| c.warm_spare(true)).await;
+    let mut tc = rpc_runner::TrackerClient::connect(&t.addr().to_string()).await.unwrap();
+    for round in 0..3 {
+        s.wait_for(LIMIT, |st| st.spare.is_some() && !st.busy && st.registered).await.unwrap();
+        let mut sess = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+        let pid = within("worker info", sess.call(WorkerInfo, None)).await.unwrap().pid;
+        within("hold", sess.call(HoldMemory(512 << 20), None)).await.unwrap();
+        within("close", sess.close()).await.unwrap();
+        let mut next = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+        let left = within("check", next.call(PathsExist(vec![format!("/proc/{pid}")]), None))
+            .await
+            .unwrap();
+        assert_eq!(left, [false], "round {round}: worker {pid} not reaped before the next call");
+        within("close", next.close()).await.unwrap();
+    }
+    s.wait_for(LIMIT, |st| !st.retiring).await.expect("teardown finishes");
+    within("shutdown", s.shutdown()).await.unwrap();
     drop(t);
 }

@@ -70,6 +70,19 @@ impl Task for ReadFile {
     }
 }
 
+/// Whether each path exists (a zombie's `/proc/PID` does: only a reaped
+/// process is gone).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct PathsExist(pub(crate) Vec<String>);
+
+impl Task for PathsExist {
+    const NAME: &'static str = "test.paths_exist";
+    type Output = Vec<bool>;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        Ok(self.0.iter().map(|p| std::path::Path::new(p).exists()).collect())
+    }
+}
+
 /// A build task that "builds" by copying a prebuilt shared library to the
 /// plan's artifact path (the source is ignored): proves `LocalBuilder` runs a
 /// plugged-in task type.
@@ -151,6 +164,20 @@ impl Task for Hog {
     }
 }
 
+/// Touches `bytes` of memory and keeps it in the worker until it exits
+/// (whose exit then takes a while: it frees that memory).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct HoldMemory(pub(crate) usize);
+
+impl Task for HoldMemory {
+    const NAME: &'static str = "test.hold_memory";
+    type Output = ();
+    fn run(self, ctx: &mut WorkerContext) -> Result<(), TaskFailure> {
+        ctx.get_or_default::<Vec<Vec<u8>>>().push(vec![1u8; self.0]);
+        Ok(())
+    }
+}
+
 /// rpc-runner's session tasks plus the test tasks.
 pub(crate) fn registry() -> Registry {
     rpc_runner::tasks::registry()
@@ -159,9 +186,11 @@ pub(crate) fn registry() -> Registry {
         .register::<Segfault>()
         .register::<Count>()
         .register::<ReadFile>()
+        .register::<PathsExist>()
         .register::<CopyPrebuilt>()
         .register::<CrashOrCompile>()
         .register::<Fill>()
         .register::<CpusAllowed>()
         .register::<Hog>()
+        .register::<HoldMemory>()
 }
