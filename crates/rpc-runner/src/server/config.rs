@@ -295,7 +295,7 @@ mod tests {
                 let opts = f.get(5)?;
                 (f.get(4) == Some(&point)).then(|| (fstype.to_owned(), (*opts).to_owned()))
             })
-            .last()
+            .next_back()
     }
 
     #[test]
