@@ -150,6 +150,12 @@ impl Session<'_> {
                 Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
             },
         };
+        if self.cfg.warm_spare
+            && task.name() == <crate::measure::AllocArgs as popen_pool::Task>::NAME
+        {
+            // What the next spare is filled with (see `spare::prefill`).
+            self.last_alloc.replace(task.clone());
+        }
         self.op = Op::Call(Call::start(id, worker, task, limit, self.teardown.take()));
         if let Some(want) = self.want_spare.take() {
             want.notify_one();

@@ -52,6 +52,10 @@ pub struct ServerStatus {
     /// The pid of the warm spare's worker while one is ready for the next
     /// session ([`ServerConfig::warm_spare`]; always `None` without it).
     pub spare: Option<u32>,
+    /// The warm spare holds the argument sets of the last session's
+    /// `AllocArgs`, filled while the server was idle: a session asking for
+    /// the same shapes, `alloc_repeat` and seed gets them without a fill.
+    pub spare_filled: bool,
     /// The last session's teardown is finishing: its processes are killed
     /// (they run no more code) and are being reaped, its cgroup and temp dir
     /// removed. The next session's first call waits until this is false.
@@ -76,6 +80,11 @@ pub(crate) struct Shared {
     pub(crate) teardown: Arc<tokio::sync::Mutex<()>>,
     /// The server's tasks (its shutdown waits for them all).
     pub(crate) tasks: TaskTracker,
+    /// The last session's `AllocArgs` call, which the next spare is given.
+    pub(crate) last_alloc: spare::LastAlloc,
+    /// A session's request loop runs: its calls may be timing a kernel on
+    /// the workers' CPU (the spare is not prefilled meanwhile).
+    pub(crate) serving: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -246,6 +255,8 @@ async fn run_with(
         spare_wanted: Notify::new(),
         teardown: Arc::new(tokio::sync::Mutex::new(())),
         tasks: TaskTracker::new(),
+        last_alloc: spare::LastAlloc::default(),
+        serving: std::sync::atomic::AtomicBool::new(false),
     });
     let tasks = shared.tasks.clone();
     let stop = CancellationToken::new();

@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -101,6 +102,8 @@ pub(super) struct Session<'a> {
     /// Held by the previous session's teardown while it finishes in the
     /// background: the first call waits for it (taken by that call).
     pub(super) teardown: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// The server's record of the last `AllocArgs` call (warm spare only).
+    pub(super) last_alloc: &'a super::spare::LastAlloc,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -190,9 +193,17 @@ pub(crate) async fn run(
         limit,
         want_spare: cfg.warm_spare.then_some(&shared.spare_wanted),
         teardown: Some(Arc::clone(&shared.teardown)),
+        last_alloc: &shared.last_alloc,
     };
+    shared.serving.store(true, Ordering::SeqCst);
     let end = session.serve(&mut rx, &shutdown).await;
     session.stop_op().await;
+    // Nothing of this session runs on the workers' CPU any more: the spare
+    // can be prefilled while the rest of the teardown and the next lease go on.
+    shared.serving.store(false, Ordering::SeqCst);
+    if cfg.warm_spare {
+        shared.spare_wanted.notify_one();
+    }
     retire(shared, session.worker.take(), dir).await;
     let last = match end {
         End::Gone => None,

@@ -4,7 +4,10 @@
 //!
 //! One keeper task owns the making: it makes a spare when the server
 //! starts, when a session makes its first call, and when a session ends
-//! (each time only if there is none).
+//! (each time only if there is none). While no session runs, it also gives
+//! the spare the argument sets of the last session's `AllocArgs` (same
+//! shapes, repeat and seed: a tuner's next candidate asks for exactly
+//! those), so that call finds them filled and their pages faulted in.
 //! A session takes the spare (waiting for one being made, bounded by
 //! [`TAKE_WAIT`]); the spare then is that session's dir and worker, torn
 //! down with it like any other. A spare is never handed to two sessions,
@@ -14,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use popen_pool::{PoolError, PopenWorker};
+use popen_pool::{ErasedTask, PoolError, PopenWorker};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
@@ -23,10 +26,34 @@ use super::{ServerConfig, Shared, ops};
 /// Longest a session waits for a spare being made before making its own.
 const TAKE_WAIT: Duration = Duration::from_secs(2);
 
+/// Longest the keeper waits for a spare's prefill (`AllocArgs`).
+const PREFILL_LIMIT: Duration = Duration::from_secs(30);
+
 /// A fresh session dir and a started worker whose working dir it is.
 pub(crate) struct Spare {
     pub(crate) dir: TempDir,
     pub(crate) worker: PopenWorker,
+    /// The keeper gave it the last `AllocArgs` (or tried to).
+    prefilled: bool,
+}
+
+/// The last `AllocArgs` call a session made (the request as received, so
+/// bounded by the session's frame limit).
+#[derive(Default)]
+pub(crate) struct LastAlloc(std::sync::Mutex<Option<ErasedTask>>);
+
+impl LastAlloc {
+    pub(crate) fn replace(&self, task: ErasedTask) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    fn get(&self) -> Option<ErasedTask> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn forget(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 /// A session worker for `dir`, configured as `cfg` says (not started).
@@ -73,7 +100,33 @@ async fn make(cfg: &ServerConfig) -> Option<Spare> {
         discard_dir(dir).await;
         return None;
     }
-    Some(Spare { dir, worker })
+    Some(Spare { dir, worker, prefilled: false })
+}
+
+/// Gives the spare the last session's `AllocArgs`, once, and only while no
+/// session runs (the spare's worker is pinned where sessions time their
+/// kernels). A spare whose prefill fails is discarded and the call is
+/// forgotten (the next spare is made without it), so a failing call is not
+/// retried forever.
+async fn prefill(shared: &Shared, slot: &mut Option<Spare>) {
+    let Some(spare) = slot.as_mut().filter(|s| !s.prefilled) else { return };
+    if shared.serving.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let Some(task) = shared.last_alloc.get() else { return };
+    spare.prefilled = true;
+    match spare.worker.run_erased(&task, Some(PREFILL_LIMIT)).await {
+        Ok(_) => shared.update(|st| st.spare_filled = true),
+        Err(e) => {
+            tracing::debug!(error = %e, "the spare's prefill failed; discarding it");
+            shared.last_alloc.forget();
+            if let Some(spare) = slot.take() {
+                shared.update(|st| (st.spare, st.spare_filled) = (None, false));
+                discard(spare).await;
+            }
+            shared.spare_wanted.notify_one();
+        }
+    }
 }
 
 async fn discard_dir(dir: TempDir) {
@@ -102,19 +155,24 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
             () = shared.spare_wanted.notified() => {}
         }
         let mut slot = shared.spare.lock().await;
-        if slot.is_some() || shared.snapshot().unavailable.is_some() {
+        if shared.snapshot().unavailable.is_some() {
             continue;
         }
-        // Not cut short by `stop`: a worker start dropped midway can leave
-        // its process running without a parent that knows it (popen-pool's
-        // start is not safe to drop during the spawn); it is discarded below.
-        let made = make(&shared.cfg).await;
-        let pid = made.as_ref().and_then(|s| s.worker.pid());
-        *slot = made;
-        shared.update(|st| st.spare = pid);
+        if slot.is_none() {
+            // Not cut short by `stop`: a worker start dropped midway can
+            // leave its process running without a parent that knows it
+            // (popen-pool's start is not safe to drop during the spawn); it
+            // is discarded below.
+            let made = make(&shared.cfg).await;
+            let pid = made.as_ref().and_then(|s| s.worker.pid());
+            *slot = made;
+            shared.update(|st| st.spare = pid);
+        }
+        // Bounded by PREFILL_LIMIT, not cut short by `stop` either.
+        prefill(&shared, &mut slot).await;
     }
     let left = shared.spare.lock().await.take();
-    shared.update(|st| st.spare = None);
+    shared.update(|st| (st.spare, st.spare_filled) = (None, false));
     if let Some(spare) = left {
         discard(spare).await;
     }
@@ -133,7 +191,7 @@ pub(super) async fn take(shared: &Shared) -> Option<Spare> {
     let taken = match tokio::time::timeout(TAKE_WAIT, shared.spare.lock()).await {
         Ok(mut slot) => {
             let taken = slot.take();
-            shared.update(|st| st.spare = None);
+            shared.update(|st| (st.spare, st.spare_filled) = (None, false));
             taken
         }
         Err(_) => None,

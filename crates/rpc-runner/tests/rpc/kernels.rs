@@ -256,8 +256,14 @@ async fn matmul_output_matches_a_reference_and_seeds_are_reproducible() {
     again.upload(&lib.path, "kernels.so").await.unwrap();
     let [a2, b2, c2] = run_matmul(&mut again, 11).await;
     assert_eq!((&a2, &b2, &c2), (&a, &b, &c));
-    let [a3, ..] = run_matmul(&mut again, 12).await;
+    let [a3, _, c3] = run_matmul(&mut again, 12).await;
     assert_ne!(a3, a, "another seed, other values");
+    // The kernel wrote C; the same AllocArgs again fills it again (the
+    // buffers are reused, their bytes are not trusted after a kernel ran).
+    again.call(AllocArgs { args: matmul_args(), alloc_repeat: 1, seed: 12 }, CALL).await.unwrap();
+    let refilled = floats(&again.call(ReadArg { set: 0, index: 2 }, CALL).await.unwrap());
+    assert_ne!(refilled, c3);
+    assert!(refilled.iter().all(|v| (1.0..10.0).contains(v)), "C holds the fill again");
     again.close().await.unwrap();
     s.shutdown().await.unwrap();
 }

@@ -114,3 +114,47 @@ async fn the_next_sessions_first_call_runs_after_the_last_worker_is_reaped() {
     within("shutdown", s.shutdown()).await.unwrap();
     drop(t);
 }
+
+/// The spare is given the last session's `AllocArgs` while the server is
+/// idle: a session asking for the same arguments gets the same bytes (a
+/// fresh fill would give), another seed gets other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spare_holds_the_last_sessions_arguments_and_they_are_the_seeds_bytes() {
+    use rpc_runner::measure::{AllocArgs, ArgInfo, DType, ReadArg};
+    let t = tracker().await;
+    let s = server(Some(&t), "cpu", |c| c.warm_spare(true)).await;
+    let mut tc = rpc_runner::TrackerClient::connect(&t.addr().to_string()).await.unwrap();
+    let alloc = |seed| AllocArgs {
+        args: vec![ArgInfo::tensor(DType::F32, [300, 200]), ArgInfo::tensor(DType::I8, [77])],
+        alloc_repeat: 2,
+        seed,
+    };
+    let read_all = async |sess: &mut rpc_runner::Session| {
+        let mut out = Vec::new();
+        for (set, index) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            out.push(within("read", sess.call(ReadArg { set, index }, None)).await.unwrap());
+        }
+        out
+    };
+    let mut first = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+    within("alloc", first.call(alloc(5), None)).await.unwrap();
+    let want = read_all(&mut first).await;
+    within("close", first.close()).await.unwrap();
+    for (round, seed) in [(0, 5), (1, 5), (2, 6)] {
+        let st = s.wait_for(LIMIT, |st| st.spare_filled && !st.busy && st.registered).await;
+        st.expect("the spare is filled while the server is idle");
+        let mut sess = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+        let info = within("worker info", sess.call(WorkerInfo, None)).await.unwrap();
+        assert_eq!(info.tasks_run, 1, "round {round}: the spare ran the prefill only");
+        within("alloc", sess.call(alloc(seed), None)).await.unwrap();
+        let got = read_all(&mut sess).await;
+        if seed == 5 {
+            assert_eq!(got, want, "round {round}: the prefilled sets hold seed 5's bytes");
+        } else {
+            assert_ne!(got[0], want[0], "round {round}: another seed, other bytes");
+        }
+        within("close", sess.close()).await.unwrap();
+    }
+    within("shutdown", s.shutdown()).await.unwrap();
+    drop(t);
+}

@@ -172,6 +172,11 @@ pub(super) struct ArgSets {
     pub(super) sets: Vec<ArgSet>,
     /// What they were made for (see [`ArgSets::refill`]).
     args: Vec<ArgInfo>,
+    /// The seed they were last filled with.
+    seed: u64,
+    /// No kernel has run on them since they were filled: they hold exactly
+    /// `seed`'s values (cleared by whatever hands them to a kernel).
+    pub(super) pristine: bool,
 }
 
 impl ArgSets {
@@ -186,18 +191,25 @@ impl ArgSets {
         let sets = (0..alloc_repeat)
             .map(|_| ArgSet::new(args, &mut rng))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(ArgSets { sets, args: args.to_vec() })
+        Ok(ArgSets { sets, args: args.to_vec(), seed, pristine: true })
     }
 
     /// If these sets were made for the same `args` and `alloc_repeat`,
     /// fills them again with `seed`'s values (the bytes [`ArgSets::new`]
     /// would give: every argument buffer is overwritten, whatever a kernel
     /// wrote into it) and returns true; keeps the allocations, so their
-    /// pages are neither freed nor faulted in again.
+    /// pages are neither freed nor faulted in again. Sets still
+    /// [`pristine`](Self::pristine) with `seed`'s values already hold those
+    /// bytes and are not filled again (a warm spare's, see the server).
     pub(super) fn refill(&mut self, args: &[ArgInfo], alloc_repeat: u32, seed: u64) -> bool {
         if self.args != args || usize::try_from(alloc_repeat).ok() != Some(self.sets.len()) {
             return false;
         }
+        if self.pristine && self.seed == seed {
+            return true;
+        }
+        self.seed = seed;
+        self.pristine = true;
         let mut rng = SplitMix64(seed);
         for set in &mut self.sets {
             for (buf, info) in set.bufs.iter_mut().zip(args) {

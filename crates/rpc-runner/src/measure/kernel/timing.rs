@@ -119,6 +119,8 @@ pub(super) fn time_kernel(
     // The library stays in the context, untouched, for the whole task.
     let entry = ctx.get::<LoadedKernel>().ok_or(KernelError::NoKernel)?.entry;
     let sets = ctx.get_mut::<ArgSets>().ok_or(KernelError::NoArgs)?;
+    // The kernel may write into them from here on.
+    sets.pristine = false;
     if cfg.adaptive.is_some() {
         let (mut out, env) = time_subjects(cfg, &mut [(entry, sets)], 0)?;
         return out.pop().unwrap_or(Err(KernelError::NoArgs)).map(|o| Timing::of(o, env));
@@ -185,7 +187,11 @@ pub(super) fn time_subjects(
     // shared borrows of the buffers.
     let raw: Vec<Vec<(*mut DLTensor, i32)>> = subjects
         .iter_mut()
-        .map(|(_, sets)| sets.sets.iter_mut().map(ArgSet::raw_args).collect())
+        .map(|(_, sets)| {
+            // The kernel may write into them from here on.
+            sets.pristine = false;
+            sets.sets.iter_mut().map(ArgSet::raw_args).collect()
+        })
         .collect();
     let entries: Vec<EntryFn> = subjects.iter().map(|(e, _)| *e).collect();
     let mut flushers: Vec<Vec<CacheFlush<'_>>> = subjects
