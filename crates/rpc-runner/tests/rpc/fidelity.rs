@@ -100,6 +100,9 @@ async fn an_interleaved_set_is_measured_pinned_ranked_and_faults_stay_with_their
     assert_ne!(stats[2].compare(&stats[0]), Verdict::Slower, "{stats:?}");
     assert_eq!(best_within_noise(&stats)[0], 1, "{stats:?}");
 
+    // The runner keeps its tracker connection for the next lease until it
+    // is dropped.
+    drop(runner);
     s.shutdown().await.unwrap();
     drop(t);
     eventually("the sockets and pipes to close", async || open_fds() <= fds_before).await;

@@ -494,3 +494,43 @@ async fn building_a_runner_fails_clearly_without_a_tracker_or_a_server() {
     assert!(matches!(err, RunError::NoServer { ref key, .. } if key == "no-such-key"), "{err:?}");
     drop(t);
 }
+
+/// Accepts on a port of its own and relays each connection to `to`,
+/// counting the connections.
+async fn counting_proxy(to: std::net::SocketAddr) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&count);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+#[tokio::test]
+async fn leases_reuse_the_runners_tracker_connection() {
+    let (st, _) = stack(Duration::from_secs(10)).await;
+    let (port, connections) = counting_proxy(st.tracker.addr()).await;
+    let rpc = RpcConfig::new("127.0.0.1", port, "cpu").session_timeout(Duration::from_secs(10));
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator(1, 1, 0)).build().await.unwrap();
+    let built = connections.load(std::sync::atomic::Ordering::SeqCst);
+    let good = kernel(st.dir.path(), "good", "int32_t entry(DLTensor* a, int32_t n) { return 0; }");
+    for round in 0..3 {
+        let inputs = (0..2).map(|_| RunnerInput::new(&good, args())).collect();
+        for r in runner.run(inputs).collect_ordered().await {
+            r.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+    let leases = connections.load(std::sync::atomic::Ordering::SeqCst) - built;
+    assert_eq!(leases, 1, "6 leases, one at a time, over one tracker connection");
+    drop(runner);
+    st.server.shutdown().await.unwrap();
+}

@@ -74,16 +74,26 @@ fn alloc_args_again_for_the_same_shapes_reuses_the_buffers_and_restores_the_byte
     let ptr = ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr;
     // A kernel wrote its outputs over set 1's buffers (and, as the timing
     // does before it calls one, the sets were marked as no longer pristine).
-    let sets = ctx.get_mut::<ArgSets>().unwrap();
-    sets.pristine = false;
-    for buf in &mut sets.sets[1].bufs {
-        buf.as_mut_slice().fill(0xAB);
+    // Twice: the second refill is copied from the first's bytes.
+    for round in 0..3 {
+        let sets = ctx.get_mut::<ArgSets>().unwrap();
+        sets.pristine = false;
+        for buf in &mut sets.sets[1].bufs {
+            buf.as_mut_slice().fill(0xAB);
+        }
+        AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
+        assert_eq!(ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr, ptr, "buffers kept");
+        for (i, want) in fresh.iter().enumerate() {
+            assert_eq!(&read(&ctx, 1, i as u32), want, "round {round}: argument {i} filled again");
+        }
     }
+    // Another seed after the copy was made: computed, not copied.
+    AllocArgs { args: args(), alloc_repeat: 2, seed: 10 }.run(&mut ctx).unwrap();
+    assert_ne!(read(&ctx, 1, 0), fresh[0], "seed 10's bytes");
+    let mut other_ctx = WorkerContext::default();
+    AllocArgs { args: args(), alloc_repeat: 2, seed: 10 }.run(&mut other_ctx).unwrap();
+    assert_eq!(read(&ctx, 1, 0), read(&other_ctx, 1, 0));
     AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
-    assert_eq!(ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr, ptr, "buffers kept");
-    for (i, want) in fresh.iter().enumerate() {
-        assert_eq!(&read(&ctx, 1, i as u32), want, "argument {i} filled again");
-    }
     // Other shapes or another alloc_repeat: new sets.
     AllocArgs { args: args(), alloc_repeat: 1, seed: 9 }.run(&mut ctx).unwrap();
     assert_eq!(ctx.get::<ArgSets>().unwrap().sets.len(), 1);

@@ -36,7 +36,14 @@ pub struct StageContext {
     pub entry: String,
     /// The local runner's worker, when this is a local pipeline.
     pub(crate) local: Option<Arc<Mutex<PopenWorker>>>,
+    /// Tracker connections between leases (shared by the runner's clones),
+    /// so a lease does not pay for a TCP connect and the tracker's
+    /// handshake.
+    pub(crate) trackers: Arc<std::sync::Mutex<Vec<TrackerClient>>>,
 }
+
+/// Most idle tracker connections a runner keeps.
+const MAX_IDLE_TRACKERS: usize = 64;
 
 impl StageContext {
     pub(crate) fn new(rpc: RpcConfig) -> Self {
@@ -47,6 +54,7 @@ impl StageContext {
             seed: 0,
             entry: super::super::kernel::DEFAULT_ENTRY.into(),
             local: None,
+            trackers: Arc::default(),
         }
     }
 
@@ -344,14 +352,29 @@ async fn default_create_session(ctx: &StageContext) -> Result<DeviceSession, Run
     }
     let addr = rpc.tracker_addr();
     let session_err = |e| RunError::Session { addr: addr.clone(), source: Cause::new(e) };
-    let mut tracker =
-        TrackerClient::connect(&addr).await.map_err(|e| session_err(SessionError::from(e)))?;
+    // A connection of an earlier lease (a dead one redials in the request);
+    // dropped with this future if it is cancelled, so the tracker forgets
+    // its pending request.
+    let idle = ctx.trackers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut tracker = match idle {
+        Some(t) => t,
+        None => {
+            TrackerClient::connect(&addr).await.map_err(|e| session_err(SessionError::from(e)))?
+        }
+    };
     let mut opts = RequestOptions::new(rpc.session_priority, Some(rpc.session_timeout));
     opts.lease_timeout = rpc.lease_timeout;
     opts.connect = ConnectOptions::default()
         .session_timeout(Some(rpc.session_timeout))
         .token(rpc.token.clone());
-    let sess = tracker.request_with(&rpc.tracker_key, &opts).await.map_err(|e| match e {
+    let sess = tracker.request_with(&rpc.tracker_key, &opts).await;
+    {
+        let mut idle = ctx.trackers.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_TRACKERS {
+            idle.push(tracker);
+        }
+    }
+    let sess = sess.map_err(|e| match e {
         // `request_with`'s own bound on the wait (connecting has another).
         SessionError::Timeout { what: "waiting for a free device", limit } => {
             RunError::LeaseTimeout { limit }

@@ -21,6 +21,11 @@ use crate::tracker::TrackerClient;
 /// Measure with [`Runner::run`]; dropping the returned stream cancels its
 /// unfinished measurements (their sessions are closed, their devices freed).
 ///
+/// A lease reuses a tracker connection of an earlier one (the runner keeps
+/// at most 64 idle; they close when the last clone of the runner is
+/// dropped), so it costs one request to the tracker, not a new connection;
+/// a connection the tracker closed meanwhile is redialled by the request.
+///
 /// # Examples
 ///
 /// ```no_run
