@@ -6,9 +6,9 @@ use super::*;
 /// One zero-initialized allocation that the buffers of an argument set are
 /// carved from, freed when the last of them is dropped.
 ///
-/// An allocation of at least [`HUGE_ARENA_MIN`] bytes is 2 MiB-aligned,
-/// rounded up to 2 MiB and advised `MADV_HUGEPAGE` before it is first
-/// touched: where transparent huge pages are enabled (`always` or
+/// An allocation of at least [`HUGE_ARENA_MIN`] bytes is a fresh mapping,
+/// 2 MiB-aligned, rounded up to 2 MiB and advised `MADV_HUGEPAGE` before it
+/// is first touched: where transparent huge pages are enabled (`always` or
 /// `madvise`), the set's buffers then sit in physically contiguous 2 MiB
 /// pages, so their cache placement does not change from process to process
 /// (with 4 KiB pages it depends on which physical pages the kernel hands
@@ -18,6 +18,8 @@ pub(super) struct Arena {
     layout: Layout,
     /// `madvise(MADV_HUGEPAGE)` was applied and accepted.
     pub(super) huge: bool,
+    /// `ptr` is an `mmap` of `layout.size()` bytes, not the allocator's.
+    mapped: bool,
 }
 
 // SAFETY: an `Arena` owns its allocation exclusively, like a `Box<[u8]>`;
@@ -39,29 +41,72 @@ impl Arena {
         if len >= HUGE_ARENA_MIN {
             let size = len.checked_next_multiple_of(HUGE_PAGE)?;
             let layout = Layout::from_size_align(size, HUGE_PAGE).ok()?;
-            // SAFETY: `layout` has a nonzero size.
-            let ptr = NonNull::new(unsafe { std::alloc::alloc(layout) })?;
-            // SAFETY: `ptr..ptr+size` is our own fresh allocation, 2 MiB
-            // (hence page) aligned; madvise only changes how it is backed.
-            let huge = unsafe {
-                nix::libc::madvise(ptr.as_ptr().cast(), size, nix::libc::MADV_HUGEPAGE) == 0
-            };
-            // SAFETY: writing zeros over the whole allocation we own; the
-            // first touch, so it faults in (huge) pages after the advice.
-            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
-            return Some(Arena { ptr, layout, huge });
+            return huge_mapping(size).map(|(ptr, huge)| Arena { ptr, layout, huge, mapped: true });
         }
         let layout = Layout::from_size_align(len.max(1), ALIGN).ok()?;
         // SAFETY: `layout` has a nonzero size.
         let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(Arena { ptr, layout, huge: false })
+        Some(Arena { ptr, layout, huge: false, mapped: false })
     }
+}
+
+/// A fresh anonymous mapping of `size` bytes (a multiple of [`HUGE_PAGE`]),
+/// 2 MiB-aligned, advised `MADV_HUGEPAGE` and then faulted in: zero pages
+/// from the kernel, so nothing is written over them (an allocator's memory
+/// may be recycled and need a memset of the whole arena). Returns the
+/// pointer and whether the advice was accepted.
+fn huge_mapping(size: usize) -> Option<(NonNull<u8>, bool)> {
+    use nix::libc;
+    let span = size.checked_add(HUGE_PAGE)?;
+    // SAFETY: a new private anonymous mapping; no existing memory is touched.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let (head, tail) = (aligned - start, span - (aligned - start) - size);
+    // SAFETY: `start..start+head` and `aligned+size..start+span` are the
+    // unaligned ends of the mapping just made, not used by anything.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + size) as *mut libc::c_void, tail);
+        }
+    }
+    let ptr = aligned as *mut u8;
+    // SAFETY: `ptr..ptr+size` is our own mapping; madvise only changes how
+    // it is backed.
+    let huge = unsafe { libc::madvise(ptr.cast(), size, libc::MADV_HUGEPAGE) == 0 };
+    // Fault every page in now, not in the kernel's first call: one write per
+    // base page (the first one of a huge page brings in all 2 MiB).
+    for offset in (0..size).step_by(4096) {
+        // SAFETY: inside the mapping, which is readable and writable.
+        unsafe { std::ptr::write_volatile(ptr.add(offset), 0) };
+    }
+    NonNull::new(ptr).map(|p| (p, huge))
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated by the global allocator with `layout`.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        if self.mapped {
+            // SAFETY: `ptr..ptr+size` is the mapping `huge_mapping` made.
+            unsafe { nix::libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
+        } else {
+            // SAFETY: `ptr` was allocated by the global allocator with `layout`.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        }
     }
 }
 
