@@ -235,7 +235,13 @@ impl Call {
         let fut = async move {
             let run = async {
                 if let Some(after) = &after {
-                    drop(after.lock().await);
+                    // Bounded: a worker stuck in the kernel does not hold
+                    // the next session forever.
+                    let waited =
+                        tokio::time::timeout(super::session::KILL_WAIT, after.lock()).await;
+                    if waited.is_err() {
+                        tracing::warn!("the last session's worker is not reaped yet; going on");
+                    }
                 }
                 worker.run_erased(&task, limit).await
             };

@@ -37,7 +37,7 @@ type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
 /// reads that frame rather than a connection reset.
 const DRAIN: Duration = Duration::from_secs(5);
 /// How long teardown waits for a cancelled call's worker to be reaped.
-const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(super) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Longest time limit a client can give a call (longer ones are saturated).
 const MAX_CALL_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -226,11 +226,14 @@ pub(crate) async fn run(
 /// call runs while the old worker still exits. `ServerStatus::retiring` is
 /// true meanwhile. The client is answered, and the server offered again,
 /// without waiting for the reap (a process exit here takes 0.3-1 ms, most
-/// of a teardown).
+/// of a teardown). Both waits for an earlier teardown are bounded by
+/// `KILL_WAIT` (a worker stuck in the kernel does not stall the server).
 async fn retire(shared: &Arc<Shared>, worker: Option<PopenWorker>, dir: tempfile::TempDir) {
     let path = dir.path().to_path_buf();
-    // Waits only if the previous session's teardown is still running.
-    let guard = Arc::clone(&shared.teardown).lock_owned().await;
+    // Waits only if the previous session's teardown is still running, and
+    // not for a worker stuck in the kernel past KILL_WAIT.
+    let guard =
+        tokio::time::timeout(KILL_WAIT, Arc::clone(&shared.teardown).lock_owned()).await.ok();
     shared.update(|st| st.retiring = true);
     let done = Arc::clone(shared);
     let mut reap = Box::pin(async move {

@@ -150,22 +150,26 @@ async fn neighbour_load_and_missing_pinning_are_recorded_and_warned_about() {
     // A spinning thread on every CPU but the one the worker measures on is
     // not known here (the local worker is not pinned): load all others.
     let stop = Arc::new(AtomicBool::new(false));
+    let spinning = Arc::new(std::sync::Barrier::new(plan.others.len() + 1));
     let spinners: Vec<_> = plan
         .others
         .iter()
         .map(|&cpu| {
-            let stop = Arc::clone(&stop);
+            let (stop, spinning) = (Arc::clone(&stop), Arc::clone(&spinning));
             std::thread::spawn(move || {
                 let mut set = nix::sched::CpuSet::new();
                 set.set(cpu).unwrap();
                 // Pid 0: this thread only.
                 nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                spinning.wait();
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
             })
         })
         .collect();
+    // Every spinner is on its CPU before the measurement starts.
+    spinning.wait();
     let m = local.run(vec![RunnerInput::new(&k, args())]).collect_ordered().await.pop().unwrap();
     stop.store(true, Ordering::Relaxed);
     for s in spinners {
