@@ -121,12 +121,17 @@ async fn prefill(shared: &Shared, slot: &mut Option<Spare>) {
             tracing::debug!(error = %e, "the spare's prefill failed; discarding it");
             shared.last_alloc.forget();
             if let Some(spare) = slot.take() {
-                shared.update(|st| (st.spare, st.spare_filled) = (None, false));
+                no_spare(shared);
                 discard(spare).await;
             }
             shared.spare_wanted.notify_one();
         }
     }
+}
+
+/// The status says no spare is ready.
+fn no_spare(shared: &Shared) {
+    shared.update(|st| (st.spare, st.spare_filled) = (None, false));
 }
 
 async fn discard_dir(dir: TempDir) {
@@ -172,7 +177,7 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
         prefill(&shared, &mut slot).await;
     }
     let left = shared.spare.lock().await.take();
-    shared.update(|st| (st.spare, st.spare_filled) = (None, false));
+    no_spare(&shared);
     if let Some(spare) = left {
         discard(spare).await;
     }
@@ -191,7 +196,7 @@ pub(super) async fn take(shared: &Shared) -> Option<Spare> {
     let taken = match tokio::time::timeout(TAKE_WAIT, shared.spare.lock()).await {
         Ok(mut slot) => {
             let taken = slot.take();
-            shared.update(|st| (st.spare, st.spare_filled) = (None, false));
+            no_spare(shared);
             taken
         }
         Err(_) => None,

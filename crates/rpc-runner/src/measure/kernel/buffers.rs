@@ -220,8 +220,8 @@ pub(super) struct ArgSets {
     /// The seed they were last filled with.
     seed: u64,
     /// No kernel has run on them since they were filled: they hold exactly
-    /// `seed`'s values (cleared by whatever hands them to a kernel).
-    pub(super) pristine: bool,
+    /// `seed`'s values (cleared by [`ArgSets::for_kernel`]).
+    pristine: bool,
     /// `seed`'s bytes of every buffer (set by set), kept once the same
     /// sets were filled twice with that seed (a worker that measures again
     /// and again on them, a local runner's) if they total at most
@@ -245,6 +245,18 @@ impl ArgSets {
             .map(|_| ArgSet::new(args, &mut rng))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ArgSets { sets, args: args.to_vec(), seed, pristine: true, copy: None })
+    }
+
+    /// The sets, to hand to a kernel: from now on they may hold its writes,
+    /// so the next [`refill`](Self::refill) fills them again.
+    pub(super) fn for_kernel(&mut self) -> &mut [ArgSet] {
+        self.pristine = false;
+        &mut self.sets
+    }
+
+    /// Every buffer, set by set.
+    fn bufs(&self) -> impl Iterator<Item = &AlignedBuf> {
+        self.sets.iter().flat_map(|s| &s.bufs)
     }
 
     /// If these sets were made for the same `args` and `alloc_repeat`,
@@ -275,9 +287,9 @@ impl ArgSets {
             fill(buf.as_mut_slice(), info.dtype, &mut rng);
         }
         self.seed = seed;
-        let total: usize = self.sets.iter().flat_map(|s| &s.bufs).map(|b| b.len).sum();
-        self.copy = (same && total <= COPY_MAX)
-            .then(|| self.sets.iter().flat_map(|s| &s.bufs).map(|b| b.as_slice().into()).collect());
+        let total: usize = self.bufs().map(|b| b.len).sum();
+        self.copy =
+            (same && total <= COPY_MAX).then(|| self.bufs().map(|b| b.as_slice().into()).collect());
         true
     }
 }

@@ -72,13 +72,12 @@ fn alloc_args_again_for_the_same_shapes_reuses_the_buffers_and_restores_the_byte
     AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();
     let fresh: Vec<Vec<u8>> = (0..5).map(|i| read(&ctx, 1, i)).collect();
     let ptr = ctx.get::<ArgSets>().unwrap().sets[1].bufs[0].ptr;
-    // A kernel wrote its outputs over set 1's buffers (and, as the timing
-    // does before it calls one, the sets were marked as no longer pristine).
+    // A kernel wrote its outputs over set 1's buffers (handed over as the
+    // timing hands them to one).
     // Twice: the second refill is copied from the first's bytes.
     for round in 0..3 {
-        let sets = ctx.get_mut::<ArgSets>().unwrap();
-        sets.pristine = false;
-        for buf in &mut sets.sets[1].bufs {
+        let sets = ctx.get_mut::<ArgSets>().unwrap().for_kernel();
+        for buf in &mut sets[1].bufs {
             buf.as_mut_slice().fill(0xAB);
         }
         AllocArgs { args: args(), alloc_repeat: 2, seed: 9 }.run(&mut ctx).unwrap();

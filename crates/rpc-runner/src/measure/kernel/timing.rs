@@ -119,8 +119,6 @@ pub(super) fn time_kernel(
     // The library stays in the context, untouched, for the whole task.
     let entry = ctx.get::<LoadedKernel>().ok_or(KernelError::NoKernel)?.entry;
     let sets = ctx.get_mut::<ArgSets>().ok_or(KernelError::NoArgs)?;
-    // The kernel may write into them from here on.
-    sets.pristine = false;
     if cfg.adaptive.is_some() {
         let (mut out, env) = time_subjects(cfg, &mut [(entry, sets)], 0)?;
         return out.pop().unwrap_or(Err(KernelError::NoArgs)).map(|o| Timing::of(o, env));
@@ -147,7 +145,7 @@ fn tvm_loop(
 ) -> Result<Vec<f64>, KernelError> {
     let mut costs =
         Vec::with_capacity(sets.sets.len().saturating_mul(cfg.repeat.min(PREALLOC) as usize));
-    for (i, set) in sets.sets.iter_mut().enumerate() {
+    for (i, set) in sets.for_kernel().iter_mut().enumerate() {
         if i > 0 && cfg.cooldown_ms > 0 {
             std::thread::sleep(Duration::from_millis(cfg.cooldown_ms));
         }
@@ -187,11 +185,7 @@ pub(super) fn time_subjects(
     // shared borrows of the buffers.
     let raw: Vec<Vec<(*mut DLTensor, i32)>> = subjects
         .iter_mut()
-        .map(|(_, sets)| {
-            // The kernel may write into them from here on.
-            sets.pristine = false;
-            sets.sets.iter_mut().map(ArgSet::raw_args).collect()
-        })
+        .map(|(_, sets)| sets.for_kernel().iter_mut().map(ArgSet::raw_args).collect())
         .collect();
     let entries: Vec<EntryFn> = subjects.iter().map(|(e, _)| *e).collect();
     let mut flushers: Vec<Vec<CacheFlush<'_>>> = subjects
