@@ -35,6 +35,43 @@ impl Task for WhoAmI {
     }
 }
 
+/// Where the worker runs: its directory, parent pid, process group and the
+/// value of one environment variable (for the zygote tests).
+#[derive(Serialize, Deserialize)]
+struct WhereAmI(String);
+
+impl Task for WhereAmI {
+    const NAME: &'static str = "whereami";
+    type Output = (String, u32, u32, Option<String>);
+    fn run(self, _ctx: &mut WorkerContext) -> Result<Self::Output, TaskFailure> {
+        let dir = std::env::current_dir()?.display().to_string();
+        Ok((dir, std::os::unix::process::parent_id(), process_group(), std::env::var(&self.0).ok()))
+    }
+}
+
+fn process_group() -> u32 {
+    // SAFETY: getpgrp has no preconditions.
+    (unsafe { libc::getpgrp() }) as u32
+}
+
+/// Dies of SIGABRT.
+#[derive(Serialize, Deserialize)]
+struct Abort;
+
+impl Task for Abort {
+    const NAME: &'static str = "abort";
+    type Output = ();
+    fn run(self, _ctx: &mut WorkerContext) -> Result<(), TaskFailure> {
+        std::process::abort()
+    }
+}
+
 fn main() {
-    popen_pool::serve(Registry::new().register::<Square>().register::<WhoAmI>());
+    popen_pool::serve(
+        Registry::new()
+            .register::<Square>()
+            .register::<WhoAmI>()
+            .register::<WhereAmI>()
+            .register::<Abort>(),
+    );
 }

@@ -30,7 +30,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// The child's stack: it runs a few system call wrappers.
 const STACK: usize = 64 << 10;
@@ -45,8 +45,8 @@ static UNUSABLE: AtomicBool = AtomicBool::new(false);
 /// `struct clone_args` (its version 2 layout, with `cgroup`).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
+pub(crate) struct CloneArgs {
+    pub(crate) flags: u64,
     pidfd: u64,
     child_tid: u64,
     parent_tid: u64,
@@ -56,7 +56,7 @@ struct CloneArgs {
     tls: u64,
     set_tid: u64,
     set_tid_size: u64,
-    cgroup: u64,
+    pub(crate) cgroup: u64,
 }
 
 /// Everything the child reads, prepared by the parent (pointers into

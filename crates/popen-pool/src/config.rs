@@ -144,6 +144,7 @@ pub(crate) struct WorkerOptions {
     pub(crate) cgroups: bool,
     pub(crate) controls: Controls,
     pub(crate) memory_limit: Option<u64>,
+    pub(crate) zygote: Option<crate::zygote::Zygote>,
 }
 
 impl Default for WorkerOptions {
@@ -162,6 +163,7 @@ impl Default for WorkerOptions {
             cgroups: true,
             controls: Controls::default(),
             memory_limit: None,
+            zygote: None,
         }
     }
 }
@@ -186,6 +188,21 @@ impl WorkerOptions {
             return Err(PoolError::Config { message: "memory_limit must be >= 1 byte".into() });
         }
         self.controls.validate()
+    }
+
+    /// Checks what needs the program too: a zygote must be one of it.
+    pub(crate) fn validate_for(&self, program: &WorkerProgram) -> Result<(), PoolError> {
+        self.validate()?;
+        match &self.zygote {
+            Some(z) if !z.serves(program) => Err(PoolError::Config {
+                message: format!(
+                    "the zygote does not serve worker program {} (its path, arguments and \
+                     environment must be the ones the zygote was made for)",
+                    program.path.display()
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -430,6 +447,22 @@ macro_rules! worker_option_setters {
         #[must_use]
         pub fn cgroups(mut self, on: bool) -> Self {
             self.opts.cgroups = on;
+            self
+        }
+
+        /// Fork each new worker process from `zygote` (a fork server of the
+        /// same program, see [`Zygote`](crate::Zygote)) instead of spawning
+        /// and exec'ing it: ~0.1 ms instead of ~1 ms of CPU per worker, the
+        /// same worker otherwise (a child of this process, in its own
+        /// cgroup and process group, same controls and handshake). Two
+        /// differences: the worker's environment is this process's as it
+        /// was when the zygote started, plus the program's variables; and
+        /// its memory starts as a copy of the zygote's. Whenever the zygote
+        /// cannot fork a worker, that worker is spawned as without one.
+        /// Default: none.
+        #[must_use]
+        pub fn zygote(mut self, zygote: &$crate::Zygote) -> Self {
+            self.opts.zygote = Some(zygote.clone());
             self
         }
 

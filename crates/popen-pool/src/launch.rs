@@ -136,6 +136,7 @@ impl ProcessLauncher {
                 .as_ref()
                 .and_then(|cg| std::fs::File::open(cg.path()).ok())
                 .map(OwnedFd::from),
+            zygote: self.opts.zygote.clone().filter(|z| z.serves(&self.program)),
         };
         // The spawner drops the spec, closing our copy of the child's end,
         // before it replies: from then on EOF on our end means the worker is

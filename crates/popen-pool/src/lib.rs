@@ -109,6 +109,7 @@ mod stats;
 mod task;
 mod unix;
 mod worker;
+mod zygote;
 
 pub use cgroup::Containment;
 pub use codec::DEFAULT_MAX_FRAME;
@@ -119,6 +120,7 @@ pub use pool::{PoolBuilder, PopenPool, TaskHandle};
 pub use serve::{is_worker, serve, serve_if_worker};
 pub use task::{ErasedTask, Registry, Task, WorkerContext};
 pub use worker::{PopenWorker, WorkerBuilder};
+pub use zygote::Zygote;
 
 /// Serves a registry from the current test binary, for `#[test]` and
 /// `#[tokio::test]` suites.

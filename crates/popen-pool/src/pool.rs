@@ -224,7 +224,7 @@ impl PoolBuilder {
     /// [`PoolError::Config`] for invalid options or when no tokio runtime is
     /// running; [`PoolError::Codec`] if the initializer cannot be serialized.
     pub fn build(self) -> Result<PopenPool, PoolError> {
-        self.opts.validate()?;
+        self.opts.validate_for(&self.program)?;
         let max_workers = self
             .max_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -57,6 +57,8 @@ pub(crate) struct Spec {
     /// The cgroup directory to start the child in, if it can be done at
     /// creation (see `clone3`); else the caller moves it there.
     pub(crate) cgroup: Option<OwnedFd>,
+    /// Fork it from this zygote if it can (see `zygote`); else spawn it.
+    pub(crate) zygote: Option<crate::zygote::Zygote>,
 }
 
 /// A started child and the parent's ends of its piped streams.
@@ -128,6 +130,10 @@ fn null_ptrs(v: &[CString]) -> Vec<*mut libc::c_char> {
 /// returns `Ok`, the child has exec'd the program; a failed exec is an `Err`.
 /// Blocking (for the few microseconds until the child execs).
 pub(crate) fn spawn(spec: Spec) -> io::Result<Spawned> {
+    if let Some(spawned) = spec.zygote.as_ref().and_then(|z| z.spawn(&spec)) {
+        drop(spec);
+        return Ok(spawned);
+    }
     if let Some(spawned) = spawn_in_cgroup(&spec) {
         let spawned = spawned?;
         drop((spec.fds, spec.hold, spec.cgroup));
@@ -286,6 +292,12 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// A child of this process started elsewhere (by a zygote, with
+    /// `CLONE_PARENT`): reaped and killed like one spawned here.
+    pub(crate) fn adopt(pid: u32) -> Process {
+        Process { pid, status: None }
+    }
+
     pub(crate) fn id(&self) -> u32 {
         self.pid
     }

@@ -83,6 +83,8 @@ pub fn serve(registry: Registry) -> ! {
         );
         std::process::exit(2);
     }
+    // Started as a zygote: this returns only in each worker it forks.
+    crate::zygote::run_if_zygote();
     let code = match serve_channel(&registry) {
         Ok(()) => 0,
         Err(e) => {

@@ -113,6 +113,7 @@ mod tests {
             fds: Vec::new(),
             hold: Some(Box::new(flag)),
             cgroup: None,
+            zygote: None,
         };
         let mut child = spawn(spec, None).await.unwrap();
         assert!(

@@ -58,7 +58,7 @@ impl WorkerBuilder {
     /// [`PoolError::Config`] for invalid options, [`PoolError::Codec`] if the
     /// initializer cannot be serialized.
     pub fn build(self) -> Result<PopenWorker, PoolError> {
-        self.opts.validate()?;
+        self.opts.validate_for(&self.program)?;
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());

@@ -287,7 +287,7 @@ fn building_a_pool_outside_a_runtime_is_an_error() {
 }
 
 /// The `dedicated_worker` example binary (cargo builds examples for tests).
-fn dedicated_worker_path() -> std::path::PathBuf {
+pub(crate) fn dedicated_worker_path() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let path = profile_dir.join("examples").join("dedicated_worker");
@@ -337,7 +337,7 @@ async fn dedicated_worker_binary_serves_its_tasks() {
     match pool.submit(Int(1)).await.unwrap_err() {
         PoolError::UnknownTask { name, known } => {
             assert_eq!(name, "int");
-            assert_eq!(known, vec!["square".to_owned(), "whoami".to_owned()]);
+            assert_eq!(known, ["abort", "square", "whereami", "whoami"]);
         }
         other => panic!("unexpected {other:?}"),
     }

@@ -15,3 +15,4 @@ mod pipelining;
 mod spawning;
 
 popen_pool::test_support!(common::registry());
+mod zygote;

@@ -1,0 +1,546 @@
+//! A fork server: a worker program started once, in zygote mode, that forks
+//! each new worker of that program from itself instead of the parent
+//! spawning and exec'ing a fresh copy.
+//!
+//! A fresh exec pays the dynamic loader (relocations, symbol lookups), the
+//! C library's and std's CPU feature probes (each `cpuid` traps to the
+//! hypervisor on a VM) and a page fault for every page of text and data it
+//! touches: ~1 ms of CPU per worker on the 2-core test machine. A fork of a
+//! small process that already did all that costs ~0.1 ms.
+//!
+//! The zygote forks with `clone3(CLONE_PARENT)`: the new worker is a child
+//! of the *pool's* process, exactly as if the pool had spawned it, so the
+//! pool reaps it, reads its exit status (crash detection is unchanged),
+//! opens its pidfd, and the worker's own parent checks and parent-death
+//! guard (`startup`) see the pool, not the zygote. `CLONE_INTO_CGROUP`
+//! creates it in its cgroup, as the pool's own `clone3` does.
+//!
+//! The zygote must be single-threaded when it forks (the child runs normal
+//! Rust code, allocator included): it enters its loop from [`serve`] before
+//! anything else of popen-pool runs, and a program that starts threads
+//! before calling [`serve_if_worker`] must not use a zygote. A libtest
+//! binary is multi-threaded: [`WorkerProgram::test_entry`] programs are
+//! refused.
+//!
+//! Requests and replies go over a `SOCK_SEQPACKET` pair (one message each,
+//! the worker's fds as `SCM_RIGHTS`). The zygote exits when its end of the
+//! pair reads EOF (the pool dropped its [`Zygote`], or died) and, as a
+//! backup, by a parent-death signal. Anything that goes wrong with the
+//! zygote makes that one spawn fall back to the normal path; a zygote that
+//! does not greet as one is never used again.
+//!
+//! [`serve`]: crate::serve
+//! [`serve_if_worker`]: crate::serve_if_worker
+
+use std::ffi::{CString, OsStr};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+
+use crate::config::WorkerProgram;
+use crate::error::PoolError;
+use crate::process::{self, Process, Spawned, Spec, Stdio};
+use crate::unix::CHANNEL_FD;
+
+/// Set in the zygote's environment (to `1`).
+pub(crate) const ENV_ZYGOTE: &str = "POPEN_POOL_ZYGOTE";
+
+/// The variables that differ from worker to worker: sent with each request
+/// (set or removed in the child), never part of the zygote's own
+/// environment.
+const PER_WORKER: [&str; 4] = [
+    crate::serve::ENV_CGROUP,
+    crate::serve::ENV_STDOUT,
+    crate::serve::ENV_MAX_FRAME,
+    crate::controls::ENV_CONTROLS,
+];
+
+/// What a zygote sends first.
+const HELLO: &[u8] = b"popen-pool zygote 1";
+
+/// The largest request (the environment variables above and a directory).
+const MAX_REQUEST: usize = 64 << 10;
+
+/// The most fds one request carries.
+const MAX_FDS: usize = 12;
+
+/// How long the pool waits for the zygote's greeting or a reply.
+const REPLY_LIMIT: Duration = Duration::from_secs(10);
+
+/// Times a zygote is restarted after it died or stopped answering, before
+/// it is given up.
+const MAX_RESTARTS: u32 = 3;
+
+/// A fork server for one worker program, shared by the workers and pools
+/// given it with `zygote(..)` on their builders. It is started (as one
+/// more process of that program) at the first spawn that uses it, and
+/// killed and reaped when the last clone of it is dropped.
+///
+/// Workers forked from it are the same as spawned ones (children of this
+/// process, in their own cgroup and process group, same handshake, same
+/// controls) with two differences, both documented on the builder option:
+/// the environment is this process's as it was when the zygote started
+/// (plus the program's own variables), and the worker's memory starts as a
+/// copy of the zygote's instead of a fresh exec.
+#[derive(Clone, Debug)]
+pub struct Zygote {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    program: WorkerProgram,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+enum State {
+    Idle { restarts: u32 },
+    Running { process: Process, sock: OwnedFd, restarts: u32 },
+    Unusable,
+}
+
+impl Zygote {
+    /// A zygote for `program` (not started yet). The program's `main` must
+    /// call [`serve_if_worker`](crate::serve_if_worker) or
+    /// [`serve`](crate::serve) before it starts any thread. Its
+    /// `current_dir` is ignored: each worker gets the one of the program it
+    /// is forked for.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Config`] for a [`WorkerProgram::test_entry`] program
+    /// (libtest runs tests on threads: it cannot fork safely).
+    pub fn new(program: &WorkerProgram) -> Result<Zygote, PoolError> {
+        if program.libtest {
+            return Err(PoolError::Config {
+                message: "a test-entry worker program cannot have a zygote (libtest is \
+                          multi-threaded, it cannot fork)"
+                    .into(),
+            });
+        }
+        let mut program = program.clone();
+        program.current_dir = None;
+        let state = Mutex::new(State::Idle { restarts: 0 });
+        Ok(Zygote { inner: Arc::new(Inner { program, state }) })
+    }
+
+    /// The zygote process's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        match &*self.inner.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Running { process, .. } => Some(process.id()),
+            _ => None,
+        }
+    }
+
+    /// True if `program` is the one this zygote forks (its directory aside).
+    pub(crate) fn serves(&self, program: &WorkerProgram) -> bool {
+        let p = &self.inner.program;
+        p.path == program.path && p.args == program.args && p.env == program.env && !program.libtest
+    }
+
+    /// Forks the worker `spec` describes (blocking; on the spawner thread).
+    /// `None`: the zygote cannot (it is logged); spawn it normally.
+    pub(crate) fn spawn(&self, spec: &Spec) -> Option<Spawned> {
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let State::Idle { restarts } = *state {
+            *state = match start(spec) {
+                Ok((process, sock)) => State::Running { process, sock, restarts },
+                Err(e) => {
+                    tracing::debug!(error = %e, "the zygote did not start; workers are spawned");
+                    State::Unusable
+                }
+            };
+        }
+        let State::Running { sock, restarts, .. } = &*state else { return None };
+        let restarts = *restarts;
+        match request(sock, spec) {
+            Ok(Some(spawned)) => Some(spawned),
+            Ok(None) => None, // the zygote could not fork this one: spawn it
+            Err(e) => {
+                tracing::debug!(error = %e, "the zygote failed; restarting it");
+                // Dropping the old state kills and reaps the zygote.
+                *state = if restarts < MAX_RESTARTS {
+                    State::Idle { restarts: restarts + 1 }
+                } else {
+                    State::Unusable
+                };
+                None
+            }
+        }
+    }
+}
+
+/// Starts the zygote with `spec`'s program, arguments and environment (the
+/// per-worker variables left out).
+fn start(spec: &Spec) -> io::Result<(Process, OwnedFd)> {
+    let (ours, theirs) =
+        socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+    let mut env: Vec<CString> = spec
+        .env
+        .iter()
+        .filter(|kv| !PER_WORKER.iter().any(|k| key_of(kv.as_bytes()) == k.as_bytes()))
+        .cloned()
+        .collect();
+    env.push(CString::new(format!("{ENV_ZYGOTE}=1")).map_err(io::Error::other)?);
+    let zspec = Spec {
+        program: spec.program.clone(),
+        args: spec.args.clone(),
+        env,
+        cwd: None,
+        stdout: Stdio::Inherit,
+        stderr: Stdio::Inherit,
+        fds: vec![(theirs, CHANNEL_FD)],
+        hold: None,
+        cgroup: None,
+        zygote: None,
+    };
+    let mut spawned = process::spawn(zspec)?;
+    let timeout = nix::sys::time::TimeVal::new(REPLY_LIMIT.as_secs() as i64, 0);
+    socket::setsockopt(&ours, socket::sockopt::ReceiveTimeout, &timeout)?;
+    socket::setsockopt(&ours, socket::sockopt::SendTimeout, &timeout)?;
+    let mut buf = [0u8; 64];
+    let n = recv_exact(&ours, &mut buf);
+    match n {
+        Ok(n) if &buf[..n] == HELLO => Ok((spawned.process, ours)),
+        Ok(_) => {
+            spawned.process.kill_and_reap_blocking(Duration::from_secs(5));
+            Err(io::Error::other("the worker program does not run as a zygote"))
+        }
+        Err(e) => {
+            spawned.process.kill_and_reap_blocking(Duration::from_secs(5));
+            Err(io::Error::new(e.kind(), format!("no greeting from the zygote: {e}")))
+        }
+    }
+}
+
+fn key_of(kv: &[u8]) -> &[u8] {
+    kv.split(|&b| b == b'=').next().unwrap_or(kv)
+}
+
+fn recv_exact(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Appends `bytes` with a u32 length.
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// One request: `Ok(None)` if the zygote answered that it cannot fork this
+/// worker, `Err` if the zygote itself failed.
+fn request(sock: &OwnedFd, spec: &Spec) -> io::Result<Option<Spawned>> {
+    let mut msg = Vec::with_capacity(256);
+    let mut fds: Vec<RawFd> = Vec::new();
+    let mut keep: Vec<OwnedFd> = Vec::new(); // our copies, closed after the send
+    let mut out = [None, None];
+    msg.push(spec.fds.len() as u8);
+    for (fd, target) in &spec.fds {
+        fds.push(fd.as_raw_fd());
+        msg.extend_from_slice(&target.to_le_bytes());
+    }
+    for (slot, mode) in [spec.stdout, spec.stderr].into_iter().enumerate() {
+        match mode {
+            Stdio::Inherit => msg.push(0),
+            Stdio::Null => {
+                let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+                keep.push(null.into());
+                msg.push(1);
+            }
+            Stdio::Piped => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                keep.push(w);
+                out[slot] = Some(r);
+                msg.push(1);
+            }
+        }
+    }
+    fds.extend(keep.iter().map(AsRawFd::as_raw_fd));
+    msg.push(u8::from(spec.cgroup.is_some()));
+    if let Some(cg) = &spec.cgroup {
+        fds.push(cg.as_raw_fd());
+    }
+    let wanted: Vec<(&[u8], Option<&[u8]>)> = PER_WORKER
+        .iter()
+        .map(|k| {
+            let value = spec.env.iter().find_map(|kv| {
+                let kv = kv.as_bytes();
+                (key_of(kv) == k.as_bytes()).then(|| &kv[k.len() + 1..])
+            });
+            (k.as_bytes(), value)
+        })
+        .collect();
+    msg.push(wanted.len() as u8);
+    for (k, v) in wanted {
+        put(&mut msg, k);
+        match v {
+            Some(v) => {
+                msg.push(1);
+                put(&mut msg, v);
+            }
+            None => msg.push(0),
+        }
+    }
+    // The worker's directory: the program's, else ours now (as a spawn
+    // would inherit it).
+    let cwd = match &spec.cwd {
+        Some(d) => Some(d.as_bytes().to_vec()),
+        None => std::env::current_dir().ok().map(|d| d.into_os_string().into_encoded_bytes()),
+    };
+    msg.push(u8::from(cwd.is_some()));
+    if let Some(d) = &cwd {
+        put(&mut msg, d);
+    }
+    if msg.len() > MAX_REQUEST || fds.len() > MAX_FDS {
+        return Ok(None);
+    }
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(&msg)],
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    drop(keep);
+    let mut reply = [0u8; 8];
+    let n = recv_exact(sock, &mut reply)?;
+    if n != 4 {
+        return Err(io::Error::other(format!("the zygote replied {n} bytes, not 4")));
+    }
+    let pid = i32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]);
+    if pid <= 0 {
+        tracing::debug!(errno = -pid, "the zygote could not fork a worker");
+        return Ok(None);
+    }
+    let [stdout, stderr] = out;
+    Ok(Some(Spawned {
+        process: Process::adopt(pid as u32),
+        stdout,
+        stderr,
+        placed: spec.cgroup.is_some(),
+    }))
+}
+
+// ---- the zygote's side -------------------------------------------------
+
+/// In a worker program started as a zygote: serves fork requests until the
+/// pool goes away (then exits), and returns only in each forked worker,
+/// which then goes on as a normal worker. Elsewhere returns at once.
+pub(crate) fn run_if_zygote() {
+    if std::env::var_os(ENV_ZYGOTE).is_none() {
+        return;
+    }
+    // The pool waits for our greeting; if it died, the kernel kills us.
+    if crate::unix::set_parent_death_kill().is_err() || !crate::serve::is_worker() {
+        crate::unix::exit_now(111);
+    }
+    // Feature probes a worker would otherwise run after each fork.
+    #[cfg(target_arch = "x86_64")]
+    let _ = std::arch::is_x86_feature_detected!("avx2");
+    // SAFETY: the socket the pool put at CHANNEL_FD, ours alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
+    if send_all(&sock, HELLO).is_err() {
+        crate::unix::exit_now(0);
+    }
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let (n, fds) = match receive(&sock, &mut buf) {
+            Ok(Some(got)) => got,
+            Ok(None) | Err(_) => crate::unix::exit_now(0), // EOF: the pool is gone
+        };
+        let pid = match parse(&buf[..n], &fds) {
+            Some(req) => fork(&req, &fds, sock.as_raw_fd()),
+            None => -libc::EINVAL,
+        };
+        if pid == 0 {
+            // The new worker: its fds are in place; on to the handshake.
+            std::mem::forget(sock);
+            return;
+        }
+        drop(fds);
+        if send_all(&sock, &pid.to_le_bytes()).is_err() {
+            crate::unix::exit_now(0);
+        }
+    }
+}
+
+fn send_all(sock: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
+    socket::send(sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL).map(|_| ()).map_err(Into::into)
+}
+
+/// One request's bytes and fds; `None` at EOF.
+fn receive(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => break m,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(got) = c {
+            // SAFETY: fresh fds the kernel just gave us.
+            fds.extend(got.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let n = msg.bytes;
+    let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((if truncated { 0 } else { n }, fds)))
+}
+
+/// A parsed request: indexes into its fds.
+struct Request {
+    /// `(fd index, target number)`.
+    dups: Vec<(usize, RawFd)>,
+    cgroup: Option<usize>,
+    env: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    cwd: Option<Vec<u8>>,
+}
+
+/// Reads a request; `None` if it is malformed or its fds do not match.
+fn parse(msg: &[u8], fds: &[OwnedFd]) -> Option<Request> {
+    let mut at = 0usize;
+    let mut byte = || -> Option<u8> {
+        let b = *msg.get(at)?;
+        at += 1;
+        Some(b)
+    };
+    let n = byte()? as usize;
+    let mut targets = Vec::with_capacity(n);
+    let mut next_fd = 0usize;
+    let mut dups = Vec::new();
+    for _ in 0..n {
+        let t = [byte()?, byte()?, byte()?, byte()?];
+        targets.push(RawFd::from_le_bytes(t));
+    }
+    for t in targets {
+        dups.push((next_fd, t));
+        next_fd += 1;
+    }
+    for target in [1, 2] {
+        if byte()? == 1 {
+            dups.push((next_fd, target));
+            next_fd += 1;
+        }
+    }
+    let cgroup = (byte()? == 1).then(|| {
+        next_fd += 1;
+        next_fd - 1
+    });
+    let count = byte()? as usize;
+    let mut rest = &msg[at..];
+    let take = |rest: &mut &[u8]| -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let v = rest.get(4..4 + len)?.to_vec();
+        *rest = &rest[4 + len..];
+        Some(v)
+    };
+    let mut env = Vec::with_capacity(count);
+    for _ in 0..count {
+        let k = take(&mut rest)?;
+        let set = *rest.first()?;
+        rest = &rest[1..];
+        env.push((k, if set == 1 { Some(take(&mut rest)?) } else { None }));
+    }
+    let has_cwd = *rest.first()?;
+    rest = &rest[1..];
+    let cwd = if has_cwd == 1 { Some(take(&mut rest)?) } else { None };
+    (next_fd == fds.len() && dups.iter().all(|&(_, t)| t >= 0)).then_some(Request {
+        dups,
+        cgroup,
+        env,
+        cwd,
+    })
+}
+
+/// Forks the worker: its pid here, 0 in the worker (set up), `-errno` if
+/// the fork failed.
+fn fork(req: &Request, fds: &[OwnedFd], sock: RawFd) -> i32 {
+    let mut flags = libc::CLONE_PARENT as u64;
+    let mut args = crate::clone3::CloneArgs::default();
+    if let Some(i) = req.cgroup {
+        flags |= crate::clone3::CLONE_INTO_CGROUP;
+        args.cgroup = fds[i].as_raw_fd() as u64;
+    }
+    args.flags = flags;
+    // SAFETY: a fork-like clone3 (no CLONE_VM, no new stack): the child
+    // continues here with a copy of this single-threaded process.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_ref(&args),
+            std::mem::size_of::<crate::clone3::CloneArgs>(),
+        )
+    };
+    if ret < 0 {
+        return -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    }
+    if ret > 0 {
+        return ret as i32;
+    }
+    if setup_child(req, fds, sock).is_err() {
+        crate::unix::exit_now(127);
+    }
+    0
+}
+
+/// In the new worker: its fds at their numbers, its process group,
+/// directory and environment.
+fn setup_child(req: &Request, fds: &[OwnedFd], sock: RawFd) -> io::Result<()> {
+    let check = |r: libc::c_int| if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: plain system calls on fds this process owns.
+    unsafe {
+        check(libc::setpgid(0, 0))?;
+        for &(i, target) in &req.dups {
+            check(libc::dup2(fds[i].as_raw_fd(), target))?;
+        }
+        // The zygote's socket is not the worker's (unless a dup replaced it).
+        if !req.dups.iter().any(|&(_, t)| t == sock) {
+            libc::close(sock);
+        }
+    }
+    if let Some(dir) = &req.cwd {
+        std::env::set_current_dir(OsStr::from_bytes(dir))?;
+    }
+    // SAFETY (set_var/remove_var): this process has a single thread.
+    unsafe {
+        std::env::remove_var(ENV_ZYGOTE);
+        for (k, v) in &req.env {
+            let k = OsStr::from_bytes(k);
+            match v {
+                Some(v) => std::env::set_var(k, OsStr::from_bytes(v)),
+                None => std::env::remove_var(k),
+            }
+        }
+    }
+    Ok(())
+}
