@@ -244,6 +244,13 @@ async fn run_with(
     status.send_replace(initial.clone());
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let refusals = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut config = config;
+    if config.use_zygote {
+        // This server's own fork server for its session workers (killed
+        // with the server's last handle on it); a test-entry program has
+        // none.
+        config.zygote = popen_pool::Zygote::new(&config.worker).ok();
+    }
     let shared = Arc::new(Shared {
         cfg: config,
         port,

@@ -67,6 +67,9 @@ pub(super) fn new_worker(cfg: &ServerConfig, dir: &Path) -> Result<PopenWorker, 
     if let Some(bytes) = cfg.worker_memory_limit {
         builder = builder.memory_limit(bytes);
     }
+    if let Some(zygote) = &cfg.zygote {
+        builder = builder.zygote(zygote);
+    }
     builder.build()
 }
 

@@ -89,6 +89,31 @@ pub(crate) fn server_args<'a>(tracker: &'a str, key: &'a str, work_dir: &'a str)
     ]
 }
 
+/// `pid`'s parent, from /proc (`None`: no such process).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let mut fields = rest.split_whitespace();
+    // A zombie is as good as gone.
+    (fields.next()? != "Z").then_some(())?;
+    fields.next()?.parse().ok()
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| parent_of(p) == Some(parent))
+        .collect()
+}
+
+/// True if `pid`'s exec-time environment is a popen-pool zygote's.
+fn from_zygote(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == b"POPEN_POOL_ZYGOTE=1"))
+}
+
 fn port(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap()
 }
@@ -128,9 +153,22 @@ async fn cli_tracker_server_query_and_a_server_killed_mid_session() {
     let mut sess = tc.request("cpu", 1, None).await.unwrap();
     let info = sess.call(WorkerInfo, None).await.unwrap();
     assert_eq!(std::path::Path::new(&info.cwd), std::path::Path::new(sess.workdir()));
+    // Forked by the server's zygote (its exec-time environment is the
+    // zygote's), yet the server's own child.
+    let server_pid = server.pid() as u32;
+    assert!(from_zygote(info.pid), "the session worker was not forked by a zygote");
+    assert_eq!(parent_of(info.pid), Some(server_pid));
+    let zygotes: Vec<u32> =
+        children_of(server_pid).into_iter().filter(|&p| p != info.pid && from_zygote(p)).collect();
+    assert_eq!(zygotes.len(), 1, "one zygote under the server: {zygotes:?}");
 
-    // The server is SIGKILLed mid-session.
+    // The server is SIGKILLed mid-session: its zygote goes too.
     server.signal_and_wait(9);
+    let deadline = Instant::now() + SOON;
+    while parent_of(zygotes[0]).is_some_and(|pp| pp != 0) && from_zygote(zygotes[0]) {
+        assert!(Instant::now() < deadline, "the zygote outlived its server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let err = sess.listdir("").await.unwrap_err();
     assert!(matches!(err, SessionError::ConnectionLost { .. }), "{err:?}");
     assert!(err.to_string().contains("lost"), "{err}");
