@@ -493,7 +493,11 @@ fn fork(req: &Request, fds: &[OwnedFd], sock: RawFd) -> i32 {
     }
     args.flags = flags;
     // SAFETY: a fork-like clone3 (no CLONE_VM, no new stack): the child
-    // continues here with a copy of this single-threaded process.
+    // continues here with a copy of this single-threaded process. Unlike
+    // glibc's fork() this skips the atfork handlers (none can be pending in
+    // a single thread) and leaves the thread's cached tid and robust-mutex
+    // list as the zygote's: the tid is only compared with itself (owner of
+    // a recursive lock) and no code here uses robust mutexes.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,

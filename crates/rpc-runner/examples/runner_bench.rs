@@ -1,6 +1,6 @@
 //! Per-measurement overhead of the runners: prints one JSON line.
 //!
-//! `cargo run --release -p rpc-runner --example runner_bench [-- --quick] [--runs N] [--no-ballast] [--only MODE]`
+//! `cargo run --release -p rpc-runner --example runner_bench [-- --quick] [--runs N] [--no-ballast] [--only MODE] [--no-zygote]`
 //!
 //! Workload (issue 11): a kernel that busy-waits 200 µs, three float32
 //! `[256, 256]` arguments (768 KiB), `number` 1, `repeat` 1,
@@ -66,6 +66,14 @@ TUNING_HARNESS_EXPORT int32_t entry(DLTensor* args, int32_t num_args) {
 }
 ";
 
+/// Servers fork session workers from a zygote (off: `--no-zygote`, for an
+/// A/B of it in one run).
+static ZYGOTE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn zygote() -> bool {
+    ZYGOTE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 struct Opts {
     quick: bool,
     runs: usize,
@@ -81,6 +89,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--no-ballast" => opts.ballast = false,
+            "--no-zygote" => ZYGOTE.store(false, std::sync::atomic::Ordering::Relaxed),
             "--only" => opts.only = Some(args.next().context("--only needs a mode")?),
             "--runs" => {
                 let n = args.next().context("--runs needs a number")?;
@@ -90,7 +99,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 }
             }
             a => bail!(
-                "unknown argument {a:?} (usage: runner_bench [--quick] [--runs N] [--no-ballast] [--only MODE])"
+                "unknown argument {a:?} (usage: runner_bench [--quick] [--runs N] [--no-ballast] [--only MODE] [--no-zygote])"
             ),
         }
     }
@@ -188,7 +197,8 @@ async fn rpc_run(
     for i in 0..servers {
         let mut cfg = ServerConfig::new(KEY, program.clone())
             .tracker(tracker.addr().to_string())
-            .warm_spare(spare);
+            .warm_spare(spare)
+            .zygote(zygote());
         if servers > 1 {
             cfg = cfg.worker_cpu_affinity([online[(online.len() - 1 - i) % online.len()]]);
         }
@@ -248,7 +258,7 @@ async fn worker_start(
     spare: bool,
     sessions: usize,
 ) -> anyhow::Result<f64> {
-    let cfg = ServerConfig::new(KEY, program.clone()).warm_spare(spare);
+    let cfg = ServerConfig::new(KEY, program.clone()).warm_spare(spare).zygote(zygote());
     let server = DeviceServer::start("127.0.0.1:0", cfg).await?;
     let addr = server.addr().to_string();
     let mut gaps = Vec::new();

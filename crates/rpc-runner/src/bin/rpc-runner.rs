@@ -95,6 +95,10 @@ enum Command {
         /// ready, so a lease does not wait for a worker process to start.
         #[arg(long)]
         warm_spare: bool,
+        /// Spawn every session worker as a fresh process instead of forking
+        /// it from the server's zygote.
+        #[arg(long)]
+        no_zygote: bool,
     },
     /// Print the C header of the kernel ABI (`tuning_harness_kernel.h`).
     KernelHeader,
@@ -255,6 +259,7 @@ async fn main() -> Result<()> {
             memory_limit,
             work_dir,
             warm_spare,
+            no_zygote,
         } => {
             let listener = bind_range(&host, port, port_end).await?;
             let mut config = ServerConfig::new(key, WorkerProgram::current_exe()?)
@@ -300,7 +305,7 @@ async fn main() -> Result<()> {
             if let Some(bytes) = memory_limit {
                 config = config.worker_memory_limit(bytes);
             }
-            config = config.warm_spare(warm_spare);
+            config = config.warm_spare(warm_spare).zygote(!no_zygote);
             config.check().await.context("the server cannot serve")?;
             println!("server listening on {}", local(&listener)?);
             DeviceServer::run(listener, config, shutdown_signal())
