@@ -48,8 +48,21 @@ pub enum Containment {
     },
 }
 
-/// The cgroup2 directory of this process, from `/proc/self/{mountinfo,cgroup}`.
+/// The cgroup2 directory of this process, found once (a process that
+/// starts a pool per worker would otherwise parse mountinfo per worker).
+/// (Keyed by pid: a forked copy of this process finds its own.)
 fn own_cgroup_dir() -> Result<PathBuf, String> {
+    static OWN: Mutex<Option<(u32, Result<PathBuf, String>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+    match &*own {
+        Some((p, found)) if *p == pid => found.clone(),
+        _ => own.insert((pid, find_own_cgroup_dir())).1.clone(),
+    }
+}
+
+/// The cgroup2 directory of this process, from `/proc/self/{mountinfo,cgroup}`.
+fn find_own_cgroup_dir() -> Result<PathBuf, String> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let own = cgroup
@@ -164,7 +177,7 @@ fn clean_stale(base: &Path) {
         let mut parts = rest.split('-');
         let (Some(pid), Some(start)) = (parts.next(), parts.next()) else { continue };
         let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { continue };
-        if start_time(pid) == Some(start) {
+        if (pid, start) == own_start() || start_time(pid) == Some(start) {
             continue; // its owner lives
         }
         let dir = e.path();
@@ -213,10 +226,20 @@ struct State {
     memory: bool,
 }
 
+/// This process's pid and start time (read once per pid).
+fn own_start() -> (u32, u64) {
+    static START: Mutex<(u32, u64)> = Mutex::new((0, 0));
+    let pid = std::process::id();
+    let mut st = START.lock().unwrap_or_else(|e| e.into_inner());
+    if st.0 != pid {
+        *st = (pid, start_time(pid).unwrap_or(0));
+    }
+    *st
+}
+
 fn pool_dir_name() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let pid = std::process::id();
-    let start = start_time(pid).unwrap_or(0);
+    let (pid, start) = own_start();
     format!("popen-pool-{pid}-{start}-{}", SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
