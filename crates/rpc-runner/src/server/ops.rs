@@ -39,48 +39,64 @@ pub(super) struct Upload {
     pub(super) path: PathBuf,
 }
 
-/// Writes an upload's chunks to its file on a blocking thread, straight from
-/// the received frames, while the session goes on reading the next ones.
-pub(super) struct Writer {
-    chunks: tokio::sync::mpsc::Sender<Bytes>,
-    done: JoinHandle<std::io::Result<()>>,
+/// Uploads up to this size are kept in memory until their end and written
+/// in one blocking call (a kernel's shared object: one thread hop instead
+/// of a writer thread and a hop per step).
+const SMALL_UPLOAD: u64 = 1 << 20;
+
+/// Writes an upload's chunks to its file.
+pub(super) enum Writer {
+    /// A small upload: its chunks (at most [`SMALL_UPLOAD`] bytes, checked
+    /// against the announced length by the caller), written at the end.
+    Small { target: PathBuf, shown: String, chunks: Vec<Bytes> },
+    /// On a blocking thread, straight from the received frames, while the
+    /// session goes on reading the next ones.
+    Stream { chunks: tokio::sync::mpsc::Sender<Bytes>, done: JoinHandle<std::io::Result<()>> },
 }
 
 impl Writer {
-    /// Creates `target` (and its parent dirs), reserves `len` bytes for it,
-    /// and starts the writer thread.
-    pub(super) async fn create(target: PathBuf, len: u64) -> std::io::Result<Writer> {
-        let file = blocking(move || {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::File::create(&target)
-        })
-        .await?;
+    /// For `target` of `len` bytes: a small upload is only noted; a large
+    /// one creates `target` (and its parent dirs), reserves `len` bytes
+    /// for it, and starts the writer thread.
+    /// `shown` is the path as the client gave it (for errors).
+    pub(super) async fn create(
+        target: PathBuf,
+        len: u64,
+        shown: &str,
+    ) -> std::io::Result<Writer> {
+        if len <= SMALL_UPLOAD {
+            return Ok(Writer::Small { target, shown: shown.to_owned(), chunks: Vec::new() });
+        }
+        let file = blocking(move || create_file(&target)).await?;
         let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
         let done = tokio::task::spawn_blocking(move || {
             use std::io::Write;
             let mut file = file;
             // Reserve the blocks up front: the writes then only fill them.
-            if len > 0 {
-                let _ = nix::fcntl::posix_fallocate(&file, 0, i64::try_from(len).unwrap_or(0));
-            }
+            let _ = nix::fcntl::posix_fallocate(&file, 0, i64::try_from(len).unwrap_or(0));
             while let Some(chunk) = rx.blocking_recv() {
                 file.write_all(&chunk)?;
             }
             Ok(())
         });
-        Ok(Writer { chunks, done })
+        Ok(Writer::Stream { chunks, done })
     }
 
     /// Queues a chunk; `Err` with the writer's own error if it stopped.
     /// Cancel-safe only in the sense that a dropped call loses this chunk:
     /// the session ends whenever it drops one.
     pub(super) async fn write(&mut self, chunk: Bytes) -> Result<(), WireError> {
-        if self.chunks.send(chunk).await.is_ok() {
+        let (chunks, done) = match self {
+            Writer::Small { chunks, .. } => {
+                chunks.push(chunk);
+                return Ok(());
+            }
+            Writer::Stream { chunks, done } => (chunks, done),
+        };
+        if chunks.send(chunk).await.is_ok() {
             return Ok(());
         }
-        Err(match (&mut self.done).await {
+        Err(match done.await {
             Ok(Err(e)) => WireError::Io { message: e.to_string() },
             Ok(Ok(())) => WireError::Io { message: "upload writer stopped early".into() },
             Err(e) => WireError::Io { message: format!("upload writer failed: {e}") },
@@ -89,8 +105,21 @@ impl Writer {
 
     /// Waits until every chunk is written and the file is closed.
     pub(super) async fn finish(self) -> Result<(), WireError> {
-        let Writer { chunks, done } = self;
-        drop(chunks);
+        let done = match self {
+            Writer::Small { target, shown, chunks } => {
+                return blocking(move || {
+                    use std::io::Write;
+                    let mut file = create_file(&target)?;
+                    chunks.iter().try_for_each(|c| file.write_all(c))
+                })
+                .await
+                .map_err(|e| io_error(&e, &shown));
+            }
+            Writer::Stream { chunks, done } => {
+                drop(chunks);
+                done
+            }
+        };
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(WireError::Io { message: e.to_string() }),
@@ -99,10 +128,20 @@ impl Writer {
     }
 }
 
+/// Creates `target` and its parent dirs.
+fn create_file(target: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::File::create(target)
+}
+
 impl Upload {
     /// Stops the upload and removes its partial file.
     pub(super) async fn discard(mut self) {
-        if let Some(w) = self.writer.take() {
+        // A small upload's file does not exist yet; a large one's writer
+        // thread is stopped first.
+        if let Some(w @ Writer::Stream { .. }) = self.writer.take() {
             let _ = w.finish().await;
         }
         let path = self.path;

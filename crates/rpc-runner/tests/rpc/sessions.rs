@@ -159,6 +159,29 @@ async fn upload_over_the_limit_is_refused() {
 }
 
 #[tokio::test]
+async fn an_upload_onto_a_directory_fails_clearly_small_or_large_and_the_session_goes_on() {
+    let s = server(None, "dev", |c| c).await;
+    let addr = s.addr().to_string();
+    let mut sess = Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
+    sess.upload_bytes(b"x", "d/inner").await.unwrap();
+    // A small upload is written at its end, a large one streamed: both
+    // report the path and the OS error.
+    for len in [10usize, 3 << 20] {
+        let err = sess.upload_bytes(&vec![7u8; len], "d").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("\"d\"") && text.to_lowercase().contains("directory"), "{len}: {text}");
+    }
+    sess.upload_bytes(&vec![1u8; 3 << 20], "large").await.unwrap();
+    sess.upload_bytes(b"small", "small").await.unwrap();
+    let mut names: Vec<_> = sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
+    names.sort();
+    assert_eq!(names, ["d", "large", "small"]);
+    assert_eq!(sess.download("small").await.unwrap(), b"small");
+    sess.close().await.unwrap();
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_crashing_kernel_fails_the_call_not_the_server() {
     let s = server(None, "dev", |c| c).await;
     let addr = s.addr().to_string();
