@@ -282,6 +282,29 @@ impl PoolCgroup {
         })
     }
 
+    /// The pool directory shared by this process's single workers
+    /// ([`PopenWorker`](crate::PopenWorker)s) with the same settings, made
+    /// by the first and removed with the last: a server that starts a
+    /// worker per session then makes and removes one directory per worker,
+    /// not two (a cgroup's creation and removal are not cheap).
+    pub(crate) fn shared(enabled: bool, memory: bool) -> Arc<Self> {
+        type Entry = (u32, bool, bool, std::sync::Weak<PoolCgroup>);
+        static SHARED: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+        let pid = std::process::id();
+        let mut all = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|(p, _, _, w)| *p == pid && w.strong_count() > 0);
+        let found = all
+            .iter()
+            .find(|(_, e, m, _)| (*e, *m) == (enabled, memory))
+            .and_then(|(_, _, _, w)| w.upgrade());
+        if let Some(cg) = found {
+            return cg;
+        }
+        let cg = Self::new(enabled, memory);
+        all.push((pid, enabled, memory, Arc::downgrade(&cg)));
+        cg
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

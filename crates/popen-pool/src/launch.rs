@@ -44,8 +44,12 @@ fn c_path(p: &Path, what: &str) -> Result<CString, PoolError> {
 }
 
 impl ProcessLauncher {
-    pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>) -> Self {
-        let cgroups = PoolCgroup::new(opts.cgroups, opts.memory_limit.is_some());
+    /// `single`: the launcher of one [`PopenWorker`](crate::PopenWorker),
+    /// whose workers go under the process's shared pool directory.
+    pub(crate) fn new(program: WorkerProgram, opts: Arc<WorkerOptions>, single: bool) -> Self {
+        let (on, memory) = (opts.cgroups, opts.memory_limit.is_some());
+        let cgroups =
+            if single { PoolCgroup::shared(on, memory) } else { PoolCgroup::new(on, memory) };
         ProcessLauncher { program, opts, live: Arc::default(), cgroups }
     }
 

@@ -242,7 +242,7 @@ impl PoolBuilder {
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());
-        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts));
+        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts), false);
         let cores = Arc::new(CoreShared::new(launcher, opts, Arc::clone(&counters)));
         let shared = Arc::new(PoolShared {
             queue: Mutex::default(),

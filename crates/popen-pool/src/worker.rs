@@ -62,7 +62,7 @@ impl WorkerBuilder {
         let default_timeout = self.opts.timeout;
         let opts = Arc::new(self.opts);
         let counters = Arc::new(Counters::default());
-        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts));
+        let launcher = ProcessLauncher::new(self.program, Arc::clone(&opts), true);
         let shared = Arc::new(CoreShared::new(launcher, opts, Arc::clone(&counters)));
         Ok(PopenWorker { core: WorkerCore::new(shared), counters, default_timeout })
     }
