@@ -59,11 +59,7 @@ impl Writer {
     /// one creates `target` (and its parent dirs), reserves `len` bytes
     /// for it, and starts the writer thread.
     /// `shown` is the path as the client gave it (for errors).
-    pub(super) async fn create(
-        target: PathBuf,
-        len: u64,
-        shown: &str,
-    ) -> std::io::Result<Writer> {
+    pub(super) async fn create(target: PathBuf, len: u64, shown: &str) -> std::io::Result<Writer> {
         if len <= SMALL_UPLOAD {
             return Ok(Writer::Small { target, shown: shown.to_owned(), chunks: Vec::new() });
         }

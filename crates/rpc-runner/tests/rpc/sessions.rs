@@ -169,7 +169,10 @@ async fn an_upload_onto_a_directory_fails_clearly_small_or_large_and_the_session
     for len in [10usize, 3 << 20] {
         let err = sess.upload_bytes(&vec![7u8; len], "d").await.unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("\"d\"") && text.to_lowercase().contains("directory"), "{len}: {text}");
+        assert!(
+            text.contains("\"d\"") && text.to_lowercase().contains("directory"),
+            "{len}: {text}"
+        );
     }
     sess.upload_bytes(&vec![1u8; 3 << 20], "large").await.unwrap();
     sess.upload_bytes(b"small", "small").await.unwrap();
