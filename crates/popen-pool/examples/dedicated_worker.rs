@@ -67,6 +67,11 @@ impl Task for Abort {
 }
 
 fn main() {
+    // For the zygote tests: a program that starts a thread before serving
+    // (which a zygote must refuse to fork from).
+    if std::env::var_os("DEDICATED_WORKER_THREAD_FIRST").is_some() {
+        std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(3600)));
+    }
     popen_pool::serve(
         Registry::new()
             .register::<Square>()

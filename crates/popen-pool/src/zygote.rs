@@ -64,6 +64,9 @@ const PER_WORKER: [&str; 4] = [
 /// What a zygote sends first.
 const HELLO: &[u8] = b"popen-pool zygote 1";
 
+/// How a zygote that cannot serve begins its explanation.
+const REFUSED: &str = "popen-pool zygote refused: ";
+
 /// The largest request (the environment variables above and a directory).
 const MAX_REQUEST: usize = 64 << 10;
 
@@ -153,7 +156,7 @@ impl Zygote {
             *state = match start(spec) {
                 Ok((process, sock)) => State::Running { process, sock, restarts },
                 Err(e) => {
-                    tracing::debug!(error = %e, "the zygote did not start; workers are spawned");
+                    tracing::warn!(error = %e, "the zygote did not start; workers are spawned");
                     State::Unusable
                 }
             };
@@ -205,13 +208,17 @@ fn start(spec: &Spec) -> io::Result<(Process, OwnedFd)> {
     let timeout = nix::sys::time::TimeVal::new(REPLY_LIMIT.as_secs() as i64, 0);
     socket::setsockopt(&ours, socket::sockopt::ReceiveTimeout, &timeout)?;
     socket::setsockopt(&ours, socket::sockopt::SendTimeout, &timeout)?;
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 512];
     let n = recv_exact(&ours, &mut buf);
     match n {
         Ok(n) if &buf[..n] == HELLO => Ok((spawned.process, ours)),
-        Ok(_) => {
+        Ok(n) => {
             spawned.process.kill_and_reap_blocking(Duration::from_secs(5));
-            Err(io::Error::other("the worker program does not run as a zygote"))
+            let said = String::from_utf8_lossy(&buf[..n]);
+            Err(io::Error::other(match said.strip_prefix(REFUSED) {
+                Some(why) => why.to_owned(),
+                None => "the worker program does not run as a zygote".to_owned(),
+            }))
         }
         Err(e) => {
             spawned.process.kill_and_reap_blocking(Duration::from_secs(5));
@@ -357,6 +364,18 @@ pub(crate) fn run_if_zygote() {
     let _ = std::arch::is_x86_feature_detected!("avx2");
     // SAFETY: the socket the pool put at CHANNEL_FD, ours alone.
     let sock = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
+    // A fork copies only the calling thread: with others (a runtime started
+    // before `serve_if_worker`), a lock one of them holds would stay held in
+    // every worker. Refuse; the pool then spawns its workers.
+    let threads = std::fs::read_dir("/proc/self/task").map(Iterator::count).unwrap_or(0);
+    if threads != 1 {
+        let why = format!(
+            "{REFUSED}this process has {threads} threads at `serve_if_worker`, not 1 \
+             (call it before starting a runtime or any thread)"
+        );
+        let _ = send_all(&sock, why.as_bytes());
+        crate::unix::exit_now(0);
+    }
     if send_all(&sock, HELLO).is_err() {
         crate::unix::exit_now(0);
     }

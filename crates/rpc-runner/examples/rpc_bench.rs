@@ -93,9 +93,13 @@ async fn embedded(
     Ok((tracker, server, tc))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread: the servers' zygotes fork session workers from here.
     popen_pool::serve_if_worker(rpc_runner::tasks::registry());
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(role @ ("tracker" | "server")) = args.get(1).map(String::as_str) {
         return serve_role(role, args.get(2).cloned()).await;

@@ -151,3 +151,22 @@ async fn a_zygote_is_refused_for_test_entries_and_other_programs() {
     // Not started: making one costs nothing.
     assert_eq!(zygote.pid(), None);
 }
+
+#[tokio::test]
+async fn a_program_with_threads_before_serving_is_spawned_not_forked() {
+    let program = program().env("DEDICATED_WORKER_THREAD_FIRST", "1");
+    let zygote = Zygote::new(&program).unwrap();
+    let mut w = PopenWorker::builder(program).zygote(&zygote).build().unwrap();
+    let pid = w.start().await.unwrap();
+    // The zygote refused (two threads) and is gone; the worker was spawned.
+    assert_eq!(zygote.pid(), None, "a multi-threaded zygote was kept");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !environ.split(|&b| b == 0).any(|kv| kv.starts_with(b"POPEN_POOL_ZYGOTE=")),
+        "the worker was forked by the refused zygote"
+    );
+    let (_, ppid, _, _) = w.run(WhereAmI("X".into())).await.unwrap();
+    assert_eq!(ppid, std::process::id());
+    w.shutdown().await;
+    assert!(child_pids().is_empty(), "children left: {:?}", child_pids());
+}

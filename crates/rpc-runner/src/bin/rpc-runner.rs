@@ -225,10 +225,18 @@ fn local(listener: &TcpListener) -> Result<SocketAddr> {
     listener.local_addr().context("listener address")
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    // Session workers are this binary, re-executed.
+fn main() -> Result<()> {
+    // Session workers are this binary, re-executed: before any thread (the
+    // server's zygote forks them from this point).
     popen_pool::serve_if_worker(rpc_runner::tasks::registry());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
