@@ -64,6 +64,11 @@ const PER_WORKER: [&str; 4] = [
 /// What a zygote sends first.
 const HELLO: &[u8] = b"popen-pool zygote 1";
 
+/// Set (in the program's environment) to make a zygote exit right after
+/// its first fork, before replying: what a zygote killed at that moment
+/// does, for the tests.
+const TEST_DIE_AFTER_FORK: &str = "POPEN_POOL_ZYGOTE_TEST_DIE_AFTER_FORK";
+
 /// How a zygote that cannot serve begins its explanation.
 const REFUSED: &str = "popen-pool zygote refused: ";
 
@@ -161,13 +166,25 @@ impl Zygote {
                 }
             };
         }
-        let State::Running { sock, restarts, .. } = &*state else { return None };
-        let restarts = *restarts;
+        let State::Running { sock, restarts, process } = &*state else { return None };
+        let (restarts, zpid) = (*restarts, process.id());
+        // Our children before the request: the worker is forked as a child
+        // of this thread (`CLONE_PARENT`: the zygote's parent), and only
+        // this thread spawns.
+        let before = thread_children();
         match request(sock, spec) {
             Ok(Some(spawned)) => Some(spawned),
             Ok(None) => None, // the zygote could not fork this one: spawn it
             Err(e) => {
                 tracing::debug!(error = %e, "the zygote failed; restarting it");
+                // It may have forked the worker and died before saying so:
+                // that child holds this spawn's fds and would be a zombie
+                // nobody reaps. Kill and reap whatever child is new.
+                for pid in thread_children() {
+                    if pid != zpid && !before.contains(&pid) {
+                        Process::adopt(pid).kill_and_reap_blocking(Duration::from_secs(5));
+                    }
+                }
                 // Dropping the old state kills and reaps the zygote.
                 *state = if restarts < MAX_RESTARTS {
                     State::Idle { restarts: restarts + 1 }
@@ -178,6 +195,16 @@ impl Zygote {
             }
         }
     }
+}
+
+/// The children of the calling thread (`/proc/self/task/TID/children`;
+/// empty where the kernel does not list them).
+fn thread_children() -> Vec<u32> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/children"))
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// Starts the zygote with `spec`'s program, arguments and environment (the
@@ -379,6 +406,8 @@ pub(crate) fn run_if_zygote() {
     if send_all(&sock, HELLO).is_err() {
         crate::unix::exit_now(0);
     }
+    // Tests only: die between a fork and its reply.
+    let die_after_fork = std::env::var_os(TEST_DIE_AFTER_FORK).is_some();
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         let (n, fds) = match receive(&sock, &mut buf) {
@@ -393,6 +422,9 @@ pub(crate) fn run_if_zygote() {
             // The new worker: its fds are in place; on to the handshake.
             std::mem::forget(sock);
             return;
+        }
+        if die_after_fork {
+            crate::unix::exit_now(0); // test hook: the pool must clean up
         }
         drop(fds);
         if send_all(&sock, &pid.to_le_bytes()).is_err() {

@@ -170,3 +170,25 @@ async fn a_program_with_threads_before_serving_is_spawned_not_forked() {
     w.shutdown().await;
     assert!(child_pids().is_empty(), "children left: {:?}", child_pids());
 }
+
+#[tokio::test]
+async fn a_zygote_that_dies_between_a_fork_and_its_reply_leaves_no_child() {
+    // The zygote forks the worker, then exits without telling us its pid.
+    let program = program().env("POPEN_POOL_ZYGOTE_TEST_DIE_AFTER_FORK", "1");
+    let zygote = Zygote::new(&program).unwrap();
+    let pool = PopenPool::builder(program).max_workers(1).zygote(&zygote).build().unwrap();
+    for _ in 0..3 {
+        let (_, ppid, _, _) = pool.submit(WhereAmI("X".into())).await.unwrap();
+        assert_eq!(ppid, std::process::id());
+        assert!(matches!(pool.submit(Abort).await, Err(PoolError::WorkerDied { .. })));
+    }
+    pool.shutdown().await;
+    drop(zygote);
+    // The forked-then-abandoned workers were killed and reaped (a zombie
+    // counts as a child here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !child_pids().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "children left: {:?}", child_pids());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
