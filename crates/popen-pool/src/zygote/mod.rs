@@ -170,8 +170,17 @@ impl Zygote {
         // this thread spawns.
         let before = thread_children();
         match request(sock, spec) {
-            Ok(Some(spawned)) => Some(spawned),
-            Ok(None) => None, // the zygote could not fork this one: spawn it
+            Ok(Ok(spawned)) => Some(spawned),
+            Ok(Err(errno)) => {
+                // It cannot fork this one: spawn it. A kernel or sandbox
+                // without `clone3(CLONE_PARENT)` refuses every fork: stop
+                // asking.
+                if matches!(errno, libc::ENOSYS | libc::EPERM) {
+                    tracing::warn!(errno, "the zygote cannot fork here; workers are spawned");
+                    *state = State::Unusable;
+                }
+                None
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "the zygote failed; restarting it");
                 // It may have forked the worker and died before saying so:
@@ -275,9 +284,9 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// One request: `Ok(None)` if the zygote answered that it cannot fork this
-/// worker, `Err` if the zygote itself failed.
-fn request(sock: &OwnedFd, spec: &Spec) -> io::Result<Option<Spawned>> {
+/// One request: `Ok(Err(errno))` if the zygote answered that it cannot
+/// fork this worker, `Err` if the zygote itself failed.
+fn request(sock: &OwnedFd, spec: &Spec) -> io::Result<Result<Spawned, i32>> {
     let mut msg = Vec::with_capacity(256);
     let mut fds: Vec<RawFd> = Vec::new();
     let mut keep: Vec<OwnedFd> = Vec::new(); // our copies, closed after the send
@@ -340,7 +349,7 @@ fn request(sock: &OwnedFd, spec: &Spec) -> io::Result<Option<Spawned>> {
         put(&mut msg, d);
     }
     if msg.len() > MAX_REQUEST || fds.len() > MAX_FDS {
-        return Ok(None);
+        return Ok(Err(libc::E2BIG));
     }
     let cmsg = [ControlMessage::ScmRights(&fds)];
     socket::sendmsg::<()>(
@@ -359,10 +368,10 @@ fn request(sock: &OwnedFd, spec: &Spec) -> io::Result<Option<Spawned>> {
     let pid = i32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]);
     if pid <= 0 {
         tracing::debug!(errno = -pid, "the zygote could not fork a worker");
-        return Ok(None);
+        return Ok(Err(-pid));
     }
     let [stdout, stderr] = out;
-    Ok(Some(Spawned {
+    Ok(Ok(Spawned {
         process: Process::adopt(pid as u32),
         stdout,
         stderr,
