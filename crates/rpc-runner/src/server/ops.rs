@@ -48,7 +48,7 @@ const SMALL_UPLOAD: u64 = 1 << 20;
 pub(super) enum Writer {
     /// A small upload: its chunks (at most [`SMALL_UPLOAD`] bytes, checked
     /// against the announced length by the caller), written at the end.
-    Small { target: PathBuf, shown: String, chunks: Vec<Bytes> },
+    Small { root: PathBuf, target: PathBuf, shown: String, chunks: Vec<Bytes> },
     /// On a blocking thread, straight from the received frames, while the
     /// session goes on reading the next ones.
     Stream { chunks: tokio::sync::mpsc::Sender<Bytes>, done: JoinHandle<std::io::Result<()>> },
@@ -58,12 +58,20 @@ impl Writer {
     /// For `target` of `len` bytes: a small upload is only noted; a large
     /// one creates `target` (and its parent dirs), reserves `len` bytes
     /// for it, and starts the writer thread.
-    /// `shown` is the path as the client gave it (for errors).
-    pub(super) async fn create(target: PathBuf, len: u64, shown: &str) -> std::io::Result<Writer> {
+    /// `target` lies under the session dir `root`; `shown` is the path as
+    /// the client gave it (for errors).
+    pub(super) async fn create(
+        root: &Path,
+        target: PathBuf,
+        len: u64,
+        shown: &str,
+    ) -> std::io::Result<Writer> {
+        let root = root.to_path_buf();
         if len <= SMALL_UPLOAD {
-            return Ok(Writer::Small { target, shown: shown.to_owned(), chunks: Vec::new() });
+            let shown = shown.to_owned();
+            return Ok(Writer::Small { root, target, shown, chunks: Vec::new() });
         }
-        let file = blocking(move || create_file(&target)).await?;
+        let file = blocking(move || create_file(&root, &target)).await?;
         let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
         let done = tokio::task::spawn_blocking(move || {
             use std::io::Write;
@@ -102,10 +110,10 @@ impl Writer {
     /// Waits until every chunk is written and the file is closed.
     pub(super) async fn finish(self) -> Result<(), WireError> {
         let done = match self {
-            Writer::Small { target, shown, chunks } => {
+            Writer::Small { root, target, shown, chunks } => {
                 return blocking(move || {
                     use std::io::Write;
-                    let mut file = create_file(&target)?;
+                    let mut file = create_file(&root, &target)?;
                     chunks.iter().try_for_each(|c| file.write_all(c))
                 })
                 .await
@@ -124,10 +132,20 @@ impl Writer {
     }
 }
 
-/// Creates `target` and its parent dirs.
-fn create_file(target: &Path) -> std::io::Result<std::fs::File> {
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
+/// Creates `target` and its missing parent dirs below the session dir
+/// `root`, never `root` itself: a blocking call that outlives its session
+/// (its future dropped at shutdown) then fails on the removed dir instead
+/// of making it again.
+pub(super) fn create_file(root: &Path, target: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(rel) = target.parent().and_then(|p| p.strip_prefix(root).ok()) {
+        let mut dir = root.to_path_buf();
+        for part in rel.components() {
+            dir.push(part);
+            match std::fs::create_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
     }
     std::fs::File::create(target)
 }

@@ -194,3 +194,18 @@ fn session_workers_are_pinned_to_the_last_online_cpu_by_default() {
     assert_eq!(cfg.clone().no_worker_cpu_affinity().worker_cpus, None);
     assert_eq!(cfg.worker_cpu_affinity([0]).worker_cpus, Some(vec![0]));
 }
+
+#[test]
+fn an_upload_file_is_made_under_its_session_dir_but_never_the_dir_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rpc-session-x");
+    std::fs::create_dir(&root).unwrap();
+    let nested = root.join("a/b/kernel.so");
+    super::ops::create_file(&root, &nested).unwrap();
+    assert!(nested.is_file());
+    // The session dir is gone (its session was torn down): nothing is made.
+    std::fs::remove_dir_all(&root).unwrap();
+    let err = super::ops::create_file(&root, &nested).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    assert!(!root.exists(), "the removed session dir was made again");
+}
