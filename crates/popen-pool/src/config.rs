@@ -452,7 +452,9 @@ macro_rules! worker_option_setters {
 
         /// Fork each new worker process from `zygote` (a fork server of the
         /// same program, see [`Zygote`](crate::Zygote)) instead of spawning
-        /// and exec'ing it: ~0.1 ms instead of ~1 ms of CPU per worker, the
+        /// and exec'ing it: no exec, dynamic loading or CPU probes per
+        /// worker (a session worker's start went from 2.0 to 1.2 ms on the
+        /// 2-core test VM, `runner_bench --no-zygote` for the A/B); the
         /// same worker otherwise (a child of this process, in its own
         /// cgroup and process group, same controls and handshake). Two
         /// differences: the worker's environment is this process's as it

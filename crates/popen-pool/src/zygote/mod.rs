@@ -6,7 +6,8 @@
 //! C library's and std's CPU feature probes (each `cpuid` traps to the
 //! hypervisor on a VM) and a page fault for every page of text and data it
 //! touches: ~1 ms of CPU per worker on the 2-core test machine. A fork of a
-//! small process that already did all that costs ~0.1 ms.
+//! small process that already did all that costs ~0.1 ms (the worker's own
+//! start and handshake come on top, either way).
 //!
 //! The zygote forks with `clone3(CLONE_PARENT)`: the new worker is a child
 //! of the *pool's* process, exactly as if the pool had spawned it, so the
