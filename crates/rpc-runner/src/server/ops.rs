@@ -108,6 +108,11 @@ impl Writer {
     }
 
     /// Waits until every chunk is written and the file is closed.
+    ///
+    /// Cancel safety: a dropped future leaves the blocking write running to
+    /// its end; it writes only below the session dir and never makes that
+    /// dir again (`create_file`), so after the session's teardown it fails
+    /// instead of leaving a file behind.
     pub(super) async fn finish(self) -> Result<(), WireError> {
         let done = match self {
             Writer::Small { root, target, shown, chunks } => {
