@@ -20,6 +20,10 @@
 //!   on a loaded machine; with two servers, per measurement, not per
 //!   candidate of wall time);
 //! - `stages_s`: per-stage medians (`StageTimes`) of every runner;
+//! - `cpu_per_measurement_s`: CPU time (user + system) per candidate, median
+//!   over runs: `process` is this process (tracker, servers, client),
+//!   `workers` its reaped children (session workers and zygotes; the
+//!   kernel's own 400 µs is in there);
 //! - `worker_start_s_parent_6m` / `_1g` / `_4g`: a session worker's start
 //!   seen through a server in this process while it holds that much
 //!   touched memory (none for `6m`, the bench's own size): the first call
@@ -161,11 +165,41 @@ fn inputs(artifact: &Path, n: usize) -> Vec<RunnerInput> {
 struct RunOut {
     overhead_s: f64,
     measurements: Vec<Measurement>,
+    /// CPU seconds per candidate: this process's, its reaped children's.
+    cpu_s: [f64; 2],
 }
 
-fn run_out(wall: Duration, n: usize, parallel: f64, ms: Vec<Measurement>) -> RunOut {
+fn run_out(wall: Duration, n: usize, parallel: f64, ms: Vec<Measurement>, cpu: Cpu) -> RunOut {
     let per = wall.as_secs_f64() / n as f64;
-    RunOut { overhead_s: per - CALLS * KERNEL_S / parallel, measurements: ms }
+    let cpu = cpu.since();
+    RunOut {
+        overhead_s: per - CALLS * KERNEL_S / parallel,
+        measurements: ms,
+        cpu_s: [cpu[0] / n as f64, cpu[1] / n as f64],
+    }
+}
+
+/// CPU time (user + system) of this process and of its reaped children.
+#[derive(Clone, Copy)]
+struct Cpu([f64; 2]);
+
+impl Cpu {
+    fn now() -> Cpu {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let secs = |who| {
+            getrusage(who).map_or(0.0, |u| {
+                let t =
+                    |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
+                t(u.user_time()) + t(u.system_time())
+            })
+        };
+        Cpu([secs(UsageWho::RUSAGE_SELF), secs(UsageWho::RUSAGE_CHILDREN)])
+    }
+
+    fn since(self) -> [f64; 2] {
+        let now = Cpu::now().0;
+        [now[0] - self.0[0], now[1] - self.0[1]]
+    }
 }
 
 fn collect(results: Vec<rpc_runner::measure::RunnerResult>) -> anyhow::Result<Vec<Measurement>> {
@@ -176,11 +210,12 @@ async fn local_run(program: &WorkerProgram, artifact: &Path, n: usize) -> anyhow
     let runner = LocalRunner::builder(program.clone()).evaluator(evaluator()).build()?;
     // The worker's start is paid once per runner, not per measurement.
     collect(runner.run(inputs(artifact, 1)).collect_ordered().await)?;
+    let cpu = Cpu::now();
     let t = Instant::now();
     let ms = collect(runner.run(inputs(artifact, n)).collect_ordered().await)?;
     let wall = t.elapsed();
     runner.shutdown().await;
-    Ok(run_out(wall, n, 1.0, ms))
+    Ok(run_out(wall, n, 1.0, ms, cpu))
 }
 
 async fn rpc_run(
@@ -213,14 +248,16 @@ async fn rpc_run(
     let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await?;
     // Warm: the first spares are made, the tracker has seen every server.
     collect(runner.run(inputs(artifact, servers)).collect_ordered().await)?;
+    let cpu = Cpu::now();
     let t = Instant::now();
     let ms = collect(runner.run(inputs(artifact, n)).collect_ordered().await);
     let wall = t.elapsed();
+    // The shutdown reaps the last workers and the zygotes: their CPU counts.
     for h in handles {
         h.shutdown().await?;
     }
     tracker.shutdown().await?;
-    Ok(run_out(wall, n, servers as f64, ms?))
+    Ok(run_out(wall, n, servers as f64, ms?, cpu))
 }
 
 /// Median over measurements of (every stage's time - the kernel's calls):
@@ -351,6 +388,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
         );
     }
     let mut overheads: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut cpus: Vec<Vec<[f64; 2]>> = vec![Vec::new(); modes.len()];
     let mut all: Vec<Vec<Measurement>> = modes.iter().map(|_| Vec::new()).collect();
     for run in 0..opts.runs {
         for (i, &(name, servers, spare)) in modes.iter().enumerate() {
@@ -365,6 +403,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
             }
             .with_context(|| name.to_owned())?;
             overheads[i].push(out.overhead_s);
+            cpus[i].push(out.cpu_s);
             all[i].extend(out.measurements);
         }
     }
@@ -372,7 +411,10 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
     let mut robust = Map::new();
     let mut stage = Map::new();
     let mut runs = Map::new();
+    let mut cpu = Map::new();
     for (i, &(name, ..)) in modes.iter().enumerate() {
+        let pick = |k: usize| median(cpus[i].iter().map(|c| c[k]).collect());
+        cpu.insert(name.into(), json!({ "process": pick(0), "workers": pick(1) }));
         overhead.insert(name.into(), json!(median(overheads[i].clone())));
         robust.insert(name.into(), json!(per_measurement_median(&all[i])));
         runs.insert(name.into(), json!(overheads[i]));
@@ -416,6 +458,7 @@ async fn run(opts: Opts) -> anyhow::Result<Value> {
     out.insert("overhead_runs_s".into(), Value::Object(runs));
     out.insert("overhead_median_per_measurement_s".into(), Value::Object(robust));
     out.insert("stages_s".into(), Value::Object(stage));
+    out.insert("cpu_per_measurement_s".into(), Value::Object(cpu));
     out.insert("goals_s".into(), goals);
     out.insert("limit_tcp_rtt_s".into(), json!(limit));
     out.insert("candidates_per_run".into(), json!(n));

@@ -47,6 +47,7 @@ pub fn registry() -> Registry {
         .register::<crate::measure::AllocArgs>()
         .register::<crate::measure::TimeKernel>()
         .register::<crate::measure::ReadArg>()
+        .register::<crate::measure::MeasureKernel>()
         .register::<crate::measure::AddCandidate>()
         .register::<crate::measure::TimeCandidates>()
         .register::<crate::measure::ReadCandidateArg>()

@@ -54,8 +54,8 @@ pub use header::{
 };
 pub use kernel::{
     AddCandidate, AllocArgs, CandidateTiming, DEFAULT_ENTRY, Environment, LoadKernel,
-    MAX_CANDIDATES, ReadArg, ReadCandidateArg, StopReason, TimeCandidates, TimeKernel, Timing,
-    failure_kind,
+    MAX_CANDIDATES, MeasureKernel, MeasuredKernel, ReadArg, ReadCandidateArg, StopReason,
+    TimeCandidates, TimeKernel, Timing, failure_kind,
 };
 pub use runner::{
     Backend, DefaultPipeline, DeviceSession, Element, LocalRunner, LocalRunnerBuilder, Measurement,

@@ -150,11 +150,11 @@ impl Session<'_> {
                 Err(e) => return self.send_error(id, WireError::from_pool(e)).await,
             },
         };
-        if self.cfg.warm_spare
-            && task.name() == <crate::measure::AllocArgs as popen_pool::Task>::NAME
-        {
+        if self.cfg.warm_spare {
             // What the next spare is filled with (see `spare::prefill`).
-            self.last_alloc.replace(task.clone());
+            if let Some(alloc) = alloc_of(&task) {
+                self.last_alloc.replace(alloc);
+            }
         }
         self.op = Op::Call(Call::start(id, worker, task, limit, self.teardown.take()));
         if let Some(want) = self.want_spare.take() {
@@ -162,4 +162,19 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// The `AllocArgs` a call makes: the call itself, or the alloc step of a
+/// `MeasureKernel` (decoded from the request, so bounded by its frame).
+fn alloc_of(task: &ErasedTask) -> Option<ErasedTask> {
+    use crate::measure::{AllocArgs, MeasureKernel};
+    use popen_pool::Task as _;
+    if task.name() == AllocArgs::NAME {
+        return Some(task.clone());
+    }
+    if task.name() != MeasureKernel::NAME {
+        return None;
+    }
+    let fused: MeasureKernel = postcard::from_bytes(task.payload()).ok()?;
+    ErasedTask::new(&fused.alloc?).ok()
 }

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod edges;
 mod fidelity;
+mod fused;
 mod kernels;
 mod runners;
 mod server_input;

@@ -155,6 +155,18 @@ async fn the_spare_holds_the_last_sessions_arguments_and_they_are_the_seeds_byte
         }
         within("close", sess.close()).await.unwrap();
     }
+    // The last session asked for seed 6. One asking for seed 5 inside a
+    // `MeasureKernel` (as the default pipeline does) is what the next spare
+    // holds: its sets are seed 5's before any call of that session.
+    let mut fused = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+    let task = rpc_runner::measure::MeasureKernel::default().alloc(alloc(5));
+    within("fused alloc", fused.call(task, None)).await.unwrap();
+    within("close", fused.close()).await.unwrap();
+    let st = s.wait_for(LIMIT, |st| st.spare_filled && !st.busy && st.registered).await;
+    st.expect("the spare is filled after a fused alloc");
+    let mut sess = within("lease", tc.request("cpu", 1, None)).await.unwrap();
+    assert_eq!(read_all(&mut sess).await, want, "the spare holds the fused call's seed 5");
+    within("close", sess.close()).await.unwrap();
     within("shutdown", s.shutdown()).await.unwrap();
     drop(t);
 }

@@ -20,7 +20,8 @@
 //!
 //! All state lives in the worker's [`WorkerContext`], so the tasks are used
 //! in order on one worker (one session): [`LoadKernel`] -> [`AllocArgs`] ->
-//! [`TimeKernel`] (any number of times) -> [`ReadArg`] (to check outputs).
+//! [`TimeKernel`] (any number of times) -> [`ReadArg`] (to check outputs);
+//! [`MeasureKernel`] runs them in one task.
 //! A worker that dies (a crashing kernel) loses that state; its replacement
 //! starts empty.
 //!
@@ -42,6 +43,7 @@ mod candidates;
 mod env;
 mod fill;
 mod flush;
+mod fused;
 mod load;
 mod realtime;
 mod rounds;
@@ -55,6 +57,7 @@ pub use self::candidates::{
 pub use self::env::Environment;
 pub(crate) use self::env::online_cpus;
 pub(crate) use self::fill::host_args;
+pub use self::fused::{MeasureKernel, MeasuredKernel};
 pub use self::rounds::StopReason;
 
 use self::buffers::{AlignedBuf, ArgSets};

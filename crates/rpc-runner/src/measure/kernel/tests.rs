@@ -293,3 +293,49 @@ fn host_args_are_the_bytes_alloc_args_fills() {
     let bad = vec![ArgInfo::tensor(DType::F32, [-1])];
     assert_eq!(super::fill::host_args(&bad, 0).unwrap_err().kind, "bad_args");
 }
+
+#[test]
+fn measure_kernel_runs_its_steps_in_order_and_fails_as_the_failing_step() {
+    let vec = ArgInfo::tensor(DType::F32, [64]);
+    let alloc = AllocArgs { args: vec![vec.clone(); 3], alloc_repeat: 1, seed: 9 };
+    let reads = (0..3).map(|index| ReadArg { set: 0, index });
+    let mut ctx = WorkerContext::default();
+    ctx.insert(LoadedKernel { entry: add_kernel, _lib: None });
+    let task = MeasureKernel::default()
+        .alloc(alloc.clone())
+        .time(TimeKernel { config: config(1, 2, 0) })
+        .read(reads.clone());
+    let out = task.run(&mut ctx).unwrap();
+    assert_eq!(out.timing.as_ref().map(|t| t.costs.len()), Some(2));
+    assert_eq!((out.load_s, out.outputs.len()), (0.0, 3));
+    assert!(out.alloc_s > 0.0);
+    // The outputs are the arguments after timing: c = a + b, as read alone.
+    for (i, bytes) in out.outputs.iter().enumerate() {
+        assert_eq!(bytes.as_slice(), read(&ctx, 0, i as u32).as_slice());
+    }
+    let f = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect()
+    };
+    let (a, b, c) = (f(&out.outputs[0]), f(&out.outputs[1]), f(&out.outputs[2]));
+    assert!((0..64).all(|i| c[i] == a[i] + b[i]));
+
+    // A failing load ends the task as `LoadKernel` would, and no kernel is
+    // loaded: the later steps did not run.
+    let missing = MeasureKernel::default()
+        .load(LoadKernel::new("/nonexistent/kernel.so"))
+        .alloc(AllocArgs { alloc_repeat: 0, ..alloc.clone() })
+        .time(TimeKernel { config: config(1, 1, 0) });
+    let err = missing.run(&mut ctx).unwrap_err();
+    assert_eq!(err.kind, failure_kind::LOAD_ERROR, "{}", err.message);
+    assert!(ctx.get::<LoadedKernel>().is_none());
+    // A failing alloc (after no load) is a bad-arguments failure, and the
+    // timing after it does not run (it would say `no_kernel`).
+    let bad = MeasureKernel::default()
+        .alloc(AllocArgs { alloc_repeat: 0, ..alloc })
+        .time(TimeKernel { config: config(1, 1, 0) });
+    assert_eq!(bad.run(&mut ctx).unwrap_err().kind, failure_kind::BAD_ARGS);
+    // Reads out of range fail as `ReadArg` does.
+    let mut ctx = WorkerContext::default();
+    let err = MeasureKernel::default().read([ReadArg { set: 0, index: 0 }]).run(&mut ctx);
+    assert_eq!(err.unwrap_err().kind, failure_kind::NO_ARGS);
+}

@@ -101,6 +101,13 @@ async fn measure<P: Pipeline>(
             let t = Instant::now();
             let m = pipeline.run_evaluator(ctx, &mut dev, &input).await?;
             times.evaluate = t.elapsed();
+            if let Some((load, alloc)) = dev.take_step_times() {
+                // Deferred load and alloc ran in a later stage's call: their
+                // times are the worker's, the rest stays with that stage.
+                times.load += load;
+                times.alloc += alloc;
+                times.evaluate = times.evaluate.saturating_sub(load + alloc);
+            }
             Ok(m)
         };
         tokio::select! {

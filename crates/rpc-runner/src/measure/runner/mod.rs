@@ -11,6 +11,7 @@
 //! - `rpc.rs`, `local.rs`: the two runners and their builders.
 
 mod config;
+mod deferred;
 mod drive;
 mod interleave;
 mod local;

@@ -10,9 +10,10 @@ use popen_pool::{PopenWorker, Task};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::super::evaluator::EvaluatorConfig;
-use super::super::kernel::{AllocArgs, LoadKernel, ReadArg, TimeKernel};
+use super::super::kernel::{AllocArgs, LoadKernel};
 use super::config::{Backend, RpcConfig};
-use super::result::{Measurement, Output, RunError, RunnerInput};
+use super::deferred::Pending;
+use super::result::{Measurement, RunError, RunnerInput};
 use super::tvm::{self, TvmDevice};
 use crate::measure::cause::Cause;
 use crate::session::{ConnectOptions, RequestOptions, Session, SessionError};
@@ -68,12 +69,15 @@ impl StageContext {
 /// leased server, or the [`LocalRunner`](super::LocalRunner)'s worker
 /// process (held exclusively while this value lives).
 pub struct DeviceSession {
-    inner: Device,
+    pub(super) inner: Device,
     server: String,
-    limit: Duration,
+    pub(super) limit: Duration,
+    /// Steps the default stages deferred to the next call (see
+    /// [`DeviceSession::flush`]).
+    pub(super) pending: Pending,
 }
 
-enum Device {
+pub(super) enum Device {
     Rpc(Box<Session>),
     Local(OwnedMutexGuard<PopenWorker>),
     Tvm(Box<TvmDevice>),
@@ -97,7 +101,12 @@ impl DeviceSession {
     /// A device behind an RPC session; `limit` is the session timeout (the
     /// limit reported by a timed-out call).
     pub fn from_session(sess: Session, limit: Duration) -> Self {
-        DeviceSession { server: sess.addr().to_owned(), inner: Device::Rpc(Box::new(sess)), limit }
+        DeviceSession {
+            server: sess.addr().to_owned(),
+            inner: Device::Rpc(Box::new(sess)),
+            limit,
+            pending: Pending::default(),
+        }
     }
 
     /// A device behind a session with a TVM RPC server; `limit` is the
@@ -107,6 +116,7 @@ impl DeviceSession {
             server: sess.addr().to_owned(),
             inner: Device::Tvm(Box::new(TvmDevice::new(sess))),
             limit,
+            pending: Pending::default(),
         }
     }
 
@@ -126,7 +136,12 @@ impl DeviceSession {
     }
 
     fn local(worker: OwnedMutexGuard<PopenWorker>, limit: Duration) -> Self {
-        DeviceSession { inner: Device::Local(worker), server: "local".into(), limit }
+        DeviceSession {
+            inner: Device::Local(worker),
+            server: "local".into(),
+            limit,
+            pending: Pending::default(),
+        }
     }
 
     /// The server measuring: its `host:port`, or `"local"`.
@@ -135,6 +150,10 @@ impl DeviceSession {
     }
 
     /// The RPC session, unless this is a local device.
+    ///
+    /// Steps deferred by the default stages (see [`flush`](Self::flush))
+    /// have not run yet: `flush` first before calling the session's worker
+    /// yourself.
     pub fn session(&mut self) -> Option<&mut Session> {
         match &mut self.inner {
             Device::Rpc(s) => Some(s),
@@ -172,19 +191,28 @@ impl DeviceSession {
         }
     }
 
-    /// Runs a task on the device's worker.
+    /// Runs a task on the device's worker, after any deferred steps
+    /// ([`flush`](Self::flush)).
     ///
     /// # Errors
     ///
     /// The task's failure or the session's, classified
-    /// ([`RunError::from_session`], [`RunError::from_pool`]);
-    /// [`RunError::Other`] on a TVM server, which runs no tasks of ours.
+    /// ([`RunError::from_session`], [`RunError::from_pool`]), or a deferred
+    /// step's; [`RunError::Other`] on a TVM server, which runs no tasks of
+    /// ours.
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: the worker running the task is killed and the next task
-    /// starts a fresh one.
+    /// starts a fresh one (deferred steps not yet sent are dropped; a
+    /// later call runs none of them).
     pub async fn call<T: Task>(&mut self, task: T) -> Result<T::Output, RunError> {
+        self.flush().await?;
+        self.call_now(task).await
+    }
+
+    /// Runs a task on the device's worker now, ignoring deferred steps.
+    pub(super) async fn call_now<T: Task>(&mut self, task: T) -> Result<T::Output, RunError> {
         match &mut self.inner {
             Device::Rpc(sess) => {
                 sess.call(task, None).await.map_err(|e| RunError::from_session(e, self.limit))
@@ -256,6 +284,11 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// Loads the kernel uploaded to `remote_path`. A load error names the
     /// artifact, not `remote_path`.
+    ///
+    /// The default defers the load to the next call on `dev` (see
+    /// [`DeviceSession::flush`]): with the default `run_evaluator`, load,
+    /// allocation, timing and read-back are one call to the worker. On a
+    /// TVM server it loads at once.
     fn load_module(
         &self,
         ctx: &StageContext,
@@ -269,11 +302,13 @@ pub trait Pipeline: Send + Sync + 'static {
                 return tvm::load(t, remote_path, input, limit).await;
             }
             let load = LoadKernel { path: remote_path.to_owned(), entry: ctx.entry.clone() };
-            dev.call(load).await.map_err(|e| e.naming_artifact(&input.artifact_path, remote_path))
+            dev.defer_load(load, &input.artifact_path, remote_path);
+            Ok(())
         }
     }
 
-    /// Allocates `alloc_repeat` random argument sets.
+    /// Allocates `alloc_repeat` random argument sets. The default defers
+    /// the allocation to the next call on `dev`, as `load_module` does.
     fn alloc_argument(
         &self,
         ctx: &StageContext,
@@ -289,11 +324,13 @@ pub trait Pipeline: Send + Sync + 'static {
                 alloc_repeat: ctx.alloc_repeat,
                 seed: ctx.seed,
             };
-            dev.call(alloc).await
+            dev.defer_alloc(alloc);
+            Ok(())
         }
     }
 
-    /// Times the kernel and reads back `read_args`.
+    /// Times the kernel and reads back `read_args` (the default: after the
+    /// deferred steps, in the same call).
     fn run_evaluator(
         &self,
         ctx: &StageContext,
@@ -304,17 +341,7 @@ pub trait Pipeline: Send + Sync + 'static {
             if let Some(t) = dev.tvm() {
                 return tvm::evaluate(t, ctx, input, ctx.rpc.session_timeout).await;
             }
-            let timing = dev.call(TimeKernel { config: ctx.evaluator.clone() }).await?;
-            let mut outputs = Vec::with_capacity(input.read_args.len());
-            for &index in &input.read_args {
-                let bytes = dev.call(ReadArg { set: 0, index }).await?;
-                let Some(info) = usize::try_from(index).ok().and_then(|i| input.args_info.get(i))
-                else {
-                    return Err(RunError::Other { message: format!("no argument {index}") });
-                };
-                outputs.push(Output::new(index, info.clone(), bytes.into_vec()));
-            }
-            Ok(Measurement::from_timing(timing, &ctx.evaluator).with_outputs(outputs))
+            dev.measure(ctx, input).await
         }
     }
 
@@ -348,6 +375,7 @@ async fn default_create_session(ctx: &StageContext) -> Result<DeviceSession, Run
             server: dev.sess.addr().to_owned(),
             inner: Device::Tvm(Box::new(dev)),
             limit: rpc.session_timeout,
+            pending: Pending::default(),
         });
     }
     let addr = rpc.tracker_addr();
