@@ -322,8 +322,31 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = read_i32(&mut stream).await?;
         let _ = read_str(&mut stream, MAX_KEY_LEN).await?;
-        stream.write_all(&CODE_AT_CAPACITY.to_le_bytes()).await?;
-        stream.shutdown().await
+        refusal(&mut stream, CODE_AT_CAPACITY).await;
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Sends a refusal `code`, then reads (and drops) what the client sent
+/// after its handshake until it closes, for at most 1 s and 64 KiB: a
+/// client may send its first frame without waiting for the answer, and
+/// closing with that unread would reset the connection, which can discard
+/// the code before the client reads it.
+async fn refusal(stream: &mut TcpStream, code: i32) {
+    use tokio::io::AsyncReadExt as _;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&code.to_le_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64usize << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        std::io::Result::Ok(())
     })
     .await;
 }
@@ -431,7 +454,7 @@ async fn handle_conn(
     }
     if code != CODE_SUCCESS {
         tracing::info!(%peer, code = format!("{code:#x}"), "session refused");
-        let _ = stream.write_all(&code.to_le_bytes()).await;
+        refusal(&mut stream, code).await;
         return;
     }
     tracing::info!(%peer, timeout = ?hello.timeout, "session started");

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::SinkExt as _;
 use popen_pool::Task;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,7 +18,7 @@ pub(crate) use super::options::ConnectOptions;
 use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::handshake::{
     CODE_AT_CAPACITY, CODE_DUPLICATE, CODE_MISMATCH, CODE_UNAUTHORIZED, ClientHello,
-    HandshakeFailure, client_handshake,
+    HandshakeFailure, client_handshake_recv, client_handshake_send,
 };
 use crate::wire::proto::{
     CHUNK, DirEntry, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, UPLOAD_CHUNK,
@@ -125,7 +126,7 @@ impl Session {
         matchkey: &str,
         opts: &ConnectOptions,
     ) -> Result<Session, SessionError> {
-        let mut stream = TcpStream::connect(addr)
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| SessionError::Connect { addr: addr.to_owned(), source })?;
         let _ = stream.set_nodelay(true);
@@ -134,28 +135,25 @@ impl Session {
             timeout: opts.session_timeout,
             token: opts.token.clone(),
         };
-        let server_key = match client_handshake(&mut stream, &hello).await {
+        // The handshake and the `Hello` go out together; the answers are
+        // read in turn (the server reads exactly the handshake first).
+        let (mut rd, mut wr) = stream.into_split();
+        if let Err(e) = client_handshake_send(&mut wr, &hello).await {
+            return Err(handshake_error(e, addr, matchkey));
+        }
+        let mut tx = FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME));
+        let sent = tx.send(msg_frame(&Request::Hello { version: SESSION_PROTOCOL_VERSION })).await;
+        // A server that refused (and closed) may have reset the connection
+        // before the Hello got out: its answer is still there to read.
+        let server_key = match client_handshake_recv(&mut rd).await {
             Ok(key) => key,
-            Err(HandshakeFailure::Io(e)) => {
-                return Err(SessionError::Handshake {
-                    message: format!("{e} (is {addr} an RPC server?)"),
-                });
-            }
-            Err(HandshakeFailure::Refused(code)) => {
-                return Err(match code {
-                    CODE_MISMATCH => SessionError::KeyMismatch { matchkey: matchkey.to_owned() },
-                    CODE_DUPLICATE => SessionError::Busy,
-                    CODE_UNAUTHORIZED => SessionError::Unauthorized,
-                    CODE_AT_CAPACITY => SessionError::AtCapacity,
-                    other => SessionError::Handshake {
-                        message: format!("unexpected handshake answer {other:#x}"),
-                    },
-                });
-            }
+            Err(e) => return Err(handshake_error(e, addr, matchkey)),
         };
-        let (rd, wr) = stream.into_split();
+        if let Err(e) = sent {
+            return Err(SessionError::Handshake { message: format!("sending Hello: {e}") });
+        }
         let mut sess = Session {
-            tx: FramedWrite::new(wr, FrameCodec::new(MAX_SESSION_FRAME)),
+            tx,
             rx: FramedRead::new(rd, FrameCodec::new(MAX_SESSION_FRAME)),
             stash: VecDeque::new(),
             rx_ended: false,
@@ -172,7 +170,6 @@ impl Session {
             session_timeout: None,
             request_timeout: opts.request_timeout,
         };
-        sess.write(msg_frame(&Request::Hello { version: SESSION_PROTOCOL_VERSION }), true).await?;
         let frame = match sess.next(opts.connect_timeout).await? {
             Got::Frame(f) => f,
             Got::TooLarge { len, .. } => {
@@ -589,4 +586,22 @@ impl Session {
 enum Source<'a> {
     Bytes(&'a [u8]),
     File { file: tokio::fs::File, path: &'a Path },
+}
+
+/// The session error of a failed handshake with `addr`.
+fn handshake_error(e: HandshakeFailure, addr: &str, matchkey: &str) -> SessionError {
+    match e {
+        HandshakeFailure::Io(e) => {
+            SessionError::Handshake { message: format!("{e} (is {addr} an RPC server?)") }
+        }
+        HandshakeFailure::Refused(code) => match code {
+            CODE_MISMATCH => SessionError::KeyMismatch { matchkey: matchkey.to_owned() },
+            CODE_DUPLICATE => SessionError::Busy,
+            CODE_UNAUTHORIZED => SessionError::Unauthorized,
+            CODE_AT_CAPACITY => SessionError::AtCapacity,
+            other => SessionError::Handshake {
+                message: format!("unexpected handshake answer {other:#x}"),
+            },
+        },
+    }
 }

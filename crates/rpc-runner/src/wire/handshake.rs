@@ -85,9 +85,27 @@ pub(crate) async fn client_handshake(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     hello: &ClientHello,
 ) -> Result<String, HandshakeFailure> {
+    client_handshake_send(stream, hello).await?;
+    client_handshake_recv(stream).await
+}
+
+/// The client's half of the handshake: magic and key. Whatever the client
+/// sends after it (its first session frame) may follow at once: the server
+/// reads exactly the handshake's bytes before it answers.
+pub(crate) async fn client_handshake_send(
+    w: &mut (impl AsyncWrite + Unpin),
+    hello: &ClientHello,
+) -> Result<(), HandshakeFailure> {
     let mut first = RPC_MAGIC.to_le_bytes().to_vec();
     write_str(&mut first, &hello.to_wire()).await.map_err(HandshakeFailure::Io)?;
-    stream.write_all(&first).await.map_err(HandshakeFailure::Io)?;
+    w.write_all(&first).await.map_err(HandshakeFailure::Io)
+}
+
+/// The server's answer to [`client_handshake_send`]: its key, or the code
+/// it refused with. Reads exactly the answer's bytes.
+pub(crate) async fn client_handshake_recv(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> Result<String, HandshakeFailure> {
     let code = read_i32(stream).await.map_err(HandshakeFailure::Io)?;
     if code != CODE_SUCCESS {
         return Err(HandshakeFailure::Refused(code));

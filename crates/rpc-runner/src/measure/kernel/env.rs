@@ -110,11 +110,21 @@ pub(super) fn parse_cpu_list(text: &str) -> Vec<usize> {
     cpus
 }
 
+/// Reads a small /proc or sysfs file whole: one `read` into a buffer of
+/// 16 KiB for the usual sizes (a `read_to_string` sizes the file first
+/// and reads /proc files in growing steps, 32 bytes first: 8 reads for
+/// /proc/stat), at most 1 MiB; `None` if it cannot be read or is not UTF-8.
+fn read_small(path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let file = fs::File::open(path).ok()?;
+    let mut buf = Vec::with_capacity(16 << 10);
+    file.take(1 << 20).read_to_end(&mut buf).ok()?;
+    String::from_utf8(buf).ok()
+}
+
 /// The machine's online CPUs (empty if unknown).
 pub(crate) fn online_cpus() -> Vec<usize> {
-    fs::read_to_string("/sys/devices/system/cpu/online")
-        .map(|s| parse_cpu_list(&s))
-        .unwrap_or_default()
+    read_small("/sys/devices/system/cpu/online").map(|s| parse_cpu_list(&s)).unwrap_or_default()
 }
 
 /// The calling thread's CPU affinity, ascending (empty if unknown).
@@ -148,7 +158,7 @@ fn governor(cpus: &[usize]) -> Option<String> {
     let mut seen: Vec<String> = Vec::new();
     for cpu in cpus.iter().take(64) {
         let path = format!("/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor");
-        if let Ok(g) = fs::read_to_string(path) {
+        if let Some(g) = read_small(&path) {
             let g = g.trim().chars().take(32).collect::<String>();
             if !seen.contains(&g) {
                 seen.push(g);
@@ -159,7 +169,7 @@ fn governor(cpus: &[usize]) -> Option<String> {
 }
 
 fn turbo() -> Option<bool> {
-    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let read = |p: &str| read_small(p).map(|s| s.trim().to_owned());
     if let Some(v) = read("/sys/devices/system/cpu/intel_pstate/no_turbo") {
         return Some(v == "0");
     }
@@ -180,7 +190,7 @@ impl EnvProbe {
     pub(super) fn start() -> Self {
         let cpus = own_affinity();
         let online = online_cpus();
-        let stat = fs::read_to_string("/proc/stat").ok().map(|s| parse_proc_stat(&s));
+        let stat = read_small("/proc/stat").map(|s| parse_proc_stat(&s));
         EnvProbe {
             cpus,
             online,
@@ -208,7 +218,7 @@ impl EnvProbe {
         let cpu_share = measured_own
             .filter(|_| awake >= std::time::Duration::from_millis(1))
             .map(|cpu| (cpu.as_secs_f64() / awake.as_secs_f64()).clamp(0.0, 1.0));
-        let after = fs::read_to_string("/proc/stat").ok().map(|s| parse_proc_stat(&s));
+        let after = read_small("/proc/stat").map(|s| parse_proc_stat(&s));
         let pinned = !self.cpus.is_empty()
             && !self.online.is_empty()
             && self.online.iter().any(|c| !self.cpus.contains(c));
