@@ -153,6 +153,41 @@ fn kill_and_remove_blocking(dir: &Path, limit: Duration) -> io::Result<()> {
     }
 }
 
+/// Most cgroup directories [`remove_tree`] walks, and how deep.
+const MAX_TREE_DIRS: usize = 4096;
+const MAX_TREE_DEPTH: usize = 32;
+
+/// Kills everything in the cgroup `dir` and removes it with every cgroup
+/// below it (worker dirs, and the dirs of pools that ran inside a worker),
+/// deepest first. Iterative and bounded (`MAX_TREE_DIRS` dirs,
+/// `MAX_TREE_DEPTH` levels); each dir that stays busy is waited for up to
+/// `limit`, then the walk stops with that error.
+fn remove_tree(dir: &Path, limit: Duration) -> io::Result<()> {
+    let _ = kill(dir); // the whole subtree
+    let mut order = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = stack.pop() {
+        if order.len() >= MAX_TREE_DIRS {
+            return Err(io::Error::other(format!("more than {MAX_TREE_DIRS} nested cgroups")));
+        }
+        if depth < MAX_TREE_DEPTH
+            && let Ok(entries) = std::fs::read_dir(&d)
+        {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+        order.push(d);
+    }
+    // Children come after their parent in `order`: remove from the end.
+    for d in order.iter().rev() {
+        kill_and_remove_blocking(d, limit)?;
+    }
+    Ok(())
+}
+
 /// Kills and removes pool directories under `base` whose owner is dead.
 ///
 /// A worker directory that cannot be removed within the bound (`EBUSY`
@@ -184,21 +219,12 @@ fn clean_stale(base: &Path) {
         if gave_up(&dir) {
             continue;
         }
-        let mut stuck = false;
-        if let Ok(workers) = std::fs::read_dir(&dir) {
-            for w in workers.flatten() {
-                if w.file_type().is_ok_and(|t| t.is_dir()) {
-                    stuck |= kill_and_remove_blocking(&w.path(), Duration::from_secs(1)).is_err();
-                }
+        match remove_tree(&dir, Duration::from_secs(1)) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "removed a stale popen-pool cgroup"),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a stale popen-pool cgroup");
+                give_up(dir);
             }
-        }
-        if stuck {
-            tracing::warn!(dir = %dir.display(), "cannot remove a stale popen-pool cgroup");
-            give_up(dir);
-            continue;
-        }
-        if std::fs::remove_dir(&dir).is_ok() {
-            tracing::info!(dir = %dir.display(), "removed a stale popen-pool cgroup");
         }
     }
 }

@@ -19,7 +19,10 @@
 //!   their stage times' sum minus the kernel's calls (robust to preemption
 //!   on a loaded machine; with two servers, per measurement, not per
 //!   candidate of wall time);
-//! - `stages_s`: per-stage medians (`StageTimes`) of every runner;
+//! - `stages_s`: per-stage medians (`StageTimes`) of every runner, the
+//!   kernel's median cost and `kernel_slow_share`, the share of
+//!   measurements that read the kernel over 5% slow (preempted, or its CPU
+//!   shared: what the harness's own work does to the costs);
 //! - `cpu_per_measurement_s`: CPU time (user + system) per candidate, median
 //!   over runs: `process` is this process (tracker, servers, client),
 //!   `workers` its reaped children (session workers and zygotes; the
@@ -272,6 +275,13 @@ fn per_measurement_median(ms: &[Measurement]) -> Option<f64> {
     median(each.collect())
 }
 
+/// The share of measurements whose timed call read over 5% above the
+/// kernel's nominal time (preempted, or sharing its CPU).
+fn slow_share(ms: &[Measurement]) -> f64 {
+    let slow = ms.iter().filter(|m| m.run_secs.first().is_some_and(|&c| c > 1.05 * KERNEL_S));
+    slow.count() as f64 / ms.len().max(1) as f64
+}
+
 /// Per-stage medians of these measurements.
 fn stages(ms: &[Measurement]) -> Value {
     let pick = |f: &dyn Fn(&Measurement) -> Duration| {
@@ -285,6 +295,7 @@ fn stages(ms: &[Measurement]) -> Value {
         "evaluate": pick(&|m| m.stages.evaluate),
         "cleanup": pick(&|m| m.stages.cleanup),
         "kernel_median": median(ms.iter().filter_map(|m| m.run_secs.first().copied()).collect()),
+        "kernel_slow_share": slow_share(ms),
     })
 }
 

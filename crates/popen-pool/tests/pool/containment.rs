@@ -297,8 +297,16 @@ async fn a_new_pool_removes_cgroups_left_by_a_dead_process() {
     let stale = base.join(format!("popen-pool-{pid}-1-0"));
     std::fs::create_dir(&stale).unwrap();
     std::fs::create_dir(stale.join("w0")).unwrap();
+    // A pool made by a process that ran inside a worker's cgroup nests its
+    // own dirs there (a worker program that runs pools itself).
+    let nested = stale.join(format!("w1/popen-pool-{pid}-2-0/w0"));
+    std::fs::create_dir_all(&nested).unwrap();
+    let started = std::time::Instant::now();
     let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
     assert!(!stale.exists(), "the stale {} was not removed", stale.display());
+    // Empty dirs go at once; the scan waits only for dirs that do not.
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(900), "the scan took {took:?}");
     assert_eq!(pool.submit(Int(1)).await, Ok(1));
     pool.shutdown().await;
 }

@@ -84,7 +84,7 @@ pub struct Session {
     addr: String,
     server_key: String,
     workdir: String,
-    max_upload: u64,
+    pub(super) max_upload: u64,
     /// Largest frame this client accepts.
     pub(super) max_frame: u64,
     /// Largest frame the server accepts.
@@ -346,7 +346,7 @@ impl Session {
         Ok(None)
     }
 
-    async fn expect_ok(&mut self, id: u64) -> Result<(), SessionError> {
+    pub(super) async fn expect_ok(&mut self, id: u64) -> Result<(), SessionError> {
         let answer = self.answer(id, self.request_timeout).await?;
         match answer.decode() {
             Some(Response::Ok { .. }) => {
@@ -508,12 +508,20 @@ impl Session {
         timeout: Option<Duration>,
     ) -> Result<Bytes, SessionError> {
         let id = self.begin().await?;
-        let timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-        let call = Request::Call { id, name, payload, timeout_ms };
+        let call = Request::Call { id, name, payload, timeout_ms: millis(timeout) };
         if let Err(e) = self.write(msg_frame(&call), true).await {
             self.done(id); // nothing was sent
             return Err(e);
         }
+        self.call_answer(id, timeout).await
+    }
+
+    /// Reads the answer to the call `id` (sent with `timeout`).
+    pub(super) async fn call_answer(
+        &mut self,
+        id: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, SessionError> {
         let limit = match timeout {
             Some(t) => self.request_timeout.max(t.saturating_add(Duration::from_secs(30))),
             None => self.request_timeout,
@@ -604,4 +612,9 @@ fn handshake_error(e: HandshakeFailure, addr: &str, matchkey: &str) -> SessionEr
             },
         },
     }
+}
+
+/// A call's time limit in whole milliseconds, as the wire carries it.
+pub(super) fn millis(timeout: Option<Duration>) -> Option<u64> {
+    timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
 }

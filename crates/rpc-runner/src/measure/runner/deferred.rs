@@ -1,15 +1,20 @@
-//! Deferred steps: the default `load_module` and `alloc_argument` stages
-//! queue their tasks on the [`DeviceSession`], and the next call sends them
-//! with it as one [`MeasureKernel`], so a default measurement makes one
-//! round trip to its worker for load, allocation, timing and read-back.
+//! Deferred steps: the default `upload_module`, `load_module` and
+//! `alloc_argument` stages queue their work on the [`DeviceSession`], and
+//! the next call sends it with the call: the upload right ahead of one
+//! [`MeasureKernel`] with the load, allocation, timing and read-back, so a
+//! default measurement waits for the server once after its lease instead
+//! of five times.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use popen_pool::{PoolError, Task};
 
+use crate::session::{Session, SessionError, UploadOrCall};
+
 use super::pipeline::{Device, DeviceSession, StageContext};
 use super::result::{Measurement, Output, RunError, RunnerInput};
+use crate::measure::cause::Cause;
 use crate::measure::kernel::{
     AllocArgs, LoadKernel, MeasureKernel, MeasuredKernel, ReadArg, TimeKernel,
 };
@@ -18,21 +23,47 @@ use crate::measure::kernel::{
 /// read with one call each (each bounded by the frame limit as before).
 const MAX_FUSED_READ: usize = 1 << 20;
 
+/// How long deferred steps took: the upload until the server answered it,
+/// the load and the allocation in the worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct StepTimes {
+    pub(crate) upload: Duration,
+    pub(crate) load: Duration,
+    pub(crate) alloc: Duration,
+}
+
 /// The steps waiting for the next call, and what the last fused call said.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
+    /// The artifact to upload and where (RPC sessions only).
+    upload: Option<(PathBuf, String)>,
     /// The kernel to load, its artifact and where it was uploaded (for the
     /// error's name).
     load: Option<(LoadKernel, PathBuf, String)>,
     alloc: Option<AllocArgs>,
-    /// The worker's own times of the last fused load and alloc.
-    times: Option<(Duration, Duration)>,
+    /// The times of the steps the last call ran for earlier stages.
+    times: Option<StepTimes>,
     /// The worker does not know `MeasureKernel` (another program's):
     /// steps are sent one by one.
     unfused: bool,
 }
 
 impl DeviceSession {
+    /// Makes the artifact available as `remote` (see
+    /// [`upload`](DeviceSession::upload)); on an RPC session the upload is
+    /// queued for the next call, which sends it right ahead of itself.
+    pub(crate) async fn defer_upload(
+        &mut self,
+        artifact: &Path,
+        remote: &str,
+    ) -> Result<String, RunError> {
+        if !matches!(self.inner, Device::Rpc(_)) {
+            return self.upload(artifact, remote).await;
+        }
+        self.pending.upload = Some((artifact.to_path_buf(), remote.to_owned()));
+        Ok(remote.to_owned())
+    }
+
     /// Queues loading `load` for the next call (`artifact` and `remote`
     /// name it in a load error).
     pub(crate) fn defer_load(&mut self, load: LoadKernel, artifact: &Path, remote: &str) {
@@ -62,15 +93,15 @@ impl DeviceSession {
     ///
     /// As [`call`](Self::call).
     pub async fn flush(&mut self) -> Result<(), RunError> {
-        if self.pending.load.is_none() && self.pending.alloc.is_none() {
+        let p = &self.pending;
+        if p.upload.is_none() && p.load.is_none() && p.alloc.is_none() {
             return Ok(());
         }
         self.run_steps(None, Vec::new()).await.map(drop)
     }
 
-    /// The worker's own times of the load and alloc steps of the last
-    /// fused call, once.
-    pub(crate) fn take_step_times(&mut self) -> Option<(Duration, Duration)> {
+    /// The times of the deferred steps the last call ran, once.
+    pub(crate) fn take_step_times(&mut self) -> Option<StepTimes> {
         self.pending.times.take()
     }
 
@@ -118,13 +149,15 @@ impl DeviceSession {
         Ok(Measurement::from_timing(timing, &ctx.evaluator).with_outputs(outputs))
     }
 
-    /// Sends the deferred steps, then `time` and `read`, as one
-    /// `MeasureKernel`, or one by one to a worker that does not know it.
+    /// Sends the deferred steps, then `time` and `read`: the upload right
+    /// ahead of one `MeasureKernel`, or one by one to a worker that does not
+    /// know it.
     async fn run_steps(
         &mut self,
         time: Option<TimeKernel>,
         read: Vec<ReadArg>,
     ) -> Result<MeasuredKernel, RunError> {
+        let mut upload = self.pending.upload.take();
         let load = self.pending.load.take();
         let name = load.as_ref().map(|(_, artifact, remote)| (artifact.clone(), remote.clone()));
         let task = MeasureKernel {
@@ -137,27 +170,63 @@ impl DeviceSession {
             Some((artifact, remote)) => e.naming_artifact(artifact, remote),
             None => e,
         };
+        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or_default();
+        let mut times = StepTimes::default();
+        let nothing_to_call = task.load.is_none()
+            && task.alloc.is_none()
+            && task.time.is_none()
+            && task.read.is_empty();
+        if nothing_to_call {
+            if let Some((artifact, remote)) = upload.take() {
+                let t = Instant::now();
+                self.upload(&artifact, &remote).await?;
+                times.upload = t.elapsed();
+                self.pending.times = Some(times);
+            }
+            return Ok(MeasuredKernel::default());
+        }
         if !self.pending.unfused && !matches!(self.inner, Device::Tvm(_)) {
-            match self.call_now(task.clone()).await {
+            let fused = match (upload.take(), &mut self.inner) {
+                (Some((artifact, remote)), Device::Rpc(sess)) => {
+                    let (up, out) =
+                        upload_and_call(sess, &artifact, &remote, &task, self.limit).await?;
+                    times.upload = up;
+                    out
+                }
+                (upload, _) => {
+                    if let Some((artifact, remote)) = upload {
+                        let t = Instant::now();
+                        self.upload(&artifact, &remote).await?;
+                        times.upload = t.elapsed();
+                    }
+                    self.call_now(task.clone()).await
+                }
+            };
+            match fused {
                 Err(e) if unknown_task(&e) => self.pending.unfused = true,
                 Err(e) => return Err(named(e)),
                 Ok(out) => {
-                    let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or_default();
-                    self.pending.times = Some((secs(out.load_s), secs(out.alloc_s)));
+                    (times.load, times.alloc) = (secs(out.load_s), secs(out.alloc_s));
+                    self.pending.times = Some(times);
                     return Ok(out);
                 }
             }
+        }
+        if let Some((artifact, remote)) = upload {
+            let t = Instant::now();
+            self.upload(&artifact, &remote).await?;
+            times.upload = t.elapsed();
         }
         let mut out = MeasuredKernel::default();
         if let Some(load) = task.load {
             let t = Instant::now();
             self.call_now(load).await.map_err(named)?;
-            out.load_s = t.elapsed().as_secs_f64();
+            times.load = t.elapsed();
         }
         if let Some(alloc) = task.alloc {
             let t = Instant::now();
             self.call_now(alloc).await?;
-            out.alloc_s = t.elapsed().as_secs_f64();
+            times.alloc = t.elapsed();
         }
         if let Some(time) = task.time {
             out.timing = Some(self.call_now(time).await?);
@@ -165,10 +234,41 @@ impl DeviceSession {
         for read in task.read {
             out.outputs.push(self.call_now(read).await?);
         }
-        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or_default();
-        self.pending.times = Some((secs(out.load_s), secs(out.alloc_s)));
+        (out.load_s, out.alloc_s) = (times.load.as_secs_f64(), times.alloc.as_secs_f64());
+        self.pending.times = Some(times);
         Ok(out)
     }
+}
+
+/// Uploads `artifact` and sends `task` right behind it; an upload error is
+/// the upload stage's, the rest the call's (`Err` inside `Ok`, so a
+/// worker without the task can be told).
+async fn upload_and_call(
+    sess: &mut Session,
+    artifact: &Path,
+    remote: &str,
+    task: &MeasureKernel,
+    limit: Duration,
+) -> Result<(Duration, Result<MeasuredKernel, RunError>), RunError> {
+    let payload = postcard::to_stdvec(task)
+        .map_err(|e| RunError::Other { message: format!("cannot encode the measurement: {e}") })?;
+    let answer =
+        sess.upload_and_call_raw(artifact, remote, MeasureKernel::NAME, &payload, None).await;
+    let (up, out) = match answer {
+        Ok(ok) => ok,
+        Err(UploadOrCall::Upload(e)) => {
+            return Err(RunError::Upload {
+                artifact: artifact.to_path_buf(),
+                source: Cause::new(e),
+            });
+        }
+        Err(UploadOrCall::Call(up, e)) => return Ok((up, Err(RunError::from_session(e, limit)))),
+    };
+    let decoded = postcard::from_bytes(&out).map_err(|e| {
+        let message = format!("undecodable output of {}: {e}", MeasureKernel::NAME);
+        RunError::from_session(SessionError::protocol(message), limit)
+    });
+    Ok((up, decoded))
 }
 
 /// The worker does not know `MeasureKernel` (nothing ran).

@@ -101,12 +101,15 @@ async fn measure<P: Pipeline>(
             let t = Instant::now();
             let m = pipeline.run_evaluator(ctx, &mut dev, &input).await?;
             times.evaluate = t.elapsed();
-            if let Some((load, alloc)) = dev.take_step_times() {
-                // Deferred load and alloc ran in a later stage's call: their
-                // times are the worker's, the rest stays with that stage.
-                times.load += load;
-                times.alloc += alloc;
-                times.evaluate = times.evaluate.saturating_sub(load + alloc);
+            if let Some(steps) = dev.take_step_times() {
+                // Deferred steps ran in the evaluator's call: the upload's
+                // time until it was answered, the worker's own load and
+                // alloc times; the rest stays with the evaluator.
+                times.upload += steps.upload;
+                times.load += steps.load;
+                times.alloc += steps.alloc;
+                let moved = steps.upload + steps.load + steps.alloc;
+                times.evaluate = times.evaluate.saturating_sub(moved);
             }
             Ok(m)
         };

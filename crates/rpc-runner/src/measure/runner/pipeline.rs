@@ -272,14 +272,16 @@ pub trait Pipeline: Send + Sync + 'static {
         default_create_session(ctx)
     }
 
-    /// Uploads the artifact; returns the path to load it from.
+    /// Uploads the artifact; returns the path to load it from. The default
+    /// defers the upload on an RPC session to the next call on `dev` (see
+    /// [`DeviceSession::flush`]), which sends it right ahead of itself.
     fn upload_module(
         &self,
         _ctx: &StageContext,
         dev: &mut DeviceSession,
         input: &RunnerInput,
     ) -> impl Future<Output = Result<String, RunError>> + Send {
-        async move { dev.upload(&input.artifact_path, "kernel.so").await }
+        async move { dev.defer_upload(&input.artifact_path, "kernel.so").await }
     }
 
     /// Loads the kernel uploaded to `remote_path`. A load error names the

@@ -1,0 +1,148 @@
+//! An upload and a call in one go: [`Session::upload_and_call_raw`].
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::client::{Session, millis};
+use super::error::SessionError;
+use super::io::{Opened, open_local};
+use crate::wire::proto::{Request, UPLOAD_CHUNK, data_frame, msg_frame};
+
+/// Which half of [`Session::upload_and_call_raw`] failed.
+#[derive(Debug)]
+pub(crate) enum UploadOrCall {
+    /// The upload (nothing of the call ran, or its answer is skipped).
+    Upload(SessionError),
+    /// The call, after the upload succeeded (answered after this long).
+    Call(Duration, SessionError),
+}
+
+impl Session {
+    /// Uploads the local file `local` to `remote`, then runs the task
+    /// `name`, sending the call right behind the upload instead of waiting
+    /// for the upload's answer first: the server handles requests in order
+    /// (the call starts once the file is written), and answers them in
+    /// order. Returns how long the upload took to be answered and the
+    /// call's output. A file larger than one chunk is uploaded first, as
+    /// [`upload`](Session::upload) does, then called.
+    ///
+    /// If the upload fails, its error is returned and the call, which the
+    /// server may still run, is abandoned (the next request cancels it and
+    /// skips its answer).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`call`](Session::call): the next request cancels what is still
+    /// running and skips its answers.
+    pub(crate) async fn upload_and_call_raw(
+        &mut self,
+        local: &Path,
+        remote: &str,
+        name: &str,
+        payload: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(Duration, Bytes), UploadOrCall> {
+        use UploadOrCall::{Call, Upload};
+        let started = Instant::now();
+        self.check_open().map_err(Upload)?;
+        let local_err =
+            |source| Upload(SessionError::LocalIo { path: local.display().to_string(), source });
+        let data = match open_local(local).await.map_err(local_err)? {
+            Opened::Small(data) => data,
+            Opened::Large(..) => {
+                self.upload(local, remote).await.map_err(Upload)?;
+                let up = started.elapsed();
+                let out = self.call_raw(name, payload, timeout).await;
+                return out.map(|out| (up, out)).map_err(|e| Call(up, e));
+            }
+        };
+        let len = data.len() as u64;
+        if len > self.max_upload {
+            return Err(Upload(SessionError::UploadTooLarge { len, limit: self.max_upload }));
+        }
+        let upload = self.begin().await.map_err(Upload)?;
+        // The call's id follows the upload's; the upload stays the request
+        // in flight (answers from it on are kept) until it is answered.
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = msg_frame(&Request::Call { id, name, payload, timeout_ms: millis(timeout) });
+        if call.len() as u64 > self.server_max_frame {
+            self.done(upload); // nothing was sent
+            let limit = self.server_max_frame;
+            let e = SessionError::FrameTooLarge { len: call.len() as u64, limit };
+            return Err(Call(Duration::ZERO, e));
+        }
+        let sent = async {
+            self.write(msg_frame(&Request::UploadBegin { id: upload, path: remote, len }), false)
+                .await?;
+            if !data.is_empty() {
+                self.write(data_frame(UPLOAD_CHUNK, upload, &data), false).await?;
+            }
+            self.write(msg_frame(&Request::UploadEnd { id: upload }), false).await?;
+            self.write(call, true).await
+        };
+        if let Err(e) = sent.await {
+            // Whatever got out is skipped and cancelled by the next request.
+            self.in_flight = Some(upload);
+            return Err(Upload(e));
+        }
+        let answered = self.expect_ok(upload).await;
+        // The call is the request in flight now (abandoned if the upload
+        // failed: the next request cancels it).
+        self.in_flight = Some(id);
+        answered.map_err(Upload)?;
+        let up = started.elapsed();
+        self.call_answer(id, timeout).await.map(|out| (up, out)).map_err(|e| Call(up, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ConnectOptions, DeviceServer, ServerConfig};
+
+    /// `/bin/true` is no worker program: its calls fail at once, which is what
+    /// the abandoned and failed calls below need.
+    async fn session() -> (crate::ServerHandle, Session) {
+        let program = popen_pool::WorkerProgram::binary("/bin/true");
+        let cfg = ServerConfig::new("dev", program).warm_spare(false).zygote(false);
+        let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
+        let addr = s.addr().to_string();
+        let sess = Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
+        (s, sess)
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_abandons_its_call_and_the_session_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("k.so");
+        std::fs::write(&local, b"not a library").unwrap();
+        let (s, mut sess) = session().await;
+        // Refused at its start (a path out of the session dir): the call
+        // sent behind it is abandoned, its answer skipped.
+        let r = sess.upload_and_call_raw(&local, "../out.so", "no.such_task", b"", None).await;
+        match r {
+            Err(UploadOrCall::Upload(SessionError::BadPath { .. })) => {}
+            other => panic!("the upload's error: {other:?}"),
+        }
+        // The session is in step: the next requests get their own answers.
+        assert!(sess.listdir("").await.unwrap().is_empty());
+        sess.upload_bytes(b"x", "later.bin").await.unwrap();
+        let names: Vec<String> =
+            sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["later.bin"]);
+        // An upload that works, then a call that fails: the call's error,
+        // and the file is there.
+        match sess.upload_and_call_raw(&local, "k.so", "no.such_task", b"", None).await {
+            Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
+            other => panic!("the call's error: {other:?}"),
+        }
+        let names: Vec<String> =
+            sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["k.so", "later.bin"]);
+        sess.close().await.unwrap();
+        s.shutdown().await.unwrap();
+    }
+}
