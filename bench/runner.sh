@@ -43,6 +43,11 @@ for k in ("local", "rpc_1_server", "rpc_2_servers", "rpc_1_server_no_spare"):
           f"{'' if t is None else f'{t/o:.0f}x'} | {'' if g is None else f'{o/g:.1f}'} |")
 for k in sorted(k for k in ours[0] if "worker_start" in k):
     print(f"{k}: {med(r[k] for r in ours)*1e3:.2f} ms")
+for k in ("local", "rpc_1_server", "rpc_2_servers"):
+    c = [r.get("cpu_per_measurement_s", {}).get(k) for r in ours]
+    if all(c):
+        print(f"CPU per measurement ({k}): this process {med(x['process'] for x in c)*1e3:.2f} ms, "
+              f"its workers {med(x['workers'] for x in c)*1e3:.2f} ms (the kernel's 0.40 ms included)")
 print("alloc median (rpc_1_server):", f"{med(r['stages_s']['rpc_1_server']['alloc'] for r in ours)*1e3:.2f} ms")
 print("loopback TCP round trip:", f"{med(r['limit_tcp_rtt_s'] for r in ours)*1e6:.1f} us")
 print("load (1 min):", [r["load"] for r in ours], [r["load"] for r in tvm])

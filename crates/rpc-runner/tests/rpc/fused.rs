@@ -188,3 +188,30 @@ async fn an_overridden_evaluator_calls_the_worker_after_the_deferred_steps() {
         other => panic!("a missing entry is a load error: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn an_upload_the_server_refuses_is_an_upload_error_and_the_device_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let add = kernel(dir.path(), "add", ADD);
+    let t = tracker().await;
+    let cfg = ServerConfig::new("small", crate::test_worker_program())
+        .no_worker_cpu_affinity()
+        .max_upload_bytes(64)
+        .tracker(t.addr().to_string());
+    let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
+    s.wait_for(SOON, |st| st.registered).await.expect("registered");
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "small").session_timeout(SOON);
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    let results = runner.run(vec![RunnerInput::new(&add, args()); 2]).collect_ordered().await;
+    for r in &results {
+        match r {
+            Err(RunError::Upload { artifact, source }) => {
+                assert_eq!(artifact, &add);
+                assert!(source.text().contains("64"), "{}", source.text());
+            }
+            other => panic!("an upload over the server's limit: {other:?}"),
+        }
+    }
+    s.wait_for(SOON, |st| st.sessions == 2 && !st.busy).await.expect("both sessions ended");
+    s.shutdown().await.unwrap();
+}

@@ -48,6 +48,12 @@ impl RunnerInput {
 }
 
 /// How long each stage of one measurement took.
+///
+/// With the default [`Pipeline`](crate::measure::Pipeline) stages, the
+/// upload, load and alloc run in the evaluator's one call to the worker:
+/// `upload` is then the time until the server answered the upload, `load`
+/// and `alloc` the worker's own time for those steps, and `evaluate` the
+/// rest of that call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StageTimes {
