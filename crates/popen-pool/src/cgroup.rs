@@ -141,9 +141,8 @@ fn kill_and_remove_blocking(dir: &Path, limit: Duration) -> io::Result<()> {
     let _ = kill(dir);
     let mut pause = Duration::from_micros(20);
     loop {
-        match std::fs::remove_dir(dir) {
+        match remove_dir_tree(dir) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => {
                 std::thread::sleep(pause);
@@ -153,22 +152,31 @@ fn kill_and_remove_blocking(dir: &Path, limit: Duration) -> io::Result<()> {
     }
 }
 
-/// Most cgroup directories [`remove_tree`] walks, and how deep.
+/// Most cgroup directories [`remove_dir_tree`] walks, and how deep.
 const MAX_TREE_DIRS: usize = 4096;
 const MAX_TREE_DEPTH: usize = 32;
 
-/// Kills everything in the cgroup `dir` and removes it with every cgroup
-/// below it (worker dirs, and the dirs of pools that ran inside a worker),
-/// deepest first. Iterative and bounded (`MAX_TREE_DIRS` dirs,
-/// `MAX_TREE_DEPTH` levels); each dir that stays busy is waited for up to
-/// `limit`, then the walk stops with that error.
-fn remove_tree(dir: &Path, limit: Duration) -> io::Result<()> {
-    let _ = kill(dir); // the whole subtree
+/// Removes the cgroup `dir` with every cgroup below it, deepest first, each
+/// tried once (gone already counts as removed). The cgroups a task makes
+/// below its worker's (a task that runs a pool itself nests one per pool)
+/// would otherwise keep the worker's from being removed. The plain
+/// `rmdir` comes first; the walk only when that fails, and it is iterative
+/// and bounded (`MAX_TREE_DIRS` dirs, `MAX_TREE_DEPTH` levels). Fails with
+/// the first dir that cannot go yet (a process still in it: `EBUSY`).
+fn remove_dir_tree(dir: &Path) -> io::Result<()> {
+    let gone = |r: io::Result<()>| match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    let Err(first) = gone(std::fs::remove_dir(dir)) else { return Ok(()) };
     let mut order = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = stack.pop() {
         if order.len() >= MAX_TREE_DIRS {
-            return Err(io::Error::other(format!("more than {MAX_TREE_DIRS} nested cgroups")));
+            return Err(io::Error::other(format!(
+                "{}: more than {MAX_TREE_DIRS} nested cgroups",
+                dir.display()
+            )));
         }
         if depth < MAX_TREE_DEPTH
             && let Ok(entries) = std::fs::read_dir(&d)
@@ -181,9 +189,12 @@ fn remove_tree(dir: &Path, limit: Duration) -> io::Result<()> {
         }
         order.push(d);
     }
+    if order.len() == 1 {
+        return Err(first); // nothing nested: the dir itself is busy
+    }
     // Children come after their parent in `order`: remove from the end.
     for d in order.iter().rev() {
-        kill_and_remove_blocking(d, limit)?;
+        gone(std::fs::remove_dir(d))?;
     }
     Ok(())
 }
@@ -219,7 +230,7 @@ fn clean_stale(base: &Path) {
         if gave_up(&dir) {
             continue;
         }
-        match remove_tree(&dir, Duration::from_secs(1)) {
+        match kill_and_remove_blocking(&dir, Duration::from_secs(1)) {
             Ok(()) => tracing::info!(dir = %dir.display(), "removed a stale popen-pool cgroup"),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a stale popen-pool cgroup");
@@ -426,7 +437,7 @@ impl Drop for PoolCgroup {
             let _ = kill_and_remove_blocking(&dir, Duration::from_secs(1));
         }
         for dir in st.made.drain(..) {
-            if let Err(e) = std::fs::remove_dir(&dir) {
+            if let Err(e) = remove_dir_tree(&dir) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(dir = %dir.display(), "cannot remove the pool's cgroup: {e}");
                 }
@@ -498,12 +509,8 @@ impl WorkerCgroup {
         let deadline = tokio::time::Instant::now() + limit.min(Duration::from_secs(3600));
         let mut pause = Duration::from_micros(50);
         loop {
-            if !populated(&self.path) {
-                match std::fs::remove_dir(&self.path) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(_) => {}
-                }
+            if !populated(&self.path) && remove_dir_tree(&self.path).is_ok() {
+                break;
             }
             if tokio::time::Instant::now() >= deadline {
                 return; // Drop tries again, then the pool

@@ -110,6 +110,22 @@ task!(Noisy, "noisy", i64, |self, _ctx| {
 pub(crate) struct Pid;
 task!(Pid, "pid", u32, |self, _ctx| Ok(std::process::id()));
 
+/// Makes the cgroups `nested/deeper` below its own worker's cgroup, which
+/// is `wN` below the pool's dir given; returns the deepest one's path (as a
+/// task that runs a pool of its own would).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct NestCgroups {
+    pub(crate) pool_dir: String,
+}
+task!(NestCgroups, "nest_cgroups", String, |self, _ctx| {
+    let me = std::fs::read_to_string("/proc/self/cgroup")?;
+    let own = me.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default();
+    let worker = own.trim().rsplit('/').next().unwrap_or_default().to_owned();
+    let deepest = std::path::Path::new(&self.pool_dir).join(worker).join("nested/deeper");
+    std::fs::create_dir_all(&deepest)?;
+    Ok(deepest.display().to_string())
+});
+
 /// Starts `sleep 1000` as a child of the worker, returns its pid, then sleeps.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
 pub(crate) struct SpawnSleeper {
@@ -317,6 +333,7 @@ pub(crate) fn registry() -> Registry {
         .register::<StatusField>()
         .register::<Limits>()
         .register::<HogAndHold>()
+        .register::<NestCgroups>()
 }
 
 /// True while a process with this pid exists (zombies included).

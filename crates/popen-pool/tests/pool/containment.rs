@@ -284,6 +284,43 @@ async fn no_cgroup_dir_outlives_its_pool() {
     }
 }
 
+/// A task that makes cgroups below its worker's (it runs a pool itself):
+/// its worker's cgroup still goes when the worker does, and at once.
+#[tokio::test]
+async fn cgroups_a_task_nests_in_its_worker_go_with_the_worker() {
+    for how in ["crash", "shutdown"] {
+        let pool = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
+        let Some(dir) = cgroup_dir(&pool) else { return };
+        let task = NestCgroups { pool_dir: dir.display().to_string() };
+        let deepest = PathBuf::from(pool.submit(task).await.unwrap());
+        assert!(deepest.is_dir() && deepest.starts_with(&dir), "{}", deepest.display());
+        let started = std::time::Instant::now();
+        match how {
+            "crash" => {
+                // The worker dies; the next task gets a fresh one.
+                assert!(pool.submit(Segfault).await.is_err());
+                assert!(
+                    eventually(SOON, || worker_dirs(&dir).len() <= 1).await,
+                    "the crashed worker's cgroup stays: {:?}",
+                    worker_dirs(&dir)
+                );
+                assert!(!deepest.exists(), "{} outlived its worker", deepest.display());
+                assert_eq!(pool.submit(Int(5)).await, Ok(5));
+                pool.shutdown().await;
+            }
+            _ => pool.shutdown().await,
+        }
+        assert!(
+            !dir.exists(),
+            "{how}: {} outlived its pool: {:?}",
+            dir.display(),
+            worker_dirs(&dir)
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{how}: removing them took {took:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_new_pool_removes_cgroups_left_by_a_dead_process() {
     let probe = PopenPool::builder(test_worker_program()).max_workers(1).build().unwrap();
