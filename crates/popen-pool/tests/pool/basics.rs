@@ -397,14 +397,16 @@ async fn kill_signals_the_worker_at_its_first_poll() {
     let pid = w.run(Pid).await.unwrap();
     let mut kill = std::pin::pin!(w.kill());
     if futures::poll!(kill.as_mut()).is_pending() {
-        // Not polled again until the worker is seen dead (a zombie, not
-        // reaped: reaping is what the rest of the future does).
+        // Not polled again until the worker is seen dead. Usually it is a
+        // zombie then (reaping is what the rest of the future does), but a
+        // worker that died at once may have been reaped in that first poll
+        // already, which is still pending on its cgroup's removal (under
+        // load this happens): either way it runs no more code.
         let deadline = Instant::now() + Duration::from_secs(30);
         while crate::hygiene::alive(pid) {
             assert!(Instant::now() < deadline, "worker {pid} still runs after kill's first poll");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        assert!(pid_exists(pid), "reaped without being polled");
     }
     kill.await;
     assert!(!pid_exists(pid), "reaped once kill returned");
