@@ -7,13 +7,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::SinkExt as _;
 use popen_pool::Task;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::error::SessionError;
-use super::io::{ChunkSink, Got, Opened, open_local};
+use super::io::{ChunkSink, Got};
 pub(crate) use super::options::ConnectOptions;
 use crate::wire::codec::{FrameCodec, Inbound};
 use crate::wire::handshake::{
@@ -21,8 +21,7 @@ use crate::wire::handshake::{
     HandshakeFailure, client_handshake_recv, client_handshake_send,
 };
 use crate::wire::proto::{
-    CHUNK, DirEntry, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, UPLOAD_CHUNK,
-    data_frame, msg_frame,
+    DirEntry, MAX_SESSION_FRAME, Request, Response, SESSION_PROTOCOL_VERSION, msg_frame,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,139 +221,6 @@ impl Session {
     /// True until the session is closed, broken, or ended by the server.
     pub fn is_open(&self) -> bool {
         self.state == State::Open
-    }
-
-    /// Uploads `data` to `remote` (a path relative to the session dir).
-    ///
-    /// # Errors
-    ///
-    /// [`SessionError::BadPath`], [`SessionError::UploadTooLarge`],
-    /// [`SessionError::RemoteIo`], connection errors. If the server ends the
-    /// session meanwhile (e.g. its session timeout), its reason
-    /// ([`SessionError::SessionTimeout`]).
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe: the server removes the partial file (see [`Session`]).
-    pub async fn upload_bytes(&mut self, data: &[u8], remote: &str) -> Result<(), SessionError> {
-        self.upload_from(remote, data.len() as u64, Source::Bytes(data)).await
-    }
-
-    /// Uploads the local file `local` to `remote`, streaming it in chunks (a
-    /// file of at most one chunk is read whole, in one trip to a blocking
-    /// thread, before it is sent).
-    ///
-    /// # Errors
-    ///
-    /// As [`upload_bytes`](Session::upload_bytes), and
-    /// [`SessionError::LocalIo`] if the file cannot be read.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe, as [`upload_bytes`](Session::upload_bytes).
-    pub async fn upload(
-        &mut self,
-        local: impl AsRef<Path>,
-        remote: &str,
-    ) -> Result<(), SessionError> {
-        self.check_open()?;
-        let local = local.as_ref();
-        let local_err =
-            |source| SessionError::LocalIo { path: local.display().to_string(), source };
-        // One trip to a blocking thread opens, sizes and (for a file of at
-        // most one chunk, such as a kernel) reads it.
-        let opened = open_local(local).await.map_err(local_err)?;
-        match opened {
-            Opened::Small(data) => {
-                self.upload_from(remote, data.len() as u64, Source::Bytes(&data)).await
-            }
-            Opened::Large(file, len) => {
-                let file = tokio::fs::File::from_std(file);
-                self.upload_from(remote, len, Source::File { file, path: local }).await
-            }
-        }
-    }
-
-    async fn upload_from(
-        &mut self,
-        remote: &str,
-        len: u64,
-        mut source: Source<'_>,
-    ) -> Result<(), SessionError> {
-        self.check_open()?;
-        if len > self.max_upload {
-            return Err(SessionError::UploadTooLarge { len, limit: self.max_upload });
-        }
-        let id = self.begin().await?;
-        self.write(msg_frame(&Request::UploadBegin { id, path: remote, len }), false).await?;
-        let mut buf = Vec::new();
-        let mut sent = 0u64;
-        while sent < len {
-            // The server may already have refused the upload, or ended the
-            // session: stop sending then.
-            if let Some(err) = self.early_answer(id)? {
-                self.write(msg_frame(&Request::UploadEnd { id }), true).await?;
-                self.done(id);
-                return Err(err);
-            }
-            let want = CHUNK.min((len - sent) as usize);
-            let chunk = match &mut source {
-                Source::Bytes(data) => &data[sent as usize..sent as usize + want],
-                Source::File { file, path } => {
-                    buf.resize(want, 0);
-                    if let Err(e) = file.read_exact(&mut buf).await {
-                        // The server still expects bytes: give the upload up.
-                        self.abandon(id).await;
-                        let path = path.display().to_string();
-                        return Err(SessionError::LocalIo { path, source: e });
-                    }
-                    &buf[..]
-                }
-            };
-            self.write(data_frame(UPLOAD_CHUNK, id, chunk), false).await?;
-            sent += want as u64;
-        }
-        self.write(msg_frame(&Request::UploadEnd { id }), true).await?;
-        self.expect_ok(id).await
-    }
-
-    /// An answer to the running upload `id` (or the end of the session)
-    /// that has already arrived: the server's error, if so.
-    fn early_answer(&mut self, id: u64) -> Result<Option<SessionError>, SessionError> {
-        while let Some(got) = self.next_now()? {
-            let Got::Frame(frame) = got else {
-                return Err(self.fail(SessionError::protocol("oversized frame during an upload")));
-            };
-            match postcard::from_bytes::<Response<'_>>(&frame) {
-                Ok(Response::Terminated { error }) => {
-                    return Err(self.fail(SessionError::from_wire(error)));
-                }
-                Ok(Response::Error { id: rid, error }) if rid == id => {
-                    return Ok(Some(SessionError::from_wire(error)));
-                }
-                Ok(r) if r.id().is_some_and(|rid| rid < id) => {} // an abandoned request's
-                Ok(r) => {
-                    let what = format!("unexpected {} during upload {id}", r.kind());
-                    return Err(self.fail(SessionError::protocol(what)));
-                }
-                Err(e) => {
-                    let what = format!("undecodable answer: {e}");
-                    return Err(self.fail(SessionError::protocol(what)));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    pub(super) async fn expect_ok(&mut self, id: u64) -> Result<(), SessionError> {
-        let answer = self.answer(id, self.request_timeout).await?;
-        match answer.decode() {
-            Some(Response::Ok { .. }) => {
-                self.done(id);
-                Ok(())
-            }
-            _ => Err(self.unexpected(&answer, "Ok")),
-        }
     }
 
     /// Downloads the remote file `remote` into memory.
@@ -588,12 +454,6 @@ impl Session {
             _ => Err(SessionError::protocol("expected Closed")),
         }
     }
-}
-
-/// Where an upload's bytes come from.
-enum Source<'a> {
-    Bytes(&'a [u8]),
-    File { file: tokio::fs::File, path: &'a Path },
 }
 
 /// The session error of a failed handshake with `addr`.

@@ -8,8 +8,8 @@ pub(crate) mod client;
 pub(crate) mod error;
 mod io;
 mod options;
-mod pipelined;
-pub(crate) use pipelined::UploadOrCall;
+mod upload;
+pub(crate) use upload::UploadOrCall;
 
 /// How a device is leased (defined with the tracker client, re-exported here).
 pub use crate::tracker::RequestOptions;
