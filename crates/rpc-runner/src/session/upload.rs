@@ -287,4 +287,26 @@ mod tests {
         sess.close().await.unwrap();
         s.shutdown().await.unwrap();
     }
+
+    /// Dropped at any of its awaits, the next requests still get their own
+    /// answers.
+    #[tokio::test]
+    async fn a_dropped_upload_and_call_leaves_the_session_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("k.so");
+        std::fs::write(&local, vec![7u8; 300 << 10]).unwrap();
+        let (s, mut sess) = session().await;
+        for (i, micros) in [0u64, 20, 100, 300, 1000, 3000, 10_000].into_iter().enumerate() {
+            let remote = format!("k{i}.so");
+            let fut = sess.upload_and_call_raw(&local, &remote, "no.such_task", b"", None);
+            let _ = tokio::time::timeout(Duration::from_micros(micros), fut).await;
+            let mark = format!("mark{i}.bin");
+            sess.upload_bytes(b"x", &mark).await.unwrap();
+            let names: Vec<String> =
+                sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
+            assert!(names.contains(&mark), "after a drop at {micros} us: {names:?}");
+        }
+        sess.close().await.unwrap();
+        s.shutdown().await.unwrap();
+    }
 }
