@@ -1,16 +1,13 @@
 //! Deferred steps: the default `upload_module`, `load_module` and
 //! `alloc_argument` stages queue their work on the [`DeviceSession`], and
 //! the next call sends it with the call: the upload right ahead of one
-//! [`MeasureKernel`] with the load, allocation, timing and read-back, so a
-//! default measurement waits for the server once after its lease instead
-//! of five times.
+//! [`MeasureKernel`] with the load, allocation, timing and read-back: the
+//! client waits for its server once for all five steps, not five times.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use popen_pool::{PoolError, Task};
-
-use crate::session::{Session, SessionError, UploadOrCall};
 
 use super::pipeline::{Device, DeviceSession, StageContext};
 use super::result::{Measurement, Output, RunError, RunnerInput};
@@ -18,6 +15,7 @@ use crate::measure::cause::Cause;
 use crate::measure::kernel::{
     AllocArgs, LoadKernel, MeasureKernel, MeasuredKernel, ReadArg, TimeKernel,
 };
+use crate::session::{Session, SessionError, UploadOrCall};
 
 /// Most bytes of read-back arguments one fused call carries; the rest are
 /// read with one call each (each bounded by the frame limit as before).
