@@ -176,11 +176,60 @@ fn turbo() -> Option<bool> {
     read("/sys/devices/system/cpu/cpufreq/boost").map(|v| v == "1")
 }
 
+/// What changes rarely on a machine (a CPU brought on or offline, a
+/// governor or turbo switched by hand): the online CPUs, and the governor
+/// and turbo of the CPU set last asked about.
+#[derive(Debug, Clone, PartialEq)]
+struct SlowFacts {
+    online: Vec<usize>,
+    cpus: Vec<usize>,
+    governor: Option<String>,
+    turbo: Option<bool>,
+}
+
+/// How long a process reuses the [`SlowFacts`] it read (they cost ~15 µs of
+/// sysfs reads per measurement, most of a local measurement's margin).
+const SLOW_FACTS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type SlowCache = std::sync::Mutex<Option<(std::time::Instant, SlowFacts)>>;
+
+/// The [`SlowFacts`] for `cpus`, read at most once per [`SLOW_FACTS_TTL`].
+fn slow_facts(cpus: &[usize]) -> SlowFacts {
+    static CACHE: SlowCache = std::sync::Mutex::new(None);
+    cached_facts(&CACHE, std::time::Instant::now(), cpus, read_slow_facts)
+}
+
+fn cached_facts(
+    cache: &SlowCache,
+    now: std::time::Instant,
+    cpus: &[usize],
+    read: impl FnOnce(&[usize]) -> SlowFacts,
+) -> SlowFacts {
+    let mut slot = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, facts)) = slot.as_ref()
+        && now.saturating_duration_since(*at) < SLOW_FACTS_TTL
+        && facts.cpus == cpus
+    {
+        return facts.clone();
+    }
+    let facts = read(cpus);
+    *slot = Some((now, facts.clone()));
+    facts
+}
+
+fn read_slow_facts(cpus: &[usize]) -> SlowFacts {
+    let online = online_cpus();
+    let governor = governor(if cpus.is_empty() { &online } else { cpus });
+    SlowFacts { online, cpus: cpus.to_vec(), governor, turbo: turbo() }
+}
+
 /// Records the environment around one timing loop: [`EnvProbe::start`]
 /// before, [`EnvProbe::finish`] after.
 pub(super) struct EnvProbe {
     cpus: Vec<usize>,
     online: Vec<usize>,
+    governor: Option<String>,
+    turbo: Option<bool>,
     stat: Option<Vec<Option<CpuTimes>>>,
     cpu_time: Option<std::time::Duration>,
     started: std::time::Instant,
@@ -189,11 +238,13 @@ pub(super) struct EnvProbe {
 impl EnvProbe {
     pub(super) fn start() -> Self {
         let cpus = own_affinity();
-        let online = online_cpus();
+        let SlowFacts { online, governor, turbo, .. } = slow_facts(&cpus);
         let stat = read_small("/proc/stat").map(|s| parse_proc_stat(&s));
         EnvProbe {
             cpus,
             online,
+            governor,
+            turbo,
             stat,
             cpu_time: thread_cpu_time(),
             started: std::time::Instant::now(),
@@ -228,8 +279,7 @@ impl EnvProbe {
             }
             _ => None,
         };
-        let governor = governor(if self.cpus.is_empty() { &self.online } else { &self.cpus });
-        let turbo = turbo();
+        let (governor, turbo) = (self.governor, self.turbo);
         if !pinned {
             warnings.push(
                 "the timed thread was not pinned to a CPU: other work can preempt or migrate it"
@@ -315,6 +365,25 @@ fn neighbour_load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_facts_are_read_once_a_second_per_cpu_set() {
+        let cache: SlowCache = std::sync::Mutex::new(None);
+        let reads = std::cell::Cell::new(0u32);
+        let read = |cpus: &[usize]| {
+            reads.set(reads.get() + 1);
+            SlowFacts { online: vec![0, 1], cpus: cpus.to_vec(), governor: None, turbo: None }
+        };
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(cached_facts(&cache, t0, &[1], read).cpus, [1]);
+        assert_eq!(cached_facts(&cache, t0 + ms(999), &[1], read).cpus, [1]);
+        assert_eq!(reads.get(), 1, "within the second: read once");
+        assert_eq!(cached_facts(&cache, t0 + ms(999), &[0], read).cpus, [0]);
+        assert_eq!(reads.get(), 2, "another CPU set: read again");
+        cached_facts(&cache, t0 + ms(2000), &[0], read);
+        assert_eq!(reads.get(), 3, "a second later: read again");
+    }
 
     #[test]
     fn proc_stat_and_cpu_lists_parse() {
