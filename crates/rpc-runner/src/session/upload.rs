@@ -187,8 +187,11 @@ impl Session {
             |source| Upload(SessionError::LocalIo { path: local.display().to_string(), source });
         let data = match open_local(local).await.map_err(local_err)? {
             Opened::Small(data) => data,
-            Opened::Large(..) => {
-                self.upload(local, remote).await.map_err(Upload)?;
+            Opened::Large(file, len) => {
+                // Streamed as `upload` does, from the file already open.
+                let file = tokio::fs::File::from_std(file);
+                let source = Source::File { file, path: local };
+                self.upload_from(remote, len, source).await.map_err(Upload)?;
                 let up = started.elapsed();
                 let out = self.call_raw(name, payload, timeout).await;
                 return out.map(|out| (up, out)).map_err(|e| Call(up, e));
@@ -284,6 +287,24 @@ mod tests {
         let names: Vec<String> =
             sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["k.so", "later.bin"]);
+        sess.close().await.unwrap();
+        s.shutdown().await.unwrap();
+    }
+
+    /// A file over one chunk is streamed first, then called.
+    #[tokio::test]
+    async fn a_large_file_is_streamed_then_called() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("big.so");
+        std::fs::write(&local, vec![3u8; CHUNK + 12_345]).unwrap();
+        let (s, mut sess) = session().await;
+        match sess.upload_and_call_raw(&local, "big.so", "no.such_task", b"", None).await {
+            Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
+            other => panic!("the call's error: {other:?}"),
+        }
+        let listing = sess.listdir("").await.unwrap();
+        let sizes: Vec<(String, u64)> = listing.into_iter().map(|e| (e.name, e.size)).collect();
+        assert_eq!(sizes, [("big.so".to_owned(), (CHUNK + 12_345) as u64)]);
         sess.close().await.unwrap();
         s.shutdown().await.unwrap();
     }

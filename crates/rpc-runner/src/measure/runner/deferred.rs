@@ -175,10 +175,8 @@ impl DeviceSession {
             && task.time.is_none()
             && task.read.is_empty();
         if nothing_to_call {
-            if let Some((artifact, remote)) = upload.take() {
-                let t = Instant::now();
-                self.upload(&artifact, &remote).await?;
-                times.upload = t.elapsed();
+            if upload.is_some() {
+                self.upload_now(upload, &mut times).await?;
                 self.pending.times = Some(times);
             }
             return Ok(MeasuredKernel::default());
@@ -192,11 +190,7 @@ impl DeviceSession {
                     out
                 }
                 (upload, _) => {
-                    if let Some((artifact, remote)) = upload {
-                        let t = Instant::now();
-                        self.upload(&artifact, &remote).await?;
-                        times.upload = t.elapsed();
-                    }
+                    self.upload_now(upload, &mut times).await?;
                     self.call_now(task.clone()).await
                 }
             };
@@ -210,11 +204,7 @@ impl DeviceSession {
                 }
             }
         }
-        if let Some((artifact, remote)) = upload {
-            let t = Instant::now();
-            self.upload(&artifact, &remote).await?;
-            times.upload = t.elapsed();
-        }
+        self.upload_now(upload, &mut times).await?;
         let mut out = MeasuredKernel::default();
         if let Some(load) = task.load {
             let t = Instant::now();
@@ -235,6 +225,21 @@ impl DeviceSession {
         (out.load_s, out.alloc_s) = (times.load.as_secs_f64(), times.alloc.as_secs_f64());
         self.pending.times = Some(times);
         Ok(out)
+    }
+
+    /// Uploads a deferred artifact now, if there is one, noting how long it
+    /// took in `times`.
+    async fn upload_now(
+        &mut self,
+        upload: Option<(PathBuf, String)>,
+        times: &mut StepTimes,
+    ) -> Result<(), RunError> {
+        if let Some((artifact, remote)) = upload {
+            let t = Instant::now();
+            self.upload(&artifact, &remote).await?;
+            times.upload = t.elapsed();
+        }
+        Ok(())
     }
 }
 
