@@ -42,7 +42,9 @@ impl Session<'_> {
             Err(e) => Err(e),
             Ok(target) => {
                 up.path = target.clone();
-                Writer::create(&self.dir, target, len, path).await.map_err(|e| io_error(&e, path))
+                Writer::create(&self.dir, target, len, path, self.in_memory)
+                    .await
+                    .map_err(|e| io_error(&e, path))
             }
         };
         match result {

@@ -85,6 +85,9 @@ pub(crate) struct Shared {
     /// A session's request loop runs: its calls may be timing a kernel on
     /// the workers' CPU (the spare is not prefilled meanwhile).
     pub(crate) serving: std::sync::atomic::AtomicBool,
+    /// The work root is in memory (tmpfs, ramfs): a session's small
+    /// filesystem steps run on the runtime's thread (`ops::quick`).
+    pub(crate) in_memory: bool,
 }
 
 impl Shared {
@@ -251,7 +254,10 @@ async fn run_with(
         // none.
         config.zygote = popen_pool::Zygote::new(&config.worker).ok();
     }
+    let root = config.root();
+    let in_memory = ops::blocking(move || Ok(ops::in_memory(&root))).await.unwrap_or(false);
     let shared = Arc::new(Shared {
+        in_memory,
         cfg: config,
         port,
         state: Mutex::new(initial),

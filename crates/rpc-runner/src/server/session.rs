@@ -104,6 +104,8 @@ pub(super) struct Session<'a> {
     pub(super) teardown: Option<Arc<tokio::sync::Mutex<()>>>,
     /// The server's record of the last `AllocArgs` call (warm spare only).
     pub(super) last_alloc: &'a super::spare::LastAlloc,
+    /// The work root is in memory (`ops::in_memory`).
+    pub(super) in_memory: bool,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -160,7 +162,7 @@ pub(crate) async fn run(
     // worker then starts with the first call).
     let (made, worker) = match super::spare::take(shared).await {
         Some(spare) => (Ok(spare.dir), Some(spare.worker)),
-        None => (super::spare::session_dir(cfg).await, None),
+        None => (super::spare::session_dir(shared).await, None),
     };
     let dir = match made {
         Ok(dir) => {
@@ -194,6 +196,7 @@ pub(crate) async fn run(
         want_spare: cfg.warm_spare.then_some(&shared.spare_wanted),
         teardown: Some(Arc::clone(&shared.teardown)),
         last_alloc: &shared.last_alloc,
+        in_memory: shared.in_memory,
     };
     shared.serving.store(true, Ordering::SeqCst);
     let end = session.serve(&mut rx, &shutdown).await;
@@ -248,7 +251,7 @@ async fn retire(shared: &Arc<Shared>, worker: Option<PopenWorker>, dir: tempfile
     if futures::poll!(reap.as_mut()).is_pending() {
         shared.tasks.spawn(reap);
     }
-    if let Err(e) = ops::blocking(move || dir.close()).await {
+    if let Err(e) = ops::remove_session_dir(shared.in_memory, dir).await {
         tracing::warn!(dir = %path.display(), error = %e, "cannot remove session directory");
     }
 }

@@ -74,15 +74,17 @@ pub(super) fn new_worker(cfg: &ServerConfig, dir: &Path) -> Result<PopenWorker, 
 }
 
 /// A new session dir under the server's work root.
-pub(super) async fn session_dir(cfg: &ServerConfig) -> std::io::Result<TempDir> {
-    let root = cfg.root();
-    ops::blocking(move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root)).await
+pub(super) async fn session_dir(shared: &Shared) -> std::io::Result<TempDir> {
+    let root = shared.cfg.root();
+    let make = move || tempfile::Builder::new().prefix("rpc-session-").tempdir_in(root);
+    ops::quick(shared.in_memory, make).await
 }
 
 /// Makes a spare; `None` (logged) if the dir or the worker cannot be made.
 /// Not to be dropped while it runs: see [`keep`].
-async fn make(cfg: &ServerConfig) -> Option<Spare> {
-    let dir = match session_dir(cfg).await {
+async fn make(shared: &Shared) -> Option<Spare> {
+    let cfg = &shared.cfg;
+    let dir = match session_dir(shared).await {
         Ok(dir) => dir,
         Err(e) => {
             tracing::debug!(error = %e, "cannot make a spare session dir");
@@ -171,7 +173,7 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
             // leave its process running without a parent that knows it
             // (popen-pool's start is not safe to drop during the spawn); it
             // is discarded below.
-            let made = make(&shared.cfg).await;
+            let made = make(&shared).await;
             let pid = made.as_ref().and_then(|s| s.worker.pid());
             *slot = made;
             shared.update(|st| st.spare = pid);

@@ -143,6 +143,57 @@ async fn files_round_trip_and_stay_inside_the_session_dir() {
     s.shutdown().await.unwrap();
 }
 
+/// A session's dir is gone when `close` returns, whether it is small (removed
+/// on the runtime's thread when the work root is in memory) or not (a
+/// subdir, many files, many bytes: on a blocking thread), on tmpfs (the
+/// default root) and on disk.
+#[tokio::test]
+async fn session_dirs_are_gone_at_close_small_or_large_in_memory_or_on_disk() {
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for root in [None, Some(disk.path().to_path_buf())] {
+        let s = server(None, "dev", |c| match &root {
+            Some(r) => c.work_root(r),
+            None => c,
+        })
+        .await;
+        let addr = s.addr().to_string();
+        type Fill = fn(&mut Session) -> futures::future::BoxFuture<'_, ()>;
+        let fills: [(&str, Fill); 4] = [
+            ("one small file", |s| Box::pin(async { s.upload_bytes(b"k", "k.so").await.unwrap() })),
+            ("a subdir", |s| Box::pin(async { s.upload_bytes(b"k", "d/k.so").await.unwrap() })),
+            ("many files", |s| {
+                Box::pin(async {
+                    for i in 0..40 {
+                        s.upload_bytes(b"k", &format!("f{i}")).await.unwrap();
+                    }
+                })
+            }),
+            ("many bytes", |s| {
+                Box::pin(async { s.upload_bytes(&vec![7u8; 5 << 20], "big").await.unwrap() })
+            }),
+        ];
+        for (what, fill) in fills {
+            let mut sess =
+                Session::connect(&addr, "dev", &ConnectOptions::default()).await.unwrap();
+            let dir = std::path::PathBuf::from(sess.workdir());
+            if let Some(r) = &root {
+                assert!(
+                    dir.starts_with(r),
+                    "{what}: {} is not under {}",
+                    dir.display(),
+                    r.display()
+                );
+            }
+            fill(&mut sess).await;
+            assert!(dir.exists(), "{what}");
+            sess.close().await.unwrap();
+            assert!(!dir.exists(), "{what} ({root:?}): {} is left after close", dir.display());
+        }
+        s.shutdown().await.unwrap();
+    }
+    assert_eq!(std::fs::read_dir(disk.path()).unwrap().count(), 0, "nothing left in the root");
+}
+
 #[tokio::test]
 async fn upload_over_the_limit_is_refused() {
     let s = server(None, "dev", |c| c.max_upload_bytes(1000)).await;
