@@ -346,7 +346,8 @@ impl Answer {
 }
 
 /// A local file to upload: read whole (at most one chunk), or to stream.
-pub(super) enum Opened {
+#[derive(Debug)]
+pub(crate) enum Opened {
     Small(Vec<u8>),
     Large(std::fs::File, u64),
 }
@@ -355,6 +356,13 @@ pub(super) enum Opened {
 /// whole there if it fits in one chunk (a kernel, typically). Cancel-safe:
 /// a dropped call drops what the thread opened.
 pub(super) async fn open_local(path: &std::path::Path) -> std::io::Result<Opened> {
+    joined(read_ahead(path)).await
+}
+
+/// [`open_local`] started now on a blocking thread, to be awaited later
+/// (with [`joined`]): an upload's file read while something else is awaited.
+/// Dropping the handle lets the read finish and drops what it opened.
+pub(crate) fn read_ahead(path: &std::path::Path) -> ReadAhead {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         use std::io::Read as _;
@@ -367,6 +375,12 @@ pub(super) async fn open_local(path: &std::path::Path) -> std::io::Result<Opened
         file.take(len).read_to_end(&mut data)?;
         Ok(Opened::Small(data))
     })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))))
+}
+
+/// A file being opened (and read, if small) on a blocking thread.
+pub(crate) type ReadAhead = tokio::task::JoinHandle<std::io::Result<Opened>>;
+
+/// What a [`read_ahead`] gave. Cancel-safe.
+pub(crate) async fn joined(read: ReadAhead) -> std::io::Result<Opened> {
+    read.await.unwrap_or_else(|e| Err(std::io::Error::other(format!("reading failed: {e}"))))
 }

@@ -9,6 +9,7 @@ pub(crate) mod error;
 mod io;
 mod options;
 mod upload;
+pub(crate) use io::{ReadAhead, read_ahead};
 pub(crate) use upload::UploadOrCall;
 
 /// How a device is leased (defined with the tracker client, re-exported here).

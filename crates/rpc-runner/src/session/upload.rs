@@ -175,6 +175,7 @@ impl Session {
     pub(crate) async fn upload_and_call_raw(
         &mut self,
         local: &Path,
+        ahead: Option<super::ReadAhead>,
         remote: &str,
         name: &str,
         payload: &[u8],
@@ -185,7 +186,11 @@ impl Session {
         self.check_open().map_err(Upload)?;
         let local_err =
             |source| Upload(SessionError::LocalIo { path: local.display().to_string(), source });
-        let data = match open_local(local).await.map_err(local_err)? {
+        let opened = match ahead {
+            Some(read) => super::io::joined(read).await,
+            None => open_local(local).await,
+        };
+        let data = match opened.map_err(local_err)? {
             Opened::Small(data) => data,
             Opened::Large(file, len) => {
                 // Streamed as `upload` does, from the file already open.
@@ -267,7 +272,8 @@ mod tests {
         let (s, mut sess) = session().await;
         // Refused at its start (a path out of the session dir): the call
         // sent behind it is abandoned, its answer skipped.
-        let r = sess.upload_and_call_raw(&local, "../out.so", "no.such_task", b"", None).await;
+        let r =
+            sess.upload_and_call_raw(&local, None, "../out.so", "no.such_task", b"", None).await;
         match r {
             Err(UploadOrCall::Upload(SessionError::BadPath { .. })) => {}
             other => panic!("the upload's error: {other:?}"),
@@ -280,13 +286,35 @@ mod tests {
         assert_eq!(names, ["later.bin"]);
         // An upload that works, then a call that fails: the call's error,
         // and the file is there.
-        match sess.upload_and_call_raw(&local, "k.so", "no.such_task", b"", None).await {
+        match sess
+            .upload_and_call_raw(
+                &local,
+                Some(crate::session::read_ahead(&local)),
+                "k.so",
+                "no.such_task",
+                b"",
+                None,
+            )
+            .await
+        {
             Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
             other => panic!("the call's error: {other:?}"),
         }
         let names: Vec<String> =
             sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["k.so", "later.bin"]);
+        // The bytes read ahead are the ones uploaded.
+        assert_eq!(sess.download("k.so").await.unwrap(), b"not a library");
+        // A file that cannot be read ahead: a local error naming it, nothing sent.
+        let gone = dir.path().join("gone.so");
+        let ahead = Some(crate::session::read_ahead(&gone));
+        match sess.upload_and_call_raw(&gone, ahead, "gone.so", "no.such_task", b"", None).await {
+            Err(UploadOrCall::Upload(SessionError::LocalIo { path, .. })) => {
+                assert!(path.ends_with("gone.so"), "{path}")
+            }
+            other => panic!("an unreadable file: {other:?}"),
+        }
+        assert_eq!(sess.listdir("").await.unwrap().len(), 2);
         sess.close().await.unwrap();
         s.shutdown().await.unwrap();
     }
@@ -298,7 +326,17 @@ mod tests {
         let local = dir.path().join("big.so");
         std::fs::write(&local, vec![3u8; CHUNK + 12_345]).unwrap();
         let (s, mut sess) = session().await;
-        match sess.upload_and_call_raw(&local, "big.so", "no.such_task", b"", None).await {
+        match sess
+            .upload_and_call_raw(
+                &local,
+                Some(crate::session::read_ahead(&local)),
+                "big.so",
+                "no.such_task",
+                b"",
+                None,
+            )
+            .await
+        {
             Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
             other => panic!("the call's error: {other:?}"),
         }
@@ -319,7 +357,7 @@ mod tests {
         let (s, mut sess) = session().await;
         for (i, micros) in [0u64, 20, 100, 300, 1000, 3000, 10_000].into_iter().enumerate() {
             let remote = format!("k{i}.so");
-            let fut = sess.upload_and_call_raw(&local, &remote, "no.such_task", b"", None);
+            let fut = sess.upload_and_call_raw(&local, None, &remote, "no.such_task", b"", None);
             let _ = tokio::time::timeout(Duration::from_micros(micros), fut).await;
             let mark = format!("mark{i}.bin");
             sess.upload_bytes(b"x", &mark).await.unwrap();

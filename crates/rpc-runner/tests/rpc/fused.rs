@@ -215,3 +215,41 @@ async fn an_upload_the_server_refuses_is_an_upload_error_and_the_device_is_freed
     s.wait_for(SOON, |st| st.sessions == 2 && !st.busy).await.expect("both sessions ended");
     s.shutdown().await.unwrap();
 }
+
+/// The artifact is read while the device is being leased (ahead of the
+/// upload): a missing one is still an upload error naming it, its session
+/// ends, and the measurements around it upload what they read.
+#[tokio::test]
+async fn an_artifact_read_ahead_of_its_lease_is_what_gets_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let add = kernel(dir.path(), "add", ADD);
+    let missing = dir.path().join("never-built.so");
+    let t = tracker().await;
+    let cfg = ServerConfig::new("ahead", crate::test_worker_program())
+        .no_worker_cpu_affinity()
+        .tracker(t.addr().to_string());
+    let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
+    s.wait_for(SOON, |st| st.registered).await.expect("registered");
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "ahead").session_timeout(SOON);
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    let inputs = vec![
+        RunnerInput::new(&add, args()).read_args([0, 1, 2]),
+        RunnerInput::new(&missing, args()),
+        RunnerInput::new(&add, args()).read_args([0, 1, 2]),
+    ];
+    let results = runner.run(inputs).collect_ordered().await;
+    for i in [0, 2] {
+        let m = results[i].as_ref().expect("measured");
+        assert_sum(m);
+        assert!(m.stages.upload > Duration::ZERO, "{:?}", m.stages);
+    }
+    match &results[1] {
+        Err(RunError::Upload { artifact, source }) => {
+            assert_eq!(artifact, &missing);
+            assert!(source.text().contains("never-built.so"), "{}", source.text());
+        }
+        other => panic!("a missing artifact is an upload error: {other:?}"),
+    }
+    s.wait_for(SOON, |st| st.sessions == 3 && !st.busy).await.expect("all sessions ended");
+    s.shutdown().await.unwrap();
+}

@@ -76,6 +76,7 @@ async fn measure<P: Pipeline>(
         permit = core.slots.acquire() => permit.map_err(|_| RunError::Cancelled)?,
     };
     let leasing = Instant::now();
+    let ahead = super::deferred::read_ahead(ctx, &input.artifact_path);
     let lease_limit = ctx.rpc.lease_timeout;
     let mut dev = tokio::select! {
         biased;
@@ -85,6 +86,7 @@ async fn measure<P: Pipeline>(
             Err(_) => return Err(RunError::LeaseTimeout { limit: lease_limit.unwrap_or_default() }),
         },
     };
+    dev.set_read_ahead(ahead);
     let mut times = StageTimes { lease_wait: leasing.elapsed(), ..StageTimes::default() };
     let limit = ctx.rpc.session_timeout;
     let result = {

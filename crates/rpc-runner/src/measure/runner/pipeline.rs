@@ -274,7 +274,10 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// Uploads the artifact; returns the path to load it from. The default
     /// defers the upload on an RPC session to the next call on `dev` (see
-    /// [`DeviceSession::flush`]), which sends it right ahead of itself.
+    /// [`DeviceSession::flush`]), which sends it right ahead of itself; on
+    /// our own servers the runner reads the artifact from the moment the
+    /// measurement gets its slot (before the lease), and that upload sends
+    /// what it read.
     fn upload_module(
         &self,
         _ctx: &StageContext,
