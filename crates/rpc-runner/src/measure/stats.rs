@@ -176,8 +176,11 @@ pub fn compare_paired(a: &[f64], b: &[f64]) -> Verdict {
 }
 
 /// [`best_within_noise`] for costs timed interleaved in one set: the
-/// candidates tied with the fastest median by [`compare_paired`], fastest
-/// first.
+/// fastest median and every candidate it does not beat round by round
+/// ([`compare_paired`] not `Faster`), fastest median first. That includes a
+/// candidate the round-by-round ratios call faster than the fastest median
+/// (noisy or drifting costs can disagree so): the evidence conflicts, so
+/// neither is a clear best. One index means it beats every other one.
 pub fn best_within_noise_paired(costs: &[&[f64]]) -> Vec<usize> {
     let medians: Vec<f64> = costs
         .iter()
@@ -191,7 +194,7 @@ pub fn best_within_noise_paired(costs: &[&[f64]]) -> Vec<usize> {
     };
     let mut tied: Vec<usize> = (0..costs.len())
         .filter(|&i| medians[i].is_finite())
-        .filter(|&i| i == best || compare_paired(costs[best], costs[i]) == Verdict::Tied)
+        .filter(|&i| i == best || compare_paired(costs[best], costs[i]) != Verdict::Faster)
         .collect();
     tied.sort_by(|&a, &b| medians[a].total_cmp(&medians[b]));
     tied
@@ -267,5 +270,23 @@ mod tests {
         let noisy: Vec<f64> =
             b.iter().enumerate().map(|(k, x)| x * if k % 2 == 0 { 0.9 } else { 1.08 }).collect();
         assert_eq!(compare_paired(&noisy, &b), Verdict::Tied);
+    }
+
+    #[test]
+    fn a_lower_median_that_loses_round_by_round_is_no_clear_best() {
+        // `low` has the lower median (1 against 9), yet is 11% slower in six
+        // of its seven rounds: the two kinds of evidence disagree.
+        let low = [1.0, 1.0, 1.0, 1.0, 10.0, 10.0, 10.0];
+        let high = [0.9, 0.9, 0.9, 20.0, 9.0, 9.0, 9.0];
+        assert!(
+            Stats::from_costs(&low, 0.0).unwrap().median
+                < Stats::from_costs(&high, 0.0).unwrap().median
+        );
+        assert_eq!(compare_paired(&low, &high), Verdict::Slower);
+        assert_eq!(best_within_noise_paired(&[&high, &low]), vec![1, 0]);
+        // A third, beaten round by round by the fastest median, stays out.
+        let slow: Vec<f64> = low.iter().map(|x| x * 1.2).collect();
+        assert_eq!(compare_paired(&low, &slow), Verdict::Faster);
+        assert_eq!(best_within_noise_paired(&[&slow, &high, &low]), vec![2, 1]);
     }
 }
