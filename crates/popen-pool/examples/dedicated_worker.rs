@@ -66,6 +66,29 @@ impl Task for Abort {
     }
 }
 
+/// How many forks this process prepared for ([`prepare_fork`], which a
+/// zygote runs before each fork): what a forked worker inherited.
+static FORKS_PREPARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn prepare_fork() {
+    FORKS_PREPARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if std::env::var_os("DEDICATED_WORKER_HOOK_PANICS").is_some() {
+        panic!("a failing before-fork hook");
+    }
+}
+
+/// The forks prepared before this worker was forked (0 in a spawned one).
+#[derive(Serialize, Deserialize)]
+struct ForksPrepared;
+
+impl Task for ForksPrepared {
+    const NAME: &'static str = "forks_prepared";
+    type Output = u64;
+    fn run(self, _ctx: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        Ok(FORKS_PREPARED.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 fn main() {
     // For the zygote tests: a program that starts a thread before serving
     // (which a zygote must refuse to fork from).
@@ -77,6 +100,8 @@ fn main() {
             .register::<Square>()
             .register::<WhoAmI>()
             .register::<WhereAmI>()
-            .register::<Abort>(),
+            .register::<Abort>()
+            .register::<ForksPrepared>()
+            .before_fork(prepare_fork),
     );
 }

@@ -84,7 +84,7 @@ pub fn serve(registry: Registry) -> ! {
         std::process::exit(2);
     }
     // Started as a zygote: this returns only in each worker it forks.
-    crate::zygote::run_if_zygote();
+    crate::zygote::run_if_zygote(registry.before_fork_hook());
     let code = match serve_channel(&registry) {
         Ok(()) => 0,
         Err(e) => {

@@ -131,6 +131,7 @@ pub(crate) type Handler = fn(&[u8], &mut WorkerContext) -> Result<Vec<u8>, TaskF
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<&'static str, (TypeId, Handler)>,
+    before_fork: Option<fn()>,
 }
 
 impl fmt::Debug for Registry {
@@ -160,6 +161,31 @@ impl Registry {
             T::NAME
         );
         self
+    }
+
+    /// Runs `hook` in a zygote ([`Zygote`](crate::Zygote)) right before
+    /// each fork, so every worker it forks inherits what the hook prepared
+    /// (a cache refreshed, a file read once for all workers). Only a zygote
+    /// calls it; a spawned worker never does. The hook runs on the zygote's
+    /// only thread: it must not start threads (a fork copies only the
+    /// calling thread, so the zygote forks only while it has one) and
+    /// should be quick (each fork waits for it). A panic in it is caught
+    /// and the fork goes on. The last hook given wins.
+    ///
+    /// ```
+    /// # use popen_pool::Registry;
+    /// fn warm() { /* e.g. refresh a cache the workers read */ }
+    /// let registry = Registry::new().before_fork(warm);
+    /// # let _ = registry;
+    /// ```
+    #[must_use]
+    pub fn before_fork(mut self, hook: fn()) -> Self {
+        self.before_fork = Some(hook);
+        self
+    }
+
+    pub(crate) fn before_fork_hook(&self) -> Option<fn()> {
+        self.before_fork
     }
 
     /// The registered task names, sorted.

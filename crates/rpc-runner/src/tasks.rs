@@ -39,8 +39,13 @@ impl Task for WorkerInfo {
 /// The task types of an `rpc-runner` session worker, plus the default build
 /// task [`CompileC`](crate::measure::CompileC) so that a program serving this
 /// registry can also run a [`LocalBuilder`](crate::measure::LocalBuilder).
+/// Its `before_fork` hook refreshes, in a zygote, the machine facts a
+/// measurement records (online CPUs, governors, turbo; at most once a
+/// second), so forked session workers do not read them on the critical
+/// path of their first measurement.
 pub fn registry() -> Registry {
     Registry::new()
+        .before_fork(crate::measure::warm_for_fork)
         .register::<WorkerInfo>()
         .register::<crate::measure::CompileC>()
         .register::<crate::measure::LoadKernel>()

@@ -14,7 +14,8 @@ use crate::unix::CHANNEL_FD;
 /// In a worker program started as a zygote: serves fork requests until the
 /// pool goes away (then exits), and returns only in each forked worker,
 /// which then goes on as a normal worker. Elsewhere returns at once.
-pub(crate) fn run_if_zygote() {
+/// `before_fork` (the registry's hook) runs before each fork.
+pub(crate) fn run_if_zygote(before_fork: Option<fn()>) {
     if std::env::var_os(ENV_ZYGOTE).is_none() {
         return;
     }
@@ -51,7 +52,13 @@ pub(crate) fn run_if_zygote() {
             Ok(None) | Err(_) => crate::unix::exit_now(0), // EOF: the pool is gone
         };
         let pid = match parse(&buf[..n], &fds) {
-            Some(req) => fork(&req, &fds, sock.as_raw_fd()),
+            Some(req) => {
+                if let Some(hook) = before_fork {
+                    // Caught: a failing hook costs its own work, not the fork.
+                    let _ = std::panic::catch_unwind(hook);
+                }
+                fork(&req, &fds, sock.as_raw_fd())
+            }
             None => -libc::EINVAL,
         };
         if pid == 0 {

@@ -34,6 +34,16 @@ impl Task for Abort {
     }
 }
 
+#[derive(Serialize, Deserialize)]
+struct ForksPrepared;
+impl Task for ForksPrepared {
+    const NAME: &'static str = "forks_prepared";
+    type Output = u64;
+    fn run(self, _: &mut WorkerContext) -> Result<u64, TaskFailure> {
+        unreachable!("runs in the dedicated worker")
+    }
+}
+
 fn program() -> WorkerProgram {
     WorkerProgram::binary(dedicated_worker_path()).env("ZYGOTE_TEST_VAR", "from the program")
 }
@@ -104,6 +114,34 @@ async fn a_forked_worker_is_our_child_in_its_own_dir_group_and_cgroup() {
     assert!(wait_gone(zpid, Duration::from_secs(10)).await, "the zygote outlived its handles");
     assert!(child_pids().is_empty(), "children left: {:?}", child_pids());
     assert_eq!(open_fds(), fds_before, "fds leaked");
+}
+
+/// The registry's `before_fork` hook runs in the zygote before each fork:
+/// each forked worker inherits its effect (here a counter), a spawned
+/// worker has none, and a hook that panics does not stop the forks.
+#[tokio::test]
+async fn the_before_fork_hook_runs_in_the_zygote_before_each_fork() {
+    for panics in [false, true] {
+        let prog =
+            if panics { program().env("DEDICATED_WORKER_HOOK_PANICS", "1") } else { program() };
+        let zygote = Zygote::new(&prog).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let mut w = PopenWorker::builder(prog.clone()).zygote(&zygote).build().unwrap();
+            w.start().await.unwrap();
+            seen.push(w.run(ForksPrepared).await.unwrap());
+            w.shutdown().await;
+        }
+        assert_eq!(seen, [1, 2, 3], "forks prepared, as each worker saw them (panics: {panics})");
+        let mut plain = PopenWorker::builder(prog.clone()).build().unwrap();
+        plain.start().await.unwrap();
+        assert_eq!(plain.run(ForksPrepared).await.unwrap(), 0, "a spawned worker runs no hook");
+        plain.shutdown().await;
+        let zpid = zygote.pid().unwrap();
+        drop(zygote);
+        assert!(wait_gone(zpid, Duration::from_secs(10)).await);
+    }
+    assert!(child_pids().is_empty(), "children left: {:?}", child_pids());
 }
 
 #[tokio::test]

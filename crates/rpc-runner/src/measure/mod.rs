@@ -52,6 +52,7 @@ pub use header::{
     KERNEL_HEADER, KERNEL_HEADER_NAME, TVM_FFI_HEADER, TVM_FFI_HEADER_NAME, write_kernel_header,
     write_tvm_ffi_header,
 };
+pub(crate) use kernel::warm_for_fork;
 pub use kernel::{
     AddCandidate, AllocArgs, CandidateTiming, DEFAULT_ENTRY, Environment, LoadKernel,
     MAX_CANDIDATES, MeasureKernel, MeasuredKernel, ReadArg, ReadCandidateArg, StopReason,

@@ -154,18 +154,10 @@ pub(super) fn thread_cpu_time() -> Option<std::time::Duration> {
         .map(std::time::Duration::from)
 }
 
-fn governor(cpus: &[usize]) -> Option<String> {
-    let mut seen: Vec<String> = Vec::new();
-    for cpu in cpus.iter().take(64) {
-        let path = format!("/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor");
-        if let Some(g) = read_small(&path) {
-            let g = g.trim().chars().take(32).collect::<String>();
-            if !seen.contains(&g) {
-                seen.push(g);
-            }
-        }
-    }
-    (!seen.is_empty()).then(|| seen.join(","))
+/// The frequency governor of `cpu` (`None` without cpufreq for it).
+fn read_governor(cpu: usize) -> Option<String> {
+    let path = format!("/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor");
+    read_small(&path).map(|g| g.trim().chars().take(32).collect())
 }
 
 fn turbo() -> Option<bool> {
@@ -177,50 +169,82 @@ fn turbo() -> Option<bool> {
 }
 
 /// What changes rarely on a machine (a CPU brought on or offline, a
-/// governor or turbo switched by hand): the online CPUs, and the governor
-/// and turbo of the CPU set last asked about.
+/// governor or turbo switched by hand): the online CPUs, the governor of
+/// each of the first [`MAX_GOVERNORS`] of them, and turbo.
 #[derive(Debug, Clone, PartialEq)]
 struct SlowFacts {
     online: Vec<usize>,
-    cpus: Vec<usize>,
-    governor: Option<String>,
+    governors: Vec<(usize, Option<String>)>,
     turbo: Option<bool>,
+}
+
+/// Most CPUs whose governor the [`SlowFacts`] hold (a timed thread's CPUs
+/// beyond them are read when asked about).
+const MAX_GOVERNORS: usize = 64;
+
+impl SlowFacts {
+    /// The governors of `cpus` (of the online CPUs if empty; the first
+    /// [`MAX_GOVERNORS`]), distinct values joined by `,`.
+    fn governor(&self, cpus: &[usize]) -> Option<String> {
+        let cpus = if cpus.is_empty() { &self.online } else { cpus };
+        let mut seen: Vec<String> = Vec::new();
+        for &cpu in cpus.iter().take(MAX_GOVERNORS) {
+            let known = self.governors.iter().find(|(c, _)| *c == cpu);
+            let g = known.map_or_else(|| read_governor(cpu), |(_, g)| g.clone());
+            if let Some(g) = g.filter(|g| !seen.contains(g)) {
+                seen.push(g);
+            }
+        }
+        (!seen.is_empty()).then(|| seen.join(","))
+    }
 }
 
 /// How long a process reuses the [`SlowFacts`] it read (they cost ~15 µs of
 /// sysfs reads per measurement, most of a local measurement's margin).
+/// A zygote refreshes them before each fork ([`warm_for_fork`]), so a
+/// forked session worker starts with them.
 const SLOW_FACTS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 type SlowCache = std::sync::Mutex<Option<(std::time::Instant, SlowFacts)>>;
 
-/// The [`SlowFacts`] for `cpus`, read at most once per [`SLOW_FACTS_TTL`].
-fn slow_facts(cpus: &[usize]) -> SlowFacts {
-    static CACHE: SlowCache = std::sync::Mutex::new(None);
-    cached_facts(&CACHE, std::time::Instant::now(), cpus, read_slow_facts)
+static SLOW_CACHE: SlowCache = std::sync::Mutex::new(None);
+
+/// The [`SlowFacts`], read at most once per [`SLOW_FACTS_TTL`] by this
+/// process or by the zygote it was forked from.
+fn slow_facts() -> SlowFacts {
+    cached_facts(&SLOW_CACHE, std::time::Instant::now(), read_slow_facts)
+}
+
+/// Refreshes this process's [`SlowFacts`] if they are older than
+/// [`SLOW_FACTS_TTL`]: the `before_fork` hook of
+/// [`registry`](crate::tasks::registry), so the workers a zygote forks
+/// inherit fresh facts instead of reading sysfs in their first
+/// measurement (on its critical path). Single-threaded, a few sysfs reads
+/// at most once a second.
+pub(crate) fn warm_for_fork() {
+    let _ = slow_facts();
 }
 
 fn cached_facts(
     cache: &SlowCache,
     now: std::time::Instant,
-    cpus: &[usize],
-    read: impl FnOnce(&[usize]) -> SlowFacts,
+    read: impl FnOnce() -> SlowFacts,
 ) -> SlowFacts {
     let mut slot = cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((at, facts)) = slot.as_ref()
         && now.saturating_duration_since(*at) < SLOW_FACTS_TTL
-        && facts.cpus == cpus
     {
         return facts.clone();
     }
-    let facts = read(cpus);
+    let facts = read();
     *slot = Some((now, facts.clone()));
     facts
 }
 
-fn read_slow_facts(cpus: &[usize]) -> SlowFacts {
+fn read_slow_facts() -> SlowFacts {
     let online = online_cpus();
-    let governor = governor(if cpus.is_empty() { &online } else { cpus });
-    SlowFacts { online, cpus: cpus.to_vec(), governor, turbo: turbo() }
+    let governors = online.iter().take(MAX_GOVERNORS).map(|&c| (c, read_governor(c))).collect();
+    SlowFacts { online, governors, turbo: turbo() }
 }
 
 /// Records the environment around one timing loop: [`EnvProbe::start`]
@@ -238,7 +262,9 @@ pub(super) struct EnvProbe {
 impl EnvProbe {
     pub(super) fn start() -> Self {
         let cpus = own_affinity();
-        let SlowFacts { online, governor, turbo, .. } = slow_facts(&cpus);
+        let facts = slow_facts();
+        let governor = facts.governor(&cpus);
+        let SlowFacts { online, turbo, .. } = facts;
         let stat = read_small("/proc/stat").map(|s| parse_proc_stat(&s));
         EnvProbe {
             cpus,
@@ -367,22 +393,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slow_facts_are_read_once_a_second_per_cpu_set() {
+    fn slow_facts_are_read_once_a_second() {
         let cache: SlowCache = std::sync::Mutex::new(None);
         let reads = std::cell::Cell::new(0u32);
-        let read = |cpus: &[usize]| {
+        let read = || {
             reads.set(reads.get() + 1);
-            SlowFacts { online: vec![0, 1], cpus: cpus.to_vec(), governor: None, turbo: None }
+            let governors = vec![(0, Some("performance".into())), (1, Some("powersave".into()))];
+            SlowFacts { online: vec![0, 1], governors, turbo: None }
         };
         let t0 = std::time::Instant::now();
         let ms = std::time::Duration::from_millis;
-        assert_eq!(cached_facts(&cache, t0, &[1], read).cpus, [1]);
-        assert_eq!(cached_facts(&cache, t0 + ms(999), &[1], read).cpus, [1]);
+        let facts = cached_facts(&cache, t0, read);
+        assert_eq!(cached_facts(&cache, t0 + ms(999), read), facts);
         assert_eq!(reads.get(), 1, "within the second: read once");
-        assert_eq!(cached_facts(&cache, t0 + ms(999), &[0], read).cpus, [0]);
-        assert_eq!(reads.get(), 2, "another CPU set: read again");
-        cached_facts(&cache, t0 + ms(2000), &[0], read);
-        assert_eq!(reads.get(), 3, "a second later: read again");
+        cached_facts(&cache, t0 + ms(2000), read);
+        assert_eq!(reads.get(), 2, "a second later: read again");
+        // Any CPU set is answered from the same facts.
+        assert_eq!(facts.governor(&[1]).as_deref(), Some("powersave"));
+        assert_eq!(facts.governor(&[0, 1]).as_deref(), Some("performance,powersave"));
+        assert_eq!(facts.governor(&[]).as_deref(), Some("performance,powersave"), "all online");
+        // A CPU the facts do not hold is read (none such here: no governor).
+        assert_eq!(facts.governor(&[100_000]), None);
+    }
+
+    /// What a process's cache holds is what a fork of it inherits: a
+    /// refreshed cache makes a forked child read nothing.
+    #[test]
+    fn warm_for_fork_fills_the_process_cache() {
+        warm_for_fork();
+        let slot = SLOW_CACHE.lock().unwrap();
+        let (at, facts) = slot.as_ref().expect("filled");
+        assert!(at.elapsed() < SLOW_FACTS_TTL);
+        assert_eq!(facts.online, online_cpus());
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub use self::candidates::{
     AddCandidate, CandidateTiming, MAX_CANDIDATES, ReadCandidateArg, TimeCandidates,
 };
 pub use self::env::Environment;
-pub(crate) use self::env::online_cpus;
+pub(crate) use self::env::{online_cpus, warm_for_fork};
 pub(crate) use self::fill::host_args;
 pub use self::fused::{MeasureKernel, MeasuredKernel};
 pub use self::rounds::StopReason;
