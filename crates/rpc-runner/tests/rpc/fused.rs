@@ -13,7 +13,8 @@ use rpc_runner::measure::{
     RunnerInput, StageContext, TimeKernel,
 };
 use rpc_runner::tasks::WorkerInfo;
-use rpc_runner::{DeviceServer, ServerConfig};
+use rpc_runner::tracker::TrackerHandle;
+use rpc_runner::{DeviceServer, ServerConfig, ServerHandle};
 
 use crate::runners::kernel;
 use crate::sessions::tracker;
@@ -54,6 +55,23 @@ fn unfused_worker_entry() {
 
 fn unfused_program() -> WorkerProgram {
     WorkerProgram::test_entry(module_path!(), "unfused_worker_entry").unwrap()
+}
+
+/// A tracker, one registered server for `key` running `program` (unpinned,
+/// `tweak` applied) and a runner leasing it.
+async fn one_server(
+    key: &str,
+    program: WorkerProgram,
+    tweak: impl FnOnce(ServerConfig) -> ServerConfig,
+) -> (TrackerHandle, ServerHandle, RpcRunner) {
+    let t = tracker().await;
+    let cfg =
+        ServerConfig::new(key, program).no_worker_cpu_affinity().tracker(t.addr().to_string());
+    let s = DeviceServer::start("127.0.0.1:0", tweak(cfg)).await.unwrap();
+    s.wait_for(SOON, |st| st.registered).await.expect("registered");
+    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), key).session_timeout(SOON);
+    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    (t, s, runner)
 }
 
 /// Checks `c = a + b` in a measurement's outputs.
@@ -117,14 +135,7 @@ async fn a_worker_without_the_fused_task_is_measured_step_by_step() {
     let dir = tempfile::tempdir().unwrap();
     let add = kernel(dir.path(), "add", ADD);
     let no_entry = kernel(dir.path(), "no_entry", "int32_t other(void) { return 0; }");
-    let t = tracker().await;
-    let cfg = ServerConfig::new("old", unfused_program())
-        .no_worker_cpu_affinity()
-        .tracker(t.addr().to_string());
-    let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
-    s.wait_for(SOON, |st| st.registered).await.expect("registered");
-    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "old").session_timeout(SOON);
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    let (_t, s, runner) = one_server("old", unfused_program(), |c| c).await;
     let inputs = vec![
         RunnerInput::new(&add, args()).read_args([0, 1, 2]),
         RunnerInput::new(&no_entry, args()),
@@ -193,15 +204,8 @@ async fn an_overridden_evaluator_calls_the_worker_after_the_deferred_steps() {
 async fn an_upload_the_server_refuses_is_an_upload_error_and_the_device_is_freed() {
     let dir = tempfile::tempdir().unwrap();
     let add = kernel(dir.path(), "add", ADD);
-    let t = tracker().await;
-    let cfg = ServerConfig::new("small", crate::test_worker_program())
-        .no_worker_cpu_affinity()
-        .max_upload_bytes(64)
-        .tracker(t.addr().to_string());
-    let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
-    s.wait_for(SOON, |st| st.registered).await.expect("registered");
-    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "small").session_timeout(SOON);
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    let (_t, s, runner) =
+        one_server("small", crate::test_worker_program(), |c| c.max_upload_bytes(64)).await;
     let results = runner.run(vec![RunnerInput::new(&add, args()); 2]).collect_ordered().await;
     for r in &results {
         match r {
@@ -224,14 +228,7 @@ async fn an_artifact_read_ahead_of_its_lease_is_what_gets_uploaded() {
     let dir = tempfile::tempdir().unwrap();
     let add = kernel(dir.path(), "add", ADD);
     let missing = dir.path().join("never-built.so");
-    let t = tracker().await;
-    let cfg = ServerConfig::new("ahead", crate::test_worker_program())
-        .no_worker_cpu_affinity()
-        .tracker(t.addr().to_string());
-    let s = DeviceServer::start("127.0.0.1:0", cfg).await.unwrap();
-    s.wait_for(SOON, |st| st.registered).await.expect("registered");
-    let rpc = RpcConfig::new("127.0.0.1", t.addr().port(), "ahead").session_timeout(SOON);
-    let runner = RpcRunner::builder(rpc).evaluator(evaluator()).build().await.unwrap();
+    let (_t, s, runner) = one_server("ahead", crate::test_worker_program(), |c| c).await;
     let inputs = vec![
         RunnerInput::new(&add, args()).read_args([0, 1, 2]),
         RunnerInput::new(&missing, args()),
