@@ -264,6 +264,21 @@ mod tests {
         (s, sess)
     }
 
+    /// The names in the session dir.
+    async fn names(sess: &mut Session) -> Vec<String> {
+        sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect()
+    }
+
+    /// Uploads `local`, read ahead, as `remote` and calls a task the worker
+    /// does not serve: the call fails, the session does not break.
+    async fn upload_read_ahead_then_fail(sess: &mut Session, local: &Path, remote: &str) {
+        let ahead = Some(crate::session::read_ahead(local));
+        match sess.upload_and_call_raw(local, ahead, remote, "no.such_task", b"", None).await {
+            Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
+            other => panic!("the call's error: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_upload_abandons_its_call_and_the_session_goes_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -281,28 +296,11 @@ mod tests {
         // The session is in step: the next requests get their own answers.
         assert!(sess.listdir("").await.unwrap().is_empty());
         sess.upload_bytes(b"x", "later.bin").await.unwrap();
-        let names: Vec<String> =
-            sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
-        assert_eq!(names, ["later.bin"]);
+        assert_eq!(names(&mut sess).await, ["later.bin"]);
         // An upload that works, then a call that fails: the call's error,
         // and the file is there.
-        match sess
-            .upload_and_call_raw(
-                &local,
-                Some(crate::session::read_ahead(&local)),
-                "k.so",
-                "no.such_task",
-                b"",
-                None,
-            )
-            .await
-        {
-            Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
-            other => panic!("the call's error: {other:?}"),
-        }
-        let names: Vec<String> =
-            sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
-        assert_eq!(names, ["k.so", "later.bin"]);
+        upload_read_ahead_then_fail(&mut sess, &local, "k.so").await;
+        assert_eq!(names(&mut sess).await, ["k.so", "later.bin"]);
         // The bytes read ahead are the ones uploaded.
         assert_eq!(sess.download("k.so").await.unwrap(), b"not a library");
         // A file that cannot be read ahead: a local error naming it, nothing sent.
@@ -326,20 +324,7 @@ mod tests {
         let local = dir.path().join("big.so");
         std::fs::write(&local, vec![3u8; CHUNK + 12_345]).unwrap();
         let (s, mut sess) = session().await;
-        match sess
-            .upload_and_call_raw(
-                &local,
-                Some(crate::session::read_ahead(&local)),
-                "big.so",
-                "no.such_task",
-                b"",
-                None,
-            )
-            .await
-        {
-            Err(UploadOrCall::Call(_, e)) => assert!(!matches!(e, SessionError::Broken { .. })),
-            other => panic!("the call's error: {other:?}"),
-        }
+        upload_read_ahead_then_fail(&mut sess, &local, "big.so").await;
         let listing = sess.listdir("").await.unwrap();
         let sizes: Vec<(String, u64)> = listing.into_iter().map(|e| (e.name, e.size)).collect();
         assert_eq!(sizes, [("big.so".to_owned(), (CHUNK + 12_345) as u64)]);
@@ -361,8 +346,7 @@ mod tests {
             let _ = tokio::time::timeout(Duration::from_micros(micros), fut).await;
             let mark = format!("mark{i}.bin");
             sess.upload_bytes(b"x", &mark).await.unwrap();
-            let names: Vec<String> =
-                sess.listdir("").await.unwrap().into_iter().map(|e| e.name).collect();
+            let names = names(&mut sess).await;
             assert!(names.contains(&mark), "after a drop at {micros} us: {names:?}");
         }
         sess.close().await.unwrap();
