@@ -409,6 +409,9 @@ pub(crate) fn in_memory(dir: &Path) -> bool {
 /// file of at most [`INLINE_WRITE`] written), else on a blocking thread.
 /// The hop to a blocking thread and back is two thread wakeups, more than
 /// such a step costs in memory (~50 µs per measurement in an A/B).
+/// Cancel safety: inline, the step is done before the first await; on a
+/// blocking thread, a dropped future lets the step finish and drops its
+/// result (as [`blocking`]).
 pub(super) async fn quick<T: Send + 'static>(
     inline: bool,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,

@@ -74,6 +74,21 @@ async fn one_server(
     (t, s, runner)
 }
 
+/// Checks that `r` is an upload error of `artifact` whose cause mentions `says`.
+fn assert_upload_error(
+    r: &rpc_runner::measure::RunnerResult,
+    artifact: &std::path::Path,
+    says: &str,
+) {
+    match r {
+        Err(RunError::Upload { artifact: a, source }) => {
+            assert_eq!(a, artifact);
+            assert!(source.text().contains(says), "{}", source.text());
+        }
+        other => panic!("an upload error of {}: {other:?}", artifact.display()),
+    }
+}
+
 /// Checks `c = a + b` in a measurement's outputs.
 fn assert_sum(m: &Measurement) {
     let f = |i: usize| -> Vec<f32> {
@@ -208,13 +223,7 @@ async fn an_upload_the_server_refuses_is_an_upload_error_and_the_device_is_freed
         one_server("small", crate::test_worker_program(), |c| c.max_upload_bytes(64)).await;
     let results = runner.run(vec![RunnerInput::new(&add, args()); 2]).collect_ordered().await;
     for r in &results {
-        match r {
-            Err(RunError::Upload { artifact, source }) => {
-                assert_eq!(artifact, &add);
-                assert!(source.text().contains("64"), "{}", source.text());
-            }
-            other => panic!("an upload over the server's limit: {other:?}"),
-        }
+        assert_upload_error(r, &add, "64");
     }
     s.wait_for(SOON, |st| st.sessions == 2 && !st.busy).await.expect("both sessions ended");
     s.shutdown().await.unwrap();
@@ -240,13 +249,7 @@ async fn an_artifact_read_ahead_of_its_lease_is_what_gets_uploaded() {
         assert_sum(m);
         assert!(m.stages.upload > Duration::ZERO, "{:?}", m.stages);
     }
-    match &results[1] {
-        Err(RunError::Upload { artifact, source }) => {
-            assert_eq!(artifact, &missing);
-            assert!(source.text().contains("never-built.so"), "{}", source.text());
-        }
-        other => panic!("a missing artifact is an upload error: {other:?}"),
-    }
+    assert_upload_error(&results[1], &missing, "never-built.so");
     s.wait_for(SOON, |st| st.sessions == 3 && !st.busy).await.expect("all sessions ended");
     s.shutdown().await.unwrap();
 }
