@@ -140,8 +140,18 @@ async fn a_kernel_that_crashes_an_interleaved_set_is_the_one_reported() {
 #[tokio::test]
 async fn neighbour_load_and_missing_pinning_are_recorded_and_warned_about() {
     let plan = CpuPlan::detect();
+    // Timed for >= 125 ms (25 batches of >= 5 ms): /proc/stat counts in
+    // 10 ms clock ticks, and a shorter timing can read no load at all.
+    let long = AdaptiveStop {
+        target_rel_noise: 0.02,
+        min_batches: 25,
+        max_batches: 40,
+        max_time_ms: 2000,
+    };
+    let config =
+        EvaluatorConfig { realtime: true, min_repeat_ms: 5, ..adaptive() }.with_adaptive(long);
     let local = LocalRunner::builder(crate::test_worker_program())
-        .evaluator(EvaluatorConfig { realtime: true, ..adaptive() })
+        .evaluator(config)
         .timeout(SOON)
         .build()
         .unwrap();

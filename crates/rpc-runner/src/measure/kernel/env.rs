@@ -29,7 +29,9 @@ pub struct Environment {
     /// How busy the other CPUs were while the kernel was timed, 0 to 1 (their
     /// busy time over their capacity, from /proc/stat before and after; for
     /// an unpinned thread, all CPUs minus the timed thread's own CPU time);
-    /// `None` if unknown (no /proc/stat, a single CPU).
+    /// `None` if unknown (no /proc/stat, a single CPU, or a timing too
+    /// short for /proc/stat's clock ticks, 10 ms on Linux: its counts did
+    /// not move).
     pub neighbour_load: Option<f64>,
     /// The share of the wall time the timed thread was on a CPU while
     /// timing (its CPU time over the wall time, sleeps excluded), 0 to 1;
